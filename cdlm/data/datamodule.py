@@ -1,0 +1,160 @@
+"""``TextDataModule``: a text source + a tokenizer -> fixed-length batches of token ids with masks and char counts."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from cdlm.data.corpus import corpus_checksum
+from cdlm.data.packing import cap_tokens, chunk_documents, cut_blocks, pack_documents, row_chars
+from cdlm.data.sources import Splits, load_source
+from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
+
+
+class RowDataset(Dataset):
+    """Rows of ``input_ids`` / ``attention_mask`` ``[R, L]`` and ``n_chars`` ``[R]`` as per-row dicts."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, n_chars: torch.Tensor):
+        self.ids, self.mask, self.n_chars = ids, mask, n_chars
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "n_chars": self.n_chars[i]}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Batches ``{"input_ids": [B, L] int64, "attention_mask": [B, L] bool, "n_chars": [B] int64}``.
+
+    ``source`` is "shakespeare" (the embedded corpus), a ``.txt``/``.jsonl`` file or a folder of them, or
+    ``hf:<name or path>``. With ``packing`` documents are joined with EOS after each one and cut into
+    ``seq_len`` blocks; without, each document (plus EOS) is split into its own padded ``seq_len`` chunks.
+    """
+
+    def __init__(
+        self,
+        source: str = "shakespeare",
+        text_field: str = "text",
+        tokenizer: str = "char",
+        tokenizer_name: str | None = None,
+        vocab_size: int = 2048,
+        seq_len: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        packing: bool = True,
+        val_fraction: float = 0.05,
+        max_val_tokens: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if tokenizer not in KINDS:
+            raise ValueError(f"unknown tokenizer kind {tokenizer!r}; valid kinds are {sorted(KINDS)}")
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.source, self.text_field = source, text_field
+        self.tokenizer_kind, self.tokenizer_name, self.vocab_size = tokenizer, tokenizer_name, vocab_size
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.packing, self.val_fraction, self.max_val_tokens = packing, val_fraction, max_val_tokens
+        self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
+        self.tokenizer: Tokenizer | None = None
+        self._texts: Splits | None = None
+        self._datasets: dict[str, RowDataset] = {}
+
+    def texts(self) -> Splits:
+        """The source's documents per split (read once)."""
+        if self._texts is None:
+            self._texts = load_source(self.source, self.text_field, self.val_fraction)
+        return self._texts
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use an existing tokenizer (e.g. the one saved with a checkpoint) instead of building one."""
+        self.tokenizer = tokenizer
+        self._datasets.clear()
+
+    def prepare_tokenizer(self) -> Tokenizer:
+        """Build (or load from the cache) the tokenizer from the train split; idempotent."""
+        if self.tokenizer is None:
+            needs_texts = self.tokenizer_kind in ("char", "bpe")
+            self.tokenizer = build_tokenizer(
+                self.tokenizer_kind,
+                texts=self.texts()["train"] if needs_texts else None,
+                vocab_size=self.vocab_size,
+                name_or_path=self.tokenizer_name,
+                cache_dir=self.cache_dir,
+                cache_key=f"shakespeare-{corpus_checksum()}" if self.source == "shakespeare" else None,
+            )
+        return self.tokenizer
+
+    def prepare_data(self) -> None:
+        self.prepare_tokenizer()
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
+        for split in splits.get(stage or "fit", ("train", "validation")):
+            if split not in self._datasets:
+                self._datasets[split] = self._build(split)
+
+    def _rows(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.prepare_tokenizer()
+        texts = self.texts()
+        if split not in texts:
+            raise ValueError(f"source {self.source!r} has no {split!r} split (it has {sorted(texts)})")
+        docs = tok.encode_batch(texts[split])
+        if self.packing:
+            return cut_blocks(pack_documents(docs, tok.eos_id), self.seq_len, tok.pad_id)  # [R, L] x2
+        return chunk_documents(docs, self.seq_len, tok.eos_id, tok.pad_id)  # [R, L] x2
+
+    def _build(self, split: str) -> RowDataset:
+        ids, mask = self._rows(split)
+        if split == "train":
+            self._check_train_size(ids, mask)
+        elif self.max_val_tokens is not None and ids.shape[0] > 0:
+            ids, mask = cap_tokens(ids, mask, self.max_val_tokens)
+        return RowDataset(ids, mask, row_chars(ids, mask, self.tokenizer.char_lengths()))
+
+    def _check_train_size(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        n_rows, n_tokens = ids.shape[0], int(mask.sum())
+        if n_rows >= self.batch_size and n_tokens >= self.seq_len:
+            return
+        raise ValueError(
+            f"source {self.source!r} is too short: its train split has {n_tokens} tokens = {n_rows} training "
+            f"rows of seq_len={self.seq_len}, fewer than one batch (batch_size={self.batch_size}) of full rows; "
+            f"use batch_size <= {max(n_rows, 1)} or seq_len <= {max(n_tokens // self.batch_size, 1)}, or more text"
+        )
+
+    def dataset(self, split: str) -> RowDataset:
+        """The dataset of ``split`` ("train", "validation" or "test"), built on first use."""
+        if split not in self._datasets:
+            self._datasets[split] = self._build(split)
+        return self._datasets[split]
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self, split: str) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            self.dataset(split), batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._eval_loader("test")

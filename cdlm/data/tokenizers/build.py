@@ -1,0 +1,104 @@
+"""``build_tokenizer`` (with the on-disk BPE cache) and ``load_tokenizer``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cdlm.data.tokenizers.base import CONFIG_FILE, Tokenizer
+from cdlm.data.tokenizers.bpe import BPETokenizer
+from cdlm.data.tokenizers.byte import ByteTokenizer
+from cdlm.data.tokenizers.char import CharTokenizer
+from cdlm.data.tokenizers.hf import HFTokenizer
+
+KINDS: dict[str, type[Tokenizer]] = {
+    "char": CharTokenizer,
+    "byte": ByteTokenizer,
+    "bpe": BPETokenizer,
+    "hf": HFTokenizer,
+}
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """The cdlm cache root: ``$CDLM_CACHE`` if set, else ``~/.cache/cdlm``."""
+    return Path(os.environ.get("CDLM_CACHE") or "~/.cache/cdlm").expanduser()
+
+
+def texts_hash(texts: list[str]) -> str:
+    """A hash of the training texts (documents and their boundaries)."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds are {sorted(KINDS)}")
+
+
+def _cached_bpe(texts: list[str], vocab_size: int, cache_dir: Path, cache_key: str | None) -> Tokenizer:
+    key_src = json.dumps(
+        {"kind": "bpe", "vocab_size": vocab_size, "data": cache_key or texts_hash(texts), "v": CACHE_VERSION}
+    )
+    path = cache_dir / "tokenizers" / f"bpe-{vocab_size}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
+    if (path / CONFIG_FILE).is_file():
+        return load_tokenizer(path)
+    tok = BPETokenizer.train(texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    tok.save(tmp)
+    try:
+        tmp.rename(path)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def build_tokenizer(
+    kind: str,
+    texts: list[str] | None = None,
+    vocab_size: int | None = None,
+    name_or_path: str | None = None,
+    cache_dir: str | Path | None = None,
+    cache_key: str | None = None,
+) -> Tokenizer:
+    """Build a tokenizer of ``kind`` ("char", "byte", "bpe" or "hf").
+
+    ``char`` and ``bpe`` are trained on ``texts``; ``bpe`` needs ``vocab_size`` and is cached under
+    ``<cache_dir or $CDLM_CACHE or ~/.cache/cdlm>/tokenizers`` keyed by (``cache_key`` or a hash of ``texts``,
+    ``vocab_size``); ``hf`` loads ``name_or_path`` with ``transformers.AutoTokenizer``.
+    """
+    _check_kind(kind)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        if not name_or_path:
+            raise ValueError("tokenizer kind 'hf' needs name_or_path (a Hugging Face tokenizer name or local path)")
+        return HFTokenizer.from_pretrained(name_or_path)
+    if not texts or not any(texts):
+        raise ValueError(f"tokenizer kind {kind!r} is trained on texts; got no (non-empty) training texts")
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if vocab_size is None:
+        raise ValueError("tokenizer kind 'bpe' needs vocab_size (e.g. 2048)")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _cached_bpe(texts, int(vocab_size), root, cache_key)
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Restore a tokenizer saved with ``Tokenizer.save(directory)``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {directory}: {CONFIG_FILE} is missing (write one with tok.save)")
+    config = json.loads(path.read_text())
+    kind = config.pop("kind", None)
+    _check_kind(kind)
+    return KINDS[kind].from_directory(Path(directory), config)

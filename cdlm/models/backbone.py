@@ -1,0 +1,154 @@
+"""The time-conditioned transformer shared by every objective.
+
+A DiT-style stack (Peebles & Xie, 2023): pre-norm blocks whose LayerNorm shift/scale and residual gates come
+from the conditioning vector through a zero-initialised linear map (adaLN-Zero), rotary positions
+(Su et al., 2021) and attention through ``scaled_dot_product_attention``. The backbone maps hidden states to
+hidden states; input adapters and output heads belong to the objectives (DESIGN.md, "The contracts").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from cdlm.models.rotary import Rotary, apply_rotary
+
+MaskMode = Literal["bidirectional", "causal", "block_causal"]
+MASK_MODES = ("bidirectional", "causal", "block_causal")
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with per-sequence ``shift, scale`` of shape ``[B, D]``."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def attention_mask(
+    mode: MaskMode, length: int, padding: torch.Tensor | None, block_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean SDPA mask ``[B|1, 1, L, L]`` (True = may attend), or None when nothing is masked.
+
+    ``padding`` is ``[B, L]`` with True on real tokens; padded keys are hidden from every query.
+    """
+    if mode == "bidirectional":
+        structure = None
+    elif mode == "causal":
+        structure = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    else:  # block_causal: a query sees every key in its own block and in earlier blocks
+        block = torch.arange(length, device=device) // block_size
+        structure = block[None, :] <= block[:, None]  # [L, L]
+    if padding is None or bool(padding.all()):
+        return None if structure is None else structure[None, None]
+    keys = padding[:, None, None, :]  # [B, 1, 1, L]
+    if structure is None:
+        return keys
+    return keys & structure[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width={width} must be divisible by heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # [B, H, L, Dh]
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
+        return self.out(rearrange(y, "b h l d -> b l (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation of both sublayers."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float, cond_width: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.attn = Attention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
+        )
+        self.drop = nn.Dropout(dropout)
+        self.ada = nn.Linear(cond_width, 6 * width)
+
+    def forward(self, x, c, rotary, mask, is_causal: bool) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x [B, D]
+        x = x + gate1[:, None] * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), rotary, mask, is_causal))
+        x = x + gate2[:, None] * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        return x  # [B, L, D]
+
+
+class Backbone(nn.Module):
+    """Transformer trunk: ``forward(h, c, padding) -> h`` ``[B, L, width]``; ``c`` is ``[B, cond_width]`` or None.
+
+    Args:
+        width, depth, heads, mlp_ratio, dropout: the usual sizes.
+        max_len: longest sequence the rotary table covers.
+        mask_mode: ``bidirectional`` (diffusion), ``causal`` (autoregressive) or ``block_causal``.
+        block_size: block length for ``block_causal``.
+        cond_width: width of the conditioning vector feeding adaLN (128 as in MDLM's DiT, not ``width``,
+            so that unconditioned objectives carry few idle parameters).
+    """
+
+    def __init__(
+        self,
+        width: int = 384,
+        depth: int = 6,
+        heads: int = 6,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        max_len: int = 4096,
+        mask_mode: MaskMode = "bidirectional",
+        block_size: int = 32,
+        cond_width: int = 128,
+    ) -> None:
+        super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES}")
+        self.width, self.depth, self.heads, self.cond_width = width, depth, heads, cond_width
+        self.mask_mode, self.block_size = mask_mode, block_size
+        self.rotary = Rotary(width // heads, max_len)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cond_width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.ada = nn.Linear(cond_width, 2 * width)
+        self.apply(_init_weights)
+        for module in (self.ada, *(b.ada for b in self.blocks)):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self, h: torch.Tensor, c: torch.Tensor | None = None, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``h`` ``[B, L, D]``; ``c`` ``[B, C]`` conditioning (None = unconditioned); ``padding`` ``[B, L]`` bool."""
+        B, L, _ = h.shape
+        if c is None:
+            c = h.new_zeros(B, self.cond_width)
+        rotary = self.rotary(L, h.device)
+        mask = attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
+        is_causal = self.mask_mode == "causal"
+        for block in self.blocks:
+            h = block(h, c, rotary, mask, is_causal)
+        shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
+        return modulate(self.norm(h), shift, scale)  # [B, L, D]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

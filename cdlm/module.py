@@ -1,0 +1,153 @@
+"""DiffusionLM: the one LightningModule. It holds an objective and knows nothing of which one it is."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from cdlm.checkpoint import save_pretrained, tokenizer_state
+from cdlm.metrics import LikelihoodMetric
+from cdlm.samplers import check_knobs, get_sampler
+from cdlm.types import Batch
+
+
+class DiffusionLM(L.LightningModule):
+    """Train, validate and sample any cdlm objective.
+
+    Args:
+        objective: an ``nn.Module`` with ``loss``, ``nll`` and a sampling view (``cdlm.types``).
+        tokenizer: the run's tokenizer (saved with every checkpoint), used by ``generate`` to decode.
+        lr, weight_decay, betas: AdamW; no decay on biases, norms and embeddings of rank < 2.
+        warmup_steps: linear warm-up; then cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
+        seed: base of the per-step seeds: the randomness of step ``k`` (times, masks, noise, dropout) is a
+            function of ``(seed, k, rank)``, so a resumed run replays the uninterrupted one.
+        config: the resolved run config (plain dict), stored in checkpoints so ``cdlm.load`` can rebuild.
+    """
+
+    def __init__(
+        self,
+        objective: torch.nn.Module,
+        tokenizer=None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.objective, self.tokenizer, self.config = objective, tokenizer, config or {}
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio, self.seed = warmup_steps, min_lr_ratio, seed
+        self.val_metric = LikelihoodMetric()
+
+    # ---- randomness -------------------------------------------------------------------------------------------
+    @contextmanager
+    def seeded(self, *keys: int):
+        """Run the block with the global RNGs seeded from ``(seed, *keys, rank)``, restoring them afterwards."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(hash((self.seed, *keys, self.global_rank)) % 2**62)
+            yield
+
+    def stratified_u(self, n_local: int, step: int, micro: int) -> torch.Tensor:
+        """Low-discrepancy ``u_i = (u + i / n) mod 1`` over the global batch; this rank's slice ``[n_local]``."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        n = n_local * self.trainer.world_size * accumulate if self._trainer is not None else n_local
+        g = torch.Generator().manual_seed(hash((self.seed, step, 7919)) % 2**62)
+        u0 = torch.rand((), generator=g, dtype=torch.float64)
+        start = (micro * self.trainer.world_size + self.global_rank) * n_local if self._trainer is not None else 0
+        i = torch.arange(start, start + n_local, dtype=torch.float64)
+        return ((u0 + i / n) % 1.0).float().to(self.device)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        step, micro = self.global_step, batch_idx % self.trainer.accumulate_grad_batches
+        with self.seeded(step, micro):
+            batch = {**batch, "u": self.stratified_u(batch["input_ids"].shape[0], step, micro)}
+            out = self.objective.loss(batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({out.loss.item()}) at step {step}; the weights are still finite and "
+                "the last checkpoint is intact. Lower the learning rate, raise warm-up or clip gradients, then "
+                "resume with resume=auto."
+            )
+        self.log("train/loss", out.loss, prog_bar=True)
+        for name, value in out.logs.items():
+            self.log(f"train/{name}", value)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return out.loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        with self.seeded(-1, batch_idx):  # the same noise at every evaluation: comparable numbers
+            out = self.objective.nll(batch)
+        self.val_metric.update(out.nll, out.mask, batch["n_chars"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metric.compute()
+        self.log_dict({f"val/{k}": v.float() for k, v in values.items()}, prog_bar=True, sync_dist=False)
+        self.val_metric.reset()
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
+        total = max(self.trainer.max_steps, 1) if self._trainer is not None else 1
+        multiplier = lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cdlm"] = {"config": self.config, "tokenizer": tokenizer_state(self.tokenizer)}
+
+    # ---- sampling ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        n: int,
+        length: int,
+        sampler: str = "ancestral",
+        steps: int = 128,
+        seed: int = 0,
+        batch_size: int | None = None,
+        dtype: torch.dtype | None = torch.bfloat16,
+        callback=None,
+        **knobs,
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Draw ``n`` sequences of ``length`` tokens; returns ids ``[n, length]`` and decoded texts.
+
+        ``dtype`` is the autocast dtype of the network (None = full precision); categorical draws are float64.
+        """
+        spec = get_sampler(sampler, self.objective)
+        check_knobs(spec, knobs)
+        was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
+        self.eval()
+        chunks, batch_size = [], batch_size or n
+        ts = spec.grid(steps, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for start in range(0, n, batch_size):
+                x = self.objective.prior(min(batch_size, n - start), length, self.device)
+                chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **knobs))
+        self.train(was_training)
+        ids = torch.cat(chunks)
+        texts = [self.tokenizer.decode(row.tolist()) for row in ids] if self.tokenizer is not None else []
+        return ids, texts
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory``."""
+        return save_pretrained(self, directory)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

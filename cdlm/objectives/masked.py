@@ -1,0 +1,110 @@
+"""Masked (absorbing-state) discrete diffusion: MDLM (Sahoo et al., 2024), MATH.md section 1.
+
+Tokens are replaced by ``[MASK]`` with probability ``1 - alpha_t``; the network predicts the clean token at
+masked positions under the SUBS parameterisation (the mask token gets zero probability and visible tokens
+are carried over), and the loss is the continuous-time NELBO (MDLM eq. 10):
+
+    NELBO = E_t sum_l 1[z_t^l = m] * (-alpha'_t / (1 - alpha_t)) * CE(p_theta^l, x^l).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdlm.models.backbone import Backbone
+from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.schedules import build_schedule
+from cdlm.types import Batch, LossOutput
+
+NEG_INF = -1e6  # the SUBS "-inf" for the mask logit: large but finite, so bf16/float32 stay NaN-free
+
+
+class MaskedDiffusion(nn.Module):
+    """MDLM objective; owns the token embedding (``V + 1`` rows, the last is ``[MASK]``) and the output head.
+
+    Args:
+        backbone: the shared transformer (bidirectional mask).
+        vocab_size: ``V``, the tokenizer's vocabulary; ``mask_id = V``.
+        schedule: ``loglinear`` or ``cosine``.
+        eps: the schedule's ``eps`` (``alpha_1 = eps`` for log-linear).
+        t_min: training draws ``t = t_min + (1 - t_min) u``.
+        time_conditioning: feed ``t`` to the backbone; off by default (MDLM), which lets samplers reuse
+            ``p_theta`` when no token changed.
+    """
+
+    space = "discrete"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab_size: int,
+        schedule: str = "loglinear",
+        eps: float = 1e-3,
+        t_min: float = 1e-3,
+        time_conditioning: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.vocab_size, self.mask_id = backbone, vocab_size, vocab_size
+        self.schedule = build_schedule(schedule, eps)
+        self.t_min, self.time_conditioning = t_min, time_conditioning
+        width = backbone.width
+        self.embed = nn.Embedding(vocab_size + 1, width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.time_embed = TimeEmbedding(backbone.cond_width) if time_conditioning else None
+        self.head = nn.Linear(width, vocab_size)
+        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def hidden(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone features ``[B, L, D]`` for noisy ids ``z`` ``[B, L]`` at times ``t`` ``[B]``."""
+        c = self.time_embed(t) if self.time_embed is not None else None
+        return self.backbone(self.embed(z), c, padding)
+
+    def logits(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits over the ``V`` real tokens ``[B, L, V]``.
+
+        The head has no ``[MASK]`` column: SUBS's zero mask probability holds by construction.
+        """
+        return self.head(self.hidden(z, t, padding))
+
+    def denoise(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """SUBS ``log p_theta(x0 | z_t)`` ``[B, L, V]`` in float32: visible positions are one-hot on their token."""
+        logp = self.logits(z, t, padding).float().log_softmax(-1)  # [B, L, V]
+        visible = z != self.mask_id
+        carry = F.one_hot(z.clamp_max(self.vocab_size - 1), self.vocab_size).float()
+        carry = torch.where(carry.bool(), 0.0, NEG_INF)  # log one-hot
+        return torch.where(visible[..., None], carry, logp)
+
+    def prior(self, n: int, length: int, device: torch.device) -> torch.Tensor:
+        """The absorbing prior: every position masked, ``[n, length]``."""
+        return torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
+
+    def nelbo(self, x: torch.Tensor, padding: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NELBO terms ``[B, L]`` (nats) and the masked-position indicator, one mask draw per row."""
+        alpha = self.schedule.alpha(t)[:, None]  # [B, 1]
+        masked = (torch.rand(x.shape, device=x.device) < 1 - alpha) & padding  # [B, L]
+        z = torch.where(masked, self.mask_id, x)
+        h = self.hidden(z, t, padding)[masked]  # [N, D]: only masked positions carry a loss
+        ce = F.cross_entropy(self.head(h).float(), x[masked], reduction="none")  # [N]
+        nll = torch.zeros(x.shape, device=x.device)
+        nll[masked] = ce * self.schedule.weight(t.float())[:, None].expand_as(x)[masked]
+        return nll, masked
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """Training loss: NELBO per valid token with ``t = t_min + (1 - t_min) u`` (``u`` low-discrepancy)."""
+        x, padding = batch["input_ids"], batch["attention_mask"]
+        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        t = self.t_min + (1 - self.t_min) * u
+        nll, masked = self.nelbo(x, padding, t)
+        loss = nll.sum() / padding.sum().clamp_min(1)
+        return LossOutput(loss, nll, padding, {"masked_fraction": masked.sum() / padding.sum().clamp_min(1)})
+
+    def nll(self, batch: Batch) -> LossOutput:
+        """The bound for evaluation: one-sample NELBO with ``t ~ U(0, 1]``, the whole continuous-time range."""
+        x, padding = batch["input_ids"], batch["attention_mask"]
+        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        t = u.clamp_min(1e-6)
+        nll, _ = self.nelbo(x, padding, t)
+        return LossOutput(nll.sum() / padding.sum().clamp_min(1), nll, padding)

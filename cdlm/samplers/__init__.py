@@ -1,0 +1,6 @@
+"""Samplers: plain functions registered by name with the objective space they serve."""
+
+from cdlm.samplers import discrete  # noqa: F401  (registers the discrete samplers)
+from cdlm.samplers.registry import SAMPLERS, SamplerSpec, check_knobs, get_sampler, register_sampler
+
+__all__ = ["SAMPLERS", "SamplerSpec", "check_knobs", "get_sampler", "register_sampler"]

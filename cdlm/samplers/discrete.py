@@ -1,0 +1,71 @@
+"""Ancestral sampling for absorbing (masked) diffusion: MDLM (Sahoo et al., 2024), MATH.md section 1.
+
+A masked position at step ``t -> s`` draws from ``[(a_s - a_t) p_theta + (1 - a_s) e_mask] / (1 - a_t)``;
+visible positions are copied. With a network that is not time-conditioned, ``p_theta`` depends only on the
+state, so when no position changed it is reused without a network call (MDLM sec. 4.2, the "cache").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from cdlm.samplers.categorical import sample_categorical, top_p_filter
+from cdlm.samplers.grids import linear_grid
+from cdlm.samplers.registry import register_sampler
+from cdlm.types import DiscreteObjective, SamplerStep
+
+
+def clean_probs(objective: DiscreteObjective, x: torch.Tensor, t: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``p_theta(x0 | x)`` ``[B, L, V]`` in float64 at sampler time ``t`` (a 0-d tensor), nucleus-filtered."""
+    logp = objective.denoise(x, t.expand(x.shape[0]).float())
+    return top_p_filter(logp.double().exp(), top_p)
+
+
+@register_sampler("ancestral", space="discrete", grid=linear_grid)
+@torch.no_grad()
+def sample_ancestral(
+    objective: DiscreteObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+    top_p: float = 1.0,
+    cache: bool = True,
+    final: str = "argmax",
+) -> torch.Tensor:
+    """Reverse the absorbing process over the grid ``ts`` ``[T + 1]`` (1 -> ~0) from ``x`` ``[B, L]``.
+
+    ``final``: how positions still masked after the grid are committed, ``argmax`` or ``sample`` of ``p_theta``.
+    ``cache=False`` calls the network at every step (the reference the cached path must equal).
+    """
+    if final not in ("argmax", "sample"):
+        raise ValueError(f"final must be 'argmax' or 'sample', got {final!r}")
+    reuse = cache and not objective.time_conditioning
+    alpha = objective.schedule.alpha
+    probs, nfe = None, 0
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        if probs is None:
+            probs, nfe = clean_probs(objective, x, t, top_p), nfe + 1  # [B, L, V]
+        a_t, a_s = alpha(t), alpha(s)
+        stay = torch.full_like(probs[..., :1], 1 - a_s)  # [B, L, 1] mass left on [MASK]
+        q = torch.cat([probs * (a_s - a_t), stay], dim=-1) / (1 - a_t)  # [B, L, V + 1]; index V is [MASK]
+        draw = sample_categorical(q, generator)  # [B, L]
+        x_next = torch.where(x == objective.mask_id, draw, x)
+        if not (reuse and torch.equal(x_next, x)):
+            probs = None
+        x = x_next
+        if callback is not None:
+            callback(SamplerStep(i, float(s), x, None if probs is None else probs.argmax(-1), nfe))
+    masked = x == objective.mask_id
+    if masked.any():
+        if probs is None:
+            probs, nfe = clean_probs(objective, x, ts[-1], top_p), nfe + 1
+        fill = probs.argmax(-1) if final == "argmax" else sample_categorical(probs, generator)
+        x = torch.where(masked, fill, x)
+        if callback is not None:
+            callback(SamplerStep(len(ts) - 1, 0.0, x, fill, nfe))
+    return x

@@ -1,0 +1,55 @@
+"""Helpers for tests that train tiny models end to end through the real config and CLI path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from cdlm.cli import prepare
+from cdlm.config import compose
+
+TINY = [
+    "model=tiny",
+    "data=shakespeare_char",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "data.max_val_tokens=2048",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=1000",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "checkpoint.every_n_train_steps=4",
+    "module.warmup_steps=2",
+    "ema.decay=0.9",
+]
+
+
+class LossRecorder(L.Callback):
+    """Keeps ``{global_step: loss}`` of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class CrashAt(L.Callback):
+    """Simulates a killed run: raises when ``global_step`` reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(run_dir: Path, *overrides: str, callbacks: tuple = ()):
+    """Train with the tiny config plus ``overrides``; returns (module, trainer, datamodule)."""
+    cfg = compose([*TINY, f"run_dir={run_dir}", *overrides])
+    datamodule, module, trainer, ckpt_path = prepare(cfg)
+    trainer.callbacks.extend(callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return module, trainer, datamodule
