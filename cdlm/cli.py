@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdlm.callbacks import ThroughputLogger
 from cdlm.checkpoint import CheckpointError, build_module, load, tokenizer_from_state
-from cdlm.config import ConfigError, compose, instantiate, save_config, to_dict
+from cdlm.config import ConfigError, compose, instantiate, load_group, save_config, to_dict
 from cdlm.samplers import check_knobs, get_sampler
+from cdlm.sampling import draw, draw_sharded
 
 for _pattern in (
     "'set_vital' is deprecated",
@@ -30,7 +31,11 @@ for _pattern in (
 
 USAGE = """usage:
   cdlm train [experiment=NAME] [GROUP=NAME ...] [key.sub=value ...]
-  cdlm sample path=RUN_DIR/final|FILE.ckpt [n=4] [length=256] [seed=0] [sampler=NAME] [sampler.KEY=value] [out=FILE]
+  cdlm sample path=RUN_DIR/final|FILE.ckpt [n=4] [length=L] [seed=0] [sampler=NAME] [sampler.KEY=value]
+              [out=FILE.jsonl] [trace=FILE.html] [devices=2] [device=cpu|cuda]
+  cdlm eval path=CKPT [judge=AR_CKPT|HF_NAME_OR_PATH] [n=16] [seeds=3] [sampler=NAME] [sampler.KEY=value]
+            [out=FILE.json] [val_batches=N]
+  cdlm sweep configs/sweep/NAME.yaml [--print]
 groups: data model objective sampler trainer; see configs/ and the README's config reference."""
 
 
@@ -103,51 +108,126 @@ def train(argv: list[str]) -> dict:
 
 
 def print_samples(module, cfg: DictConfig) -> None:
-    s = cfg.sample
-    start = time.perf_counter()
-    _, texts = module.generate(
-        s.n, s.length, cfg.sampler.name, cfg.sampler.steps, seed=s.seed, **sampler_knobs(cfg.sampler)
-    )
-    seconds = (time.perf_counter() - start) / max(1, s.n)
-    print(f"cdlm: {s.n} samples, sampler={cfg.sampler.name}, steps={cfg.sampler.steps}, {seconds:.2f} s/sample")
-    for i, text in enumerate(texts):
+    s, node = cfg.sample, cfg.sampler
+    samples = draw(module, s.n, s.length, node.name, node.steps, s.seed, **sampler_knobs(node))
+    print(f"cdlm: {s.n} samples, sampler={node.name}, NFE {samples.nfe}, {samples.seconds_per_sample:.2f} s/sample")
+    for i, text in enumerate(samples.texts):
         print(f"===== sample {i} =====\n{text}")
+
+
+SAMPLE_OPTIONS = {"path", "n", "length", "seed", "out", "device", "devices", "trace", "batch_size"}
+EVAL_OPTIONS = {"path", "judge", "n", "length", "seeds", "out", "device", "val_batches", "reference"}
+
+
+def parse_options(argv: list[str], valid: set[str], command: str) -> tuple[DictConfig, str | None]:
+    """``key=value`` options plus ``sampler=NAME`` and ``sampler.KEY=value``; unknown keys fail listing the valid."""
+    pairs = [_pair(a) for a in argv]
+    chosen = next((v for k, v in pairs if k == "sampler"), None)
+    opts = OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k != "sampler"])
+    if unknown := sorted(set(opts) - valid - {"sampler"}):
+        raise ConfigError(f"unknown {command} option(s) {unknown}; valid: {sorted(valid)}, sampler=NAME, sampler.K=v")
+    if "path" not in opts:
+        raise ConfigError(f"{command} needs path=<save_pretrained folder or .ckpt file>")
+    return opts, chosen
+
+
+def _pair(arg: str) -> tuple[str, str]:
+    if "=" not in arg:
+        raise ConfigError(f"option {arg!r} is not of the form key=value")
+    key, value = arg.split("=", 1)
+    return key, value
+
+
+def sampler_config(module, chosen: str | None, overrides: DictConfig | None) -> DictConfig:
+    """The run's sampler config, or the named sampler's defaults, with ``sampler.KEY`` overrides; validated."""
+    node = OmegaConf.create(module.config["sampler"])
+    if chosen is not None and chosen != node.name:
+        node = load_group("sampler", chosen)
+    for key, value in (overrides or {}).items():
+        if key not in node:
+            raise ConfigError(f"unknown sampler option {key!r}; valid keys under sampler: {sorted(node)}")
+        node[key] = value
+    check_knobs(get_sampler(node.name, module.objective), sampler_knobs(node))
+    return node
 
 
 def sample(argv: list[str]) -> list[dict]:
-    """Load a checkpoint and print (and optionally write as JSONL) samples."""
-    opts = OmegaConf.from_dotlist([a for a in argv if not a.startswith("sampler=")])
-    valid = {"path", "n", "length", "seed", "sampler", "out", "device"}
-    if unknown := sorted(set(opts) - valid):
-        raise ConfigError(f"unknown sample option(s) {unknown}; valid: {sorted(valid)} and sampler=NAME")
-    if "path" not in opts:
-        raise ConfigError("sample needs path=<save_pretrained folder or .ckpt file>")
+    """Load a checkpoint, draw samples (sharded over ``devices``), print them and write JSONL / an HTML trace."""
+    opts, chosen = parse_options(argv, SAMPLE_OPTIONS, "sample")
     module = load(opts.path, device=opts.get("device", "cpu"))
-    chosen = next((a.split("=", 1)[1] for a in argv if a.startswith("sampler=")), module.config["sampler"]["name"])
-    cfg = OmegaConf.create(module.config)
-    if chosen != cfg.sampler.name:
-        cfg.sampler = OmegaConf.load(Path(__file__).parent / "configs" / "sampler" / f"{chosen}.yaml")
-    cfg.sampler = OmegaConf.merge(cfg.sampler, opts.get("sampler", {}))
-    n, length, seed = opts.get("n", 4), opts.get("length", 256), opts.get("seed", 0)
-    start = time.perf_counter()
-    ids, texts = module.generate(n, length, cfg.sampler.name, cfg.sampler.steps, seed, **sampler_knobs(cfg.sampler))
-    seconds = (time.perf_counter() - start) / n
-    rows = [{"text": t, "ids": i.tolist(), "seed": seed, "seconds": seconds} for t, i in zip(texts, ids)]
-    for i, text in enumerate(texts):
-        print(f"===== sample {i} =====\n{text}")
-    if "out" in opts:
-        Path(opts.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    node = sampler_config(module, chosen, opts.get("sampler"))
+    kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.get("seed", 0), **sampler_knobs(node))
+    n, length, devices = opts.get("n", 4), opts.get("length", module.config["data"]["seq_len"]), opts.get("devices", 1)
+    recorder = None
+    if "trace" in opts:
+        from cdlm.trace import TraceRecorder, write_html
+
+        recorder = TraceRecorder()
+    if devices > 1:
+        samples = draw_sharded(module, n, length, devices, opts.get("device", "cpu"), **kwargs)
+    else:
+        samples = draw(module, n, length, callback=recorder, batch_size=opts.get("batch_size"), **kwargs)
+    if samples_is_rank_zero():
+        for i, text in enumerate(samples.texts):
+            print(f"===== sample {i} (seed {samples.seeds[i]}) =====\n{text}")
+        print(f"cdlm: {n} samples, sampler={node.name}, NFE {samples.nfe}, {samples.seconds_per_sample:.3f} s/sample")
+        if "out" in opts:
+            Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(opts.out).write_text("".join(json.dumps(r) + "\n" for r in samples.rows()))
+        if recorder is not None:
+            write_html(
+                recorder,
+                module.tokenizer,
+                opts.trace,
+                getattr(module.objective, "mask_id", None),
+                f"{type(module.objective).__name__} / {node.name} / {node.steps} steps",
+            )
+    return samples.rows()
+
+
+def samples_is_rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def evaluate_cmd(argv: list[str]) -> dict:
+    """``cdlm eval``: validation bound, Gen PPL + entropy over seeds, the reference row; one JSON file."""
+    from cdlm.evaluate import evaluate, summary, write_result
+
+    opts, chosen = parse_options(argv, EVAL_OPTIONS, "eval")
+    module = load(opts.path, device=opts.get("device", "cpu"))
+    node = sampler_config(module, chosen, opts.get("sampler"))
+    result = evaluate(
+        module,
+        opts.get("judge"),
+        OmegaConf.to_container(node),
+        n=opts.get("n", 16),
+        length=opts.get("length"),
+        seeds=opts.get("seeds", 3),
+        val_batches=opts.get("val_batches"),
+        reference=opts.get("reference", True),
+    )
+    result["model"] = str(opts.path)
+    out = opts.get("out", str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json"))
+    print(summary(result))
+    print(f"cdlm: wrote {write_result(result, out)}")
+    return result
+
+
+def sweep(argv: list[str]) -> list[dict]:
+    """``cdlm sweep configs/sweep/NAME.yaml [--print]``: run a grid of train or eval points and tabulate them."""
+    from cdlm.sweep import main_sweep
+
+    return main_sweep(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train, "sample": sample}
+    commands = {"train": train, "sample": sample, "eval": evaluate_cmd, "sweep": sweep}
     if not argv or argv[0] not in commands:
         print(USAGE)
         raise SystemExit(2)
     try:
         commands[argv[0]](argv[1:])
-    except (ConfigError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors
         print(f"cdlm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -17,3 +17,14 @@ def tiny_backbone(**kwargs) -> Backbone:
 def masked_objective() -> MaskedDiffusion:
     torch.manual_seed(0)
     return MaskedDiffusion(tiny_backbone(), vocab_size=11).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A masked model trained for 8 steps through the real config path; ``(run_dir, module)``, ``final/`` saved."""
+    from tests.runs import fit
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    module, _, _ = fit(run_dir, "trainer.max_steps=8")
+    module.save_pretrained(run_dir / "final")
+    return run_dir, module

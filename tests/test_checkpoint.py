@@ -10,15 +10,11 @@ import yaml
 import cdlm
 from cdlm.checkpoint import CheckpointError
 from cdlm.cli import resolve_resume
-from tests.runs import fit
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    module, trainer, _ = fit(run_dir, "trainer.max_steps=8")
-    module.save_pretrained(run_dir / "final")
-    return run_dir, module
+@pytest.fixture
+def trained(tiny_run):
+    return tiny_run
 
 
 def generate(model):

@@ -1,0 +1,82 @@
+"""Drawing samples from a trained model: timing, NFE counting, optional traces, sharding over devices."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cdlm.module import DiffusionLM
+from cdlm.types import SamplerStep
+
+
+@dataclass
+class Samples:
+    """``n`` samples: ids ``[n, L]``, decoded texts, network evaluations per sample and wall seconds per sample."""
+
+    ids: torch.Tensor
+    texts: list[str]
+    nfe: int
+    seconds_per_sample: float
+    seeds: list[int] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``)."""
+        return [
+            {"text": t, "ids": i.tolist(), "seed": s, "nfe": self.nfe, "seconds": self.seconds_per_sample}
+            for t, i, s in zip(self.texts, self.ids, self.seeds)
+        ]
+
+
+class NFECounter:
+    """A sampler callback that remembers the network evaluations of the last sampler call (and forwards steps)."""
+
+    def __init__(self, forward=None) -> None:
+        self.nfe, self.forward = 0, forward
+
+    def __call__(self, step: SamplerStep) -> None:
+        self.nfe = step.nfe
+        if self.forward is not None:
+            self.forward(step)
+
+
+def draw(
+    module: DiffusionLM,
+    n: int,
+    length: int,
+    sampler: str,
+    steps: int,
+    seed: int,
+    callback=None,
+    batch_size: int | None = None,
+    **knobs,
+) -> Samples:
+    """Generate ``n`` samples in batches of ``batch_size`` (default: all at once) and time them."""
+    counter = NFECounter(callback)
+    start = time.perf_counter()
+    ids, texts = module.generate(n, length, sampler, steps, seed, batch_size=batch_size, callback=counter, **knobs)
+    seconds = (time.perf_counter() - start) / max(n, 1)
+    return Samples(ids, texts, counter.nfe, seconds, [seed] * n)
+
+
+def draw_sharded(module: DiffusionLM, n: int, length: int, devices: int, accelerator: str, **kwargs) -> Samples:
+    """Shard ``n`` samples over ``devices`` processes (Lightning Fabric, DDP) and gather them on every rank.
+
+    Rank ``r`` draws ``ceil(n / devices)`` samples with seed ``seed + r`` (so samples differ across ranks); the
+    gathered result keeps the first ``n``. Launching re-runs the current command in the other processes.
+    """
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp")
+    fabric.launch()
+    module = module.to(fabric.device)
+    per_rank = -(-n // fabric.world_size)
+    seed = kwargs.pop("seed") + fabric.global_rank
+    local = draw(module, per_rank, length, seed=seed, **kwargs)
+    ids = fabric.all_gather(local.ids)  # [W, per_rank, L]
+    seconds = fabric.all_gather(torch.tensor(local.seconds_per_sample, device=fabric.device)).float().mean()
+    ids = ids.reshape(-1, ids.shape[-1])[:n].cpu()
+    seeds = [seed - fabric.global_rank + r for r in range(fabric.world_size) for _ in range(per_rank)][:n]
+    texts = [module.tokenizer.decode(row.tolist()) for row in ids]
+    return Samples(ids, texts, local.nfe, float(seconds), seeds)
