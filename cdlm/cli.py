@@ -162,7 +162,7 @@ def sample(argv: list[str]) -> list[dict]:
     if "trace" in opts:
         from cdlm.trace import TraceRecorder, write_html
 
-        recorder = TraceRecorder()
+        recorder = TraceRecorder(getattr(module.objective, "mask_id", None), sampler=node.name, steps=node.steps)
     if devices > 1:
         samples = draw_sharded(module, n, length, devices, opts.get("device", "cpu"), **kwargs)
     else:
@@ -175,13 +175,8 @@ def sample(argv: list[str]) -> list[dict]:
             Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
             Path(opts.out).write_text("".join(json.dumps(r) + "\n" for r in samples.rows()))
         if recorder is not None:
-            write_html(
-                recorder,
-                module.tokenizer,
-                opts.trace,
-                getattr(module.objective, "mask_id", None),
-                f"{type(module.objective).__name__} / {node.name} / {node.steps} steps",
-            )
+            title = f"{type(module.objective).__name__} sampling trace"
+            write_html(recorder, module.tokenizer, opts.trace, title=title)
     return samples.rows()
 
 

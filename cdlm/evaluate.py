@@ -45,7 +45,7 @@ def generative_scores(judge, texts: list[str], ids: torch.Tensor) -> dict:
     entropy.update(ids)
     distinct.update(ids)
     scores = {"gen_ppl": float(gen_ppl.compute()), "entropy": float(entropy.compute())}
-    scores.update({f"distinct{n}": float(v) for n, v in distinct.compute().items()})
+    scores.update({name: float(v) for name, v in distinct.compute().items()})  # distinct_1, distinct_2, ...
     return scores
 
 

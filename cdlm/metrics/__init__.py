@@ -1,5 +1,16 @@
-"""torchmetrics metrics for likelihood and generation quality."""
+"""torchmetrics metrics for likelihood and generation quality, and the Gen PPL judges (MATH.md section 8)."""
 
+from cdlm.metrics.generative import DistinctN, GenPPL, UnigramEntropy
+from cdlm.metrics.judges import CdlmJudge, HFJudge, Judge, build_judge
 from cdlm.metrics.likelihood import LikelihoodMetric
 
-__all__ = ["LikelihoodMetric"]
+__all__ = [
+    "CdlmJudge",
+    "DistinctN",
+    "GenPPL",
+    "HFJudge",
+    "Judge",
+    "LikelihoodMetric",
+    "UnigramEntropy",
+    "build_judge",
+]

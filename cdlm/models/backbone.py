@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from cdlm.models.kv_cache import KVCache
 from cdlm.models.rotary import Rotary, apply_rotary
 
 MaskMode = Literal["bidirectional", "causal", "block_causal"]
@@ -48,6 +49,16 @@ def attention_mask(
     return keys & structure[None, None]
 
 
+def cached_causal_mask(offset: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """Mask ``[1, 1, n, offset + n]`` for ``n = length`` new queries over ``offset`` cached keys and themselves.
+
+    New query ``i`` (absolute position ``offset + i``) sees keys ``0 .. offset + i``; None when one query sees all.
+    """
+    if length == 1:
+        return None
+    return torch.ones(length, offset + length, dtype=torch.bool, device=device).tril(offset)[None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -58,10 +69,18 @@ class Attention(nn.Module):
         self.out = nn.Linear(width, width, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, is_causal: bool
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # [B, H, L, Dh]
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, H, T, Dh]: cached positions followed by the new ones
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
         return self.out(rearrange(y, "b h l d -> b l (h d)"))
@@ -81,9 +100,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.ada = nn.Linear(cond_width, 6 * width)
 
-    def forward(self, x, c, rotary, mask, is_causal: bool) -> torch.Tensor:
+    def forward(
+        self, x, c, rotary, mask, is_causal: bool, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x [B, D]
-        x = x + gate1[:, None] * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), rotary, mask, is_causal))
+        a = self.attn(modulate(self.norm1(x), shift1, scale1), rotary, mask, is_causal, cache, layer)
+        x = x + gate1[:, None] * self.drop(a)
         x = x + gate2[:, None] * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x  # [B, L, D]
 
@@ -127,17 +149,35 @@ class Backbone(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, h: torch.Tensor, c: torch.Tensor | None = None, padding: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        c: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """``h`` ``[B, L, D]``; ``c`` ``[B, C]`` conditioning (None = unconditioned); ``padding`` ``[B, L]`` bool."""
+        """``h`` ``[B, L, D]``; ``c`` ``[B, C]`` conditioning (None = unconditioned); ``padding`` ``[B, L]`` bool.
+
+        With a ``cache`` (``causal`` mode only, no ``padding``), ``h`` holds only the ``L`` new positions after the
+        ``cache.offset`` cached ones: rotary angles start at the offset, the new queries attend to every cached key
+        and causally among themselves, and the cache is extended by ``L``.
+        """
         B, L, _ = h.shape
         if c is None:
             c = h.new_zeros(B, self.cond_width)
-        rotary = self.rotary(L, h.device)
-        mask = attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
-        is_causal = self.mask_mode == "causal"
-        for block in self.blocks:
-            h = block(h, c, rotary, mask, is_causal)
+        if cache is None:
+            rotary = self.rotary(L, h.device)
+            # plain causal (no padding): SDPA's is_causal kernel instead of a dense [L, L] mask
+            is_causal = self.mask_mode == "causal" and (padding is None or bool(padding.all()))
+            mask = None if is_causal else attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
+        else:
+            if self.mask_mode != "causal" or padding is not None:
+                raise ValueError(f"a KV cache needs mask_mode='causal' and no padding (mask_mode={self.mask_mode!r})")
+            rotary = self.rotary(L, h.device, cache.offset)
+            mask, is_causal = cached_causal_mask(cache.offset, L, h.device), False
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, rotary, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(L)
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
         return modulate(self.norm(h), shift, scale)  # [B, L, D]
 

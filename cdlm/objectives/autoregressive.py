@@ -1,0 +1,92 @@
+"""The autoregressive reference: a left-to-right LM on the same backbone (Radford et al., 2019; MATH.md section 0).
+
+The chain rule ``log p(x) = sum_l log p_theta(x^l | x^{<l})`` is exact, so the per-token NLL is directly
+comparable with the diffusion bounds. The input is ``[BOS, x^0 .. x^{L-2}]`` and the targets ``x^0 .. x^{L-1}``,
+so all ``L`` tokens are scored, the first one from ``BOS`` alone:
+
+    NLL(x) = - sum_{l=0}^{L-1} log softmax(head(h_l))[x^l],   h = Backbone_causal(embed([BOS, x^{<L-1}])).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdlm.models.backbone import Backbone
+from cdlm.models.kv_cache import KVCache
+from cdlm.types import Batch, LossOutput
+
+
+class Autoregressive(nn.Module):
+    """Next-token objective; owns the token embedding (``V + 1`` rows, the last is ``BOS``) and the output head.
+
+    The constructor sets ``backbone.mask_mode = "causal"``, whatever the model config says: position ``l`` may
+    only see ``x^{<l}``. The backbone is not time-conditioned (``c = None``).
+
+    Args:
+        backbone: the shared transformer (its mask is switched to causal).
+        vocab_size: ``V``, the tokenizer's vocabulary; ``bos_id = V`` (an input row only, never predicted).
+    """
+
+    space = "autoregressive"
+
+    def __init__(self, backbone: Backbone, vocab_size: int) -> None:
+        super().__init__()
+        backbone.mask_mode = "causal"
+        self.backbone, self.vocab_size, self.bos_id = backbone, vocab_size, vocab_size
+        width = backbone.width
+        self.embed = nn.Embedding(vocab_size + 1, width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.head = nn.Linear(width, vocab_size)
+        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def shift(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing inputs ``[BOS, x^0 .. x^{L-2}]`` ``[B, L]`` for targets ``x`` ``[B, L]``."""
+        bos = torch.full_like(x[:, :1], self.bos_id)
+        return torch.cat([bos, x[:, :-1]], dim=1)
+
+    def logits(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, L, V]``, row ``l`` for ``p_theta(x^l | x^{<l})``; ``padding`` ``[B, L]``: real targets."""
+        inputs = self.shift(x)  # [B, L]
+        if padding is not None:  # input l carries target l - 1 (or BOS): valid where that target is
+            padding = torch.cat([torch.ones_like(padding[:, :1]), padding[:, :-1]], dim=1)
+        return self.head(self.backbone(self.embed(inputs), None, padding))  # [B, L, V]
+
+    def nll(self, batch: Batch) -> LossOutput:
+        """Exact per-token NLL ``[B, L]`` in nats (zero on padding); ``loss`` is its mean over valid tokens."""
+        x, padding = batch["input_ids"], batch["attention_mask"]
+        logits = self.logits(x, padding).float()  # [B, L, V]
+        ce = F.cross_entropy(logits.transpose(1, 2), x.clamp(0, self.vocab_size - 1), reduction="none")  # [B, L]
+        nll = torch.where(padding, ce, 0.0)
+        return LossOutput(nll.sum() / padding.sum().clamp_min(1), nll, padding)
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """Training loss: mean next-token cross-entropy over the valid tokens (no noise, no time)."""
+        return self.nll(batch)
+
+    # ---- sampling view ----------------------------------------------------------------------------------------
+    def prior(self, n: int, length: int, device: torch.device) -> torch.Tensor:
+        """The canvas the sampler fills left to right: zeros ``[n, length]`` (every position is overwritten)."""
+        return torch.zeros((n, length), dtype=torch.long, device=device)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty KV cache for this backbone, reserving ``capacity`` positions (``BOS`` included)."""
+        return KVCache(self.backbone.depth, capacity)
+
+    def next_logits(self, prefix: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Float32 logits ``[B, V]`` of ``p_theta(x^t | x^{<t})`` for the generated ``prefix`` ``[B, t]`` (``t >= 0``).
+
+        Without a cache the whole input ``[BOS, prefix]`` is run; with one only the positions it does not hold yet
+        (``cache.offset`` of the ``t + 1`` inputs are cached), which are then added to it.
+        """
+        inputs = torch.cat([prefix.new_full((prefix.shape[0], 1), self.bos_id), prefix], dim=1)  # [B, t + 1]
+        if cache is not None:
+            if cache.offset > prefix.shape[1]:
+                raise ValueError(
+                    f"the cache holds {cache.offset} positions, more than the {prefix.shape[1] + 1} inputs"
+                )
+            inputs = inputs[:, cache.offset :]
+        h = self.backbone(self.embed(inputs), None, None, cache)  # [B, n, D]
+        return self.head(h[:, -1]).float()  # [B, V]

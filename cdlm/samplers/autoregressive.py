@@ -1,0 +1,93 @@
+"""Left-to-right ancestral sampling for the autoregressive reference (MATH.md section 0).
+
+Position ``l`` draws ``x^l ~ p_theta(. | x^{<l})`` with temperature, top-k (Fan et al., 2018) and nucleus
+(Holtzman et al., 2020) filtering, in float64 through the exponential race. A causal model's keys and values at
+earlier positions never change, so by default they are kept in a KV cache and each step runs the network on
+one new position; ``cache=False`` reruns the whole prefix (the reference the cached path must equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from cdlm.models.kv_cache import KVCache
+from cdlm.samplers.categorical import sample_categorical, top_p_filter
+from cdlm.samplers.registry import register_sampler
+from cdlm.types import SamplerStep
+
+
+class AutoregressiveObjective(Protocol):
+    """The sampling view of ``cdlm.objectives.autoregressive.Autoregressive``."""
+
+    vocab_size: int
+
+    def new_cache(self, capacity: int) -> KVCache: ...
+
+    def next_logits(self, prefix: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor: ...
+
+
+def position_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[0, 1, .., steps]``: the registry's grid signature; autoregressive sampling ignores it (one step per token)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.arange(steps + 1, device=device)
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` most likely tokens of ``probs`` ``[..., V]`` and renormalise (Fan et al., 2018); 0 = off."""
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if top_k == 0 or top_k >= probs.shape[-1]:
+        return probs
+    values, index = probs.topk(top_k, dim=-1)  # [..., k]
+    kept = torch.zeros_like(probs).scatter(-1, index, values)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits`` ``[B, V]``: argmax when ``temperature == 0``, else a filtered float64 draw."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)  # [B]
+    probs = (logits.double() / temperature).softmax(-1)  # [B, V]
+    return sample_categorical(top_p_filter(top_k_filter(probs, top_k), top_p), generator)  # [B]
+
+
+@register_sampler("autoregressive", space="autoregressive", grid=position_grid)
+@torch.no_grad()
+def sample_autoregressive(
+    objective: AutoregressiveObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    cache: bool = True,
+) -> torch.Tensor:
+    """Fill ``x`` ``[B, L]`` left to right, one network call per position; ``ts`` is unused.
+
+    ``temperature=0`` is greedy decoding; ``top_k`` (0 = off) is applied before ``top_p``. ``cache=False`` runs
+    the full prefix at every step. The callback's ``t`` is the fraction of positions still to generate.
+    """
+    B, L = x.shape
+    x = x.clone()
+    kv = objective.new_cache(L) if cache else None
+    for i in range(L):
+        logits = objective.next_logits(x[:, :i], kv)  # [B, V]
+        x[:, i] = next_token(logits, temperature, top_p, top_k, generator)
+        if callback is not None:
+            callback(SamplerStep(i, 1.0 - (i + 1) / L, x, None, i + 1))
+    return x

@@ -1,0 +1,121 @@
+"""Sweeps: grid expansion, --print mode, in-process execution with a fake runner, tables and the plot."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdlm.sweep import CONFIG_EXAMPLE, expand, load_sweep, main_sweep, run_sweep
+
+
+def write_sweep(tmp_path: Path, **fields) -> Path:
+    sweep = {
+        "command": "eval",
+        "base": ["path=runs/x/final", "n=4"],
+        "grid": {"sampler.steps": [8, 32], "sampler.top_p": [0.9, 1.0]},
+        "columns": ["sampler.steps", "sampler.top_p", "nfe", "gen_ppl_mean", "entropy_mean"],
+        "plot": {"x": "nfe", "y": "gen_ppl_mean", "annotate": "entropy_mean", "logx": True, "title": "t"},
+        "out": str(tmp_path / "sweep"),
+        **fields,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def fake_eval(command: str, args: list[str]) -> None:
+    """Writes what ``cdlm eval`` writes: flat metrics, protocol and reference dicts."""
+    assert command == "eval"
+    opts = dict(a.split("=", 1) for a in args)
+    steps, top_p = int(opts["sampler.steps"]), float(opts["sampler.top_p"])
+    metrics = {"nfe": float(steps), "gen_ppl_mean": 100 / steps + top_p, "gen_ppl_std": 0.5, "entropy_mean": 4.2}
+    result = {"metrics": metrics, "protocol": {"n": 4}, "reference": {"gen_ppl_mean": 9.87654, "entropy_mean": 4.5}}
+    Path(opts["out"]).write_text(json.dumps(result))
+
+
+def test_expand_product_of_two_keys(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path))
+    argv = expand(sweep)
+    out = tmp_path / "sweep" / "points"
+    assert len(argv) == 4
+    assert argv[0] == [
+        "path=runs/x/final",
+        "n=4",
+        "sampler.steps=8",
+        "sampler.top_p=0.9",
+        f"out={out}/sampler.steps-8_sampler.top_p-0.9.json",
+    ]
+    assert [a[2:4] for a in argv] == [
+        ["sampler.steps=8", "sampler.top_p=0.9"],
+        ["sampler.steps=8", "sampler.top_p=1.0"],
+        ["sampler.steps=32", "sampler.top_p=0.9"],
+        ["sampler.steps=32", "sampler.top_p=1.0"],
+    ]
+    assert len({a[-1] for a in argv}) == 4
+
+
+def test_print_mode_runs_nothing(tmp_path, capsys):
+    rows = main_sweep([str(write_sweep(tmp_path)), "--print"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rows == [] and len(lines) == 4
+    assert all(line.startswith("cdlm eval path=runs/x/final n=4 sampler.steps=") for line in lines)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_eval_sweep_with_fake_runner(tmp_path):
+    rows = run_sweep(write_sweep(tmp_path), runner=fake_eval)
+    out = tmp_path / "sweep"
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(rows) == len(table) == 4
+    assert [(r["sampler.steps"], r["sampler.top_p"]) for r in table] == [
+        ("8", "0.9"),
+        ("8", "1.0"),
+        ("32", "0.9"),
+        ("32", "1.0"),
+    ]
+    assert float(table[0]["gen_ppl_mean"]) == pytest.approx(13.4) and table[0]["reference.entropy_mean"] == "4.5"
+    markdown = (out / "results.md").read_text()
+    assert "| sampler.steps | sampler.top_p | nfe | gen_ppl_mean | entropy_mean |" in markdown
+    assert "| 8 | 0.9 | 8 | 13.400 | 4.200 |" in markdown and "| 32 | 1 | 32 | 4.125 | 4.200 |" in markdown
+    assert "| reference |  |  | 9.877 | 4.500 |" in markdown
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_sweep_reads_metrics_json(tmp_path):
+    def fake_train(command: str, args: list[str]) -> None:
+        assert command == "train"
+        run_dir = Path(dict(a.split("=", 1) for a in args)["run_dir"])
+        run_dir.mkdir(parents=True)
+        depth = int(dict(a.split("=", 1) for a in args)["model.depth"])
+        (run_dir / "metrics.json").write_text(json.dumps({"val/bpc": 3.0 - depth / 10, "val/ppl": 5.0}))
+
+    path = write_sweep(
+        tmp_path,
+        command="train",
+        base=["experiment=quickstart"],
+        grid={"model.depth": [2, 4]},
+        columns=["model.depth", "val/bpc"],
+        plot={"x": "model.depth", "y": "val/bpc"},
+    )
+    rows = run_sweep(path, runner=fake_train)
+    assert expand(load_sweep(path))[1][-1] == f"run_dir={tmp_path / 'sweep' / 'points' / 'model.depth-4'}"
+    assert [(r["model.depth"], r["val/bpc"]) for r in rows] == [(2, 2.8), (4, 2.6)]
+    assert "| 4 | 2.600 |" in (tmp_path / "sweep" / "results.md").read_text()
+    assert (tmp_path / "sweep" / "plot.png").is_file()
+
+
+def test_unknown_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="valid keys: .*'grid'"):
+        run_sweep(write_sweep(tmp_path, grids={"a": [1]}), runner=fake_eval)
+
+
+def test_example_sweep_expands():
+    sweep = load_sweep(CONFIG_EXAMPLE)
+    argv = expand(sweep)
+    assert len(argv) == 4 and argv[-1][-2:] == [
+        "sampler.steps=512",
+        "out=bench/results/sweeps/masked_steps/points/sampler.steps-512.json",
+    ]
