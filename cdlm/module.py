@@ -133,7 +133,7 @@ class DiffusionLM(L.LightningModule):
         ts = spec.grid(steps, self.device)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for start in range(0, n, batch_size):
-                x = self.objective.prior(min(batch_size, n - start), length, self.device)
+                x = self.objective.prior(min(batch_size, n - start), length, self.device, generator=generator)
                 chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **knobs))
         self.train(was_training)
         ids = torch.cat(chunks)

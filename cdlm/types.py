@@ -45,7 +45,44 @@ class DiscreteObjective(Objective, Protocol):
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
-    def prior(self, n: int, length: int, device: torch.device) -> torch.Tensor: ...
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ContinuousObjective(Objective, Protocol):
+    """Continuous sampling view in VE coordinates (MATH.md section 0): ``x~ = z / a = x0 + sigma * eps``.
+
+    - ``sigma(t)``: sampler time ``t`` in [0, 1] (1 = noise) -> noise level, increasing, float64 in and out;
+      ``sigma_min = sigma(0)``, ``sigma_max = sigma(1)``; the information-uniform warp lives in this map.
+    - ``denoise(x, sigma, x0_prev=None) -> x0_hat``: ``x`` ``[B, L, D]`` in VE coordinates, ``sigma`` ``[B]``,
+      ``x0_prev`` the self-conditioning input (previous estimate) or None; returns the clean estimate ``[B, L, D]``.
+    - ``prior(n, length, device, generator=None)``: a draw at ``sigma_max`` ``[n, length, D]``.
+    - ``decode(x) -> ids`` ``[B, L]``: the final state (or estimate) to token ids.
+    - ``clean_state(ids) -> x0`` ``[B, L, D]``: the data point of a token sequence (for the ODE bound).
+    - ``decoder_nll(x, ids) -> [B, L]``: ``-log p(ids | x)`` per token at ``sigma_min`` (the bound's decoder term).
+    - ``data_scale``: per-dimension std of ``x0`` about ``data_mean`` (the Gaussian at ``sigma_max``).
+    """
+
+    sigma_min: float
+    sigma_max: float
+    data_scale: float
+    data_mean: float
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def clean_state(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

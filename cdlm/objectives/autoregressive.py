@@ -67,7 +67,9 @@ class Autoregressive(nn.Module):
         return self.nll(batch)
 
     # ---- sampling view ----------------------------------------------------------------------------------------
-    def prior(self, n: int, length: int, device: torch.device) -> torch.Tensor:
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """The canvas the sampler fills left to right: zeros ``[n, length]`` (every position is overwritten)."""
         return torch.zeros((n, length), dtype=torch.long, device=device)
 

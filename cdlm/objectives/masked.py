@@ -77,7 +77,9 @@ class MaskedDiffusion(nn.Module):
         carry = torch.where(carry.bool(), 0.0, NEG_INF)  # log one-hot
         return torch.where(visible[..., None], carry, logp)
 
-    def prior(self, n: int, length: int, device: torch.device) -> torch.Tensor:
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """The absorbing prior: every position masked, ``[n, length]``."""
         return torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
 
