@@ -17,10 +17,12 @@ from cdlm.samplers.registry import register_sampler
 from cdlm.types import DiscreteObjective, SamplerStep
 
 
-def clean_probs(objective: DiscreteObjective, x: torch.Tensor, t: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``p_theta(x0 | x)`` ``[B, L, V]`` in float64 at sampler time ``t`` (a 0-d tensor), nucleus-filtered."""
-    logp = objective.denoise(x, t.expand(x.shape[0]).float())
-    return top_p_filter(logp.double().exp(), top_p)
+def clean_probs(
+    objective: DiscreteObjective, x: torch.Tensor, t: torch.Tensor, top_p: float, where: torch.Tensor
+) -> torch.Tensor:
+    """``p_theta(x0 | x)`` at the positions ``where`` ``[B, L]`` (bool): ``[N, V]`` float64, nucleus-filtered."""
+    logp = objective.denoise(x, t.expand(x.shape[0]).float())  # [B, L, V]
+    return top_p_filter(logp[where].double().exp(), top_p)  # [N, V]
 
 
 @register_sampler("ancestral", space="discrete", grid=linear_grid)
@@ -38,34 +40,40 @@ def sample_ancestral(
 ) -> torch.Tensor:
     """Reverse the absorbing process over the grid ``ts`` ``[T + 1]`` (1 -> ~0) from ``x`` ``[B, L]``.
 
-    ``final``: how positions still masked after the grid are committed, ``argmax`` or ``sample`` of ``p_theta``.
-    ``cache=False`` calls the network at every step (the reference the cached path must equal).
+    Only masked positions are scored and drawn (visible ones are copied), so the cost of the float64 draws falls
+    with the number of masks. ``final``: how positions still masked after the grid are committed, ``argmax`` or
+    ``sample`` of ``p_theta``. ``cache=False`` calls the network at every step (the reference the cached path must
+    equal).
     """
     if final not in ("argmax", "sample"):
         raise ValueError(f"final must be 'argmax' or 'sample', got {final!r}")
     reuse = cache and not objective.time_conditioning
     alpha = objective.schedule.alpha
-    probs, nfe = None, 0
+    probs, nfe = None, 0  # probs: [N, V] at the N positions masked in the current x
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
+        masked = x == objective.mask_id  # [B, L]
         if probs is None:
-            probs, nfe = clean_probs(objective, x, t, top_p), nfe + 1  # [B, L, V]
+            probs, nfe = clean_probs(objective, x, t, top_p, masked), nfe + 1
         a_t, a_s = alpha(t), alpha(s)
-        stay = torch.full_like(probs[..., :1], 1 - a_s)  # [B, L, 1] mass left on [MASK]
-        q = torch.cat([probs * (a_s - a_t), stay], dim=-1) / (1 - a_t)  # [B, L, V + 1]; index V is [MASK]
-        draw = sample_categorical(q, generator)  # [B, L]
-        x_next = torch.where(x == objective.mask_id, draw, x)
-        if not (reuse and torch.equal(x_next, x)):
+        stay = torch.full_like(probs[:, :1], 1 - a_s)  # [N, 1] mass left on [MASK]
+        q = torch.cat([probs * (a_s - a_t), stay], dim=-1) / (1 - a_t)  # [N, V + 1]; index V is [MASK]
+        draw = sample_categorical(q, generator)  # [N]
+        x0 = x.clone()
+        x0[masked] = probs.argmax(-1)
+        x = x.clone()
+        x[masked] = draw
+        if not (reuse and bool((draw == objective.mask_id).all())):
             probs = None
-        x = x_next
         if callback is not None:
-            callback(SamplerStep(i, float(s), x, None if probs is None else probs.argmax(-1), nfe))
+            callback(SamplerStep(i, float(s), x, x0, nfe))
     masked = x == objective.mask_id
     if masked.any():
         if probs is None:
-            probs, nfe = clean_probs(objective, x, ts[-1], top_p), nfe + 1
+            probs, nfe = clean_probs(objective, x, ts[-1], top_p, masked), nfe + 1
         fill = probs.argmax(-1) if final == "argmax" else sample_categorical(probs, generator)
-        x = torch.where(masked, fill, x)
+        x = x.clone()
+        x[masked] = fill
         if callback is not None:
-            callback(SamplerStep(len(ts) - 1, 0.0, x, fill, nfe))
+            callback(SamplerStep(len(ts) - 1, 0.0, x, x, nfe))
     return x
