@@ -1,0 +1,173 @@
+"""Samplers shared by every continuous objective, in VE coordinates ``x~ = x0 + sigma eps`` (MATH.md section 0).
+
+- ``euler``: the probability-flow ODE ``dx/dsigma = (x - x0_hat) / sigma`` (Song et al. 2021) by Euler steps, which
+  is deterministic DDIM on any of the paths of MATH.md section 0 (``euler_step``).
+- ``heun``: Karras et al. 2022 ("EDM"), Algorithm 1: a second-order correction on every step but the last.
+- ``churn``: EDM Algorithm 2 (stochastic "churn") as the entropy-gated corrector of MATH.md section 4, made
+  generic: noise is added only while the grid time lies in the window ``[t_lo, t_hi]`` of the objective's
+  information-uniform sampler time.
+
+Each sampler keeps its state in float64 and calls ``objective.denoise`` in float32; the last step takes the clean
+estimate, which ``objective.decode`` turns into token ids (MATH.md section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from cdlm.samplers.registry import register_sampler
+from cdlm.types import ContinuousObjective, SamplerStep
+
+MAX_CHURN = math.sqrt(2.0) - 1.0  # EDM Alg. 2: gamma_i <= sqrt(2) - 1 keeps sigma_hat <= sqrt(2) sigma_i
+
+
+def continuous_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``linspace(1, 0, steps + 1)`` float64: uniform in sampler time; ``objective.sigma(t)`` holds the warp."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
+
+
+def _per_row(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
+    """A ``[B]`` tensor reshaped to broadcast against ``x`` ``[B, ...]``; scalars pass through."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and x.dim() > 1:
+        return value.reshape(-1, *([1] * (x.dim() - 1)))
+    return value
+
+
+def euler_step(
+    x: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float
+) -> torch.Tensor:
+    """One Euler step of ``dx/dsigma = (x - x0_hat) / sigma`` from ``sigma`` to ``sigma_next`` (MATH.md section 0).
+
+    ``x0_hat + (sigma_next / sigma) (x - x0_hat)``: exactly deterministic DDIM (Song et al. 2021) on the linear, VP
+    and VE paths. ``sigma`` and ``sigma_next`` are scalars, 0-d tensors or ``[B]``; ``x``, ``x0_hat`` ``[B, ...]``.
+    """
+    ratio = _per_row(sigma_next, x) / _per_row(sigma, x)
+    return x0_hat + ratio * (x - x0_hat)
+
+
+class _Denoiser:
+    """Calls ``objective.denoise`` in float32 on the float64 state, counts calls and carries self-conditioning."""
+
+    def __init__(self, objective: ContinuousObjective, self_cond: bool) -> None:
+        self.objective, self.self_cond = objective, self_cond
+        self.nfe, self.last = 0, None  # last: the previous raw estimate, the self-conditioning input
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, L, D]`` float64, ``sigma`` 0-d float64 -> ``x0_hat`` ``[B, L, D]`` float64."""
+        sigma_b = sigma.float().expand(x.shape[0])  # [B]
+        x0 = self.objective.denoise(x.float(), sigma_b, self.last if self.self_cond else None)
+        self.nfe, self.last = self.nfe + 1, x0
+        return x0.double()
+
+
+def _continuous_loop(
+    objective: ContinuousObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    generator: torch.Generator | None,
+    callback: Callable[[SamplerStep], None] | None,
+    gammas: list[float],
+    s_noise: float,
+    heun: bool,
+    self_cond: bool,
+) -> torch.Tensor:
+    """EDM Algorithm 2 over the grid ``ts`` ``[T + 1]`` with per-step churn ``gammas`` (all 0 = Algorithm 1).
+
+    Returns ``objective.decode`` of the last clean estimate: token ids ``[B, L]``.
+    """
+    # float64 state: over hundreds of steps the update x0 + r (x - x0) with r -> 1 accumulates float32 rounding.
+    x = x.double()  # [B, L, D]
+    sigmas = objective.sigma(ts.double())  # [T + 1] float64, decreasing along the grid
+    denoise = _Denoiser(objective, self_cond)
+    steps = len(ts) - 1
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_hat = sigma * (1.0 + gammas[i])
+        if gammas[i] > 0:  # EDM Alg. 2 lines 5-6: raise the noise level from sigma to sigma_hat
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+            x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
+        x0 = denoise(x, sigma_hat)
+        d = (x - x0) / sigma_hat  # dx/dsigma at sigma_hat
+        x_next = euler_step(x, x0, sigma_hat, sigma_next)
+        if heun and i < steps - 1:  # EDM Alg. 1 lines 9-11: the trapezoid correction; the last step stays Euler
+            x0 = denoise(x_next, sigma_next)
+            d_next = (x_next - x0) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+        x = x_next
+        if callback is not None:
+            callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=x0, nfe=denoise.nfe))
+    return objective.decode(denoise.last)
+
+
+@register_sampler("euler", space="continuous", grid=continuous_grid)
+@torch.no_grad()
+def sample_euler(
+    objective: ContinuousObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+    self_cond: bool = True,
+) -> torch.Tensor:
+    """Euler on the probability-flow ODE (= deterministic DDIM) from ``x`` ``[B, L, D]`` over ``ts`` ``[T + 1]``.
+
+    NFE = T. ``self_cond``: feed the previous clean estimate back to the denoiser. Returns ids ``[B, L]``.
+    """
+    gammas = [0.0] * (len(ts) - 1)
+    return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, False, self_cond)
+
+
+@register_sampler("heun", space="continuous", grid=continuous_grid)
+@torch.no_grad()
+def sample_heun(
+    objective: ContinuousObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+    self_cond: bool = True,
+) -> torch.Tensor:
+    """EDM Heun (Karras et al. 2022, Algorithm 1) over ``ts`` ``[T + 1]``; the last step is Euler, NFE = 2T - 1.
+
+    Returns ids ``[B, L]``.
+    """
+    gammas = [0.0] * (len(ts) - 1)
+    return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, True, self_cond)
+
+
+@register_sampler("churn", space="continuous", grid=continuous_grid)
+@torch.no_grad()
+def sample_churn(
+    objective: ContinuousObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+    gamma: float = 0.13,
+    t_lo: float = 0.1,
+    t_hi: float = 0.9,
+    s_noise: float = 1.003,
+    heun: bool = False,
+    self_cond: bool = True,
+) -> torch.Tensor:
+    """The entropy-gated churn corrector (MATH.md section 4; Karras et al. 2022, Algorithm 2) over ``ts`` ``[T + 1]``.
+
+    At grid time ``t_i`` in ``[t_lo, t_hi]`` (the objective's information-uniform sampler time, so the window is a
+    range of the entropy CDF), ``gamma_i = min(gamma, sqrt(2) - 1)``, else 0; ``sigma_hat = sigma_i (1 + gamma_i)``,
+    ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise eps``, then an Euler (``heun=False``) or Heun step from
+    ``sigma_hat`` to ``sigma_{i+1}``. ``gamma = 0`` is exactly ``sample_euler`` (or ``sample_heun``). Published
+    (CoBit): ``gamma`` 0.13-0.2, ``s_noise`` 1.003. Returns ids ``[B, L]``.
+    """
+    if gamma < 0 or s_noise < 0:
+        raise ValueError(f"need gamma >= 0 and s_noise >= 0, got gamma={gamma}, s_noise={s_noise}")
+    churn = min(gamma, MAX_CHURN)
+    gammas = [churn if t_lo <= t <= t_hi else 0.0 for t in ts[:-1].tolist()]
+    return _continuous_loop(objective, x, ts, generator, callback, gammas, s_noise, heun, self_cond)
