@@ -19,9 +19,7 @@ def test_log_sigma_grid():
 
 
 def test_ode_log_density_matches_the_exact_density():
-    # One Hutchinson probe per sequence is unbiased but noisy: here ~8 nats per sequence against a log-density of
-    # ~ -45 nats (s = 10 keeps the noise-to-signal ratio low over sigma in [0.01, 50]), so compare means over 8k
-    # sequences: standard error ~0.09 nats, 1% = 0.45 nats.
+    # One Hutchinson probe per sequence is unbiased; compare means over 8k sequences (1% = 0.4 nats).
     obj = GaussianToy(s=10.0)
     g = torch.Generator().manual_seed(0)
     n, length = 8192, 4
@@ -34,8 +32,10 @@ def test_ode_log_density_matches_the_exact_density():
     error = (estimate.mean() - exact.mean()).abs() / exact.mean().abs()
     print(f"relative error of the mean log-density: {error:.2e}")
     assert error < 0.01, f"relative error {error:.4f}"
-    spread = (estimate - exact).std() / math.sqrt(n)
-    assert (estimate.mean() - exact.mean()).abs() < 4 * spread  # no bias beyond the probe noise
+    # What is left is Heun's quadrature error (the identity part of div f is exact, the Jacobian trace of this
+    # isotropic toy is exact under a Rademacher probe): second order, so doubling the steps cuts it ~4x.
+    finer = ode_log_density(obj, x, steps=128, generator=g, padding=padding)
+    assert (finer.mean() - exact.mean()).abs() < 0.35 * (estimate.mean() - exact.mean()).abs()
 
 
 def test_ode_log_density_per_sequence():

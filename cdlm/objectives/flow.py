@@ -1,0 +1,181 @@
+"""One-hot flow matching: FLM (Lee et al. 2026, "Flow map language models"), MATH.md section 2.
+
+The state is the one-hot ``x0 = e_x`` in ``R^V`` per position on the linear path (FLM's interpolant)
+
+    z = c x0 + (1 - c) eps,    c = 0 noise, c = 1 data,
+
+handled by the shared samplers in the VE coordinates of MATH.md section 0 (``a = c``, ``b = 1 - c``):
+
+    x~ = z / c = x0 + sigma eps,    sigma = (1 - c) / c.
+
+The network reads ``z @ E`` (the token embedding applied to the dense state), is conditioned on ``log sigma``
+and predicts ``x0`` as token logits; the loss is the x-prediction CE (FLM's flow-matching loss in its
+cross-entropy form), ``x0_hat = softmax(f)``, optionally with the soft cap ``cap * tanh(f / cap)``. Sampler time
+goes through the discrete-equivalent time ``c(t) = alpha^{-1}(1 - t)`` (``cdlm.objectives.time_warps``), so a
+uniform ``t`` grid reveals tokens at the masked schedule's rate. FLM's native Euler step
+``z <- z + (c' - c)(x0_hat - z)/(1 - c)`` is the VE Euler step of section 0. The likelihood is the ODE bound of
+MATH.md section 6 (FLM's own code has none).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdlm.models.backbone import Backbone
+from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.objectives.time_warps import OneHotTimeWarp
+from cdlm.types import Batch, LossOutput
+
+# log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's
+# sinusoids, the per-unit scale LangFlow uses (50 per unit of gamma = 2 log sigma), so a sigma means the same to both.
+LOG_SIGMA_EMBED_SCALE = 100.0
+
+
+class OneHotFlow(nn.Module):
+    """FLM objective; owns the token embedding ``E`` ``[V, width]``, the time embedding, the head and the warp.
+
+    Args:
+        backbone: the shared transformer (bidirectional mask).
+        vocab_size: ``V``; the state dimension is ``D = V`` and the warp uses ``K = V``.
+        soft_cap: None, or ``cap`` for logits ``cap * tanh(f / cap)`` (FLM uses 30).
+        t_min, t_max: sampler and training time are clamped to ``[t_min, t_max]`` before ``c(t)``, which keeps
+            ``c`` in (0, 1) and ``sigma`` finite. For ``V = 2048``: ``sigma_min = 0.124`` (``c = 0.890``,
+            ``1 - alpha = 1e-5``) and ``sigma_max = 170.2`` (``c = 0.0058``, ``alpha = 1e-5``).
+        ode_steps: Heun steps of the ODE bound in ``nll``; 32 keeps validation fast, 128 is the published default
+            (MATH.md section 6) for reported numbers.
+
+    The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``.
+    """
+
+    space = "continuous"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab_size: int,
+        soft_cap: float | None = None,
+        t_min: float = 1e-5,
+        t_max: float = 1 - 1e-5,
+        ode_steps: int = 32,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < t_min < t_max < 1.0:
+            raise ValueError(f"need 0 < t_min < t_max < 1 so that sigma stays finite, got {t_min}, {t_max}")
+        if soft_cap is not None and soft_cap <= 0:
+            raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
+        self.backbone, self.vocab_size, self.soft_cap = backbone, vocab_size, soft_cap
+        self.t_min, self.t_max, self.ode_steps = t_min, t_max, ode_steps
+        self.data_mean = 1.0 / vocab_size
+        self.data_scale = math.sqrt((1.0 / vocab_size) * (1.0 - 1.0 / vocab_size))
+        self.warp = OneHotTimeWarp(vocab_size)
+        width = backbone.width
+        self.embed = nn.Embedding(vocab_size, width)  # E, applied to the dense state as z @ E
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.time_embed = TimeEmbedding(backbone.cond_width, scale=LOG_SIGMA_EMBED_SCALE)
+        self.head = nn.Linear(width, vocab_size)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    # ---- the network ------------------------------------------------------------------------------------------
+    def logits(self, z: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Token logits ``[B, L, V]`` (float32) for the native state ``z`` ``[B, L, V]`` at ``log_sigma`` ``[B]``."""
+        # float32 input map: at high noise the token signal c e_x is ~1/50 of the noise projection (1-c) eps @ E,
+        # about the size of bf16's rounding of that 2048-term sum
+        with torch.autocast(z.device.type, enabled=False):
+            h = z.float() @ self.embed.weight.float()  # [B, L, W]
+        h = self.backbone(h, self.time_embed(log_sigma.float()), padding)  # [B, L, W]
+        f = self.head(h).float()  # [B, L, V]
+        return f if self.soft_cap is None else self.soft_cap * torch.tanh(f / self.soft_cap)
+
+    # ---- time ---------------------------------------------------------------------------------------------------
+    def c_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        """``c(t) = alpha^{-1}(1 - t)`` with ``t`` clamped to ``[t_min, t_max]``; float64, decreasing in ``t``."""
+        return self.warp.c_of_t(t.to(torch.float64).clamp(self.t_min, self.t_max))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """``sigma(t) = (1 - c(t)) / c(t)``, float64, increasing; sampler time ``t`` in [0, 1] (1 = noisiest)."""
+        c = self.c_of_t(t)
+        return ((1 - c) / c).to(t.device)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(torch.zeros(1, dtype=torch.float64)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(torch.ones(1, dtype=torch.float64)))
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def clean_state(self, ids: torch.Tensor) -> torch.Tensor:
+        """``x0 = onehot(ids)`` ``[B, L, V]`` float32 (the same point in native and VE coordinates)."""
+        return F.one_hot(ids, self.vocab_size).float()
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """x-prediction CE per valid token at ``c = c(t)``, ``t = u`` (``batch["u"]``, low-discrepancy).
+
+        ``z = c onehot(x) + (1 - c) eps`` (FLM's interpolant); the CE is averaged over ``attention_mask``.
+        """
+        x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
+        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        c = self.c_of_t(u)  # [B] float64
+        log_sigma = torch.log((1 - c) / c).float()  # [B]
+        c = c.float()[:, None, None]  # [B, 1, 1]
+        x0 = self.clean_state(x)  # [B, L, V]
+        z = c * x0 + (1 - c) * torch.randn_like(x0)  # [B, L, V]
+        logits = self.logits(z, log_sigma, padding)  # [B, L, V]
+        ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * padding  # [B, L]
+        loss = ce.sum() / padding.sum().clamp_min(1)
+        return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
+
+    def nll(self, batch: Batch) -> LossOutput:
+        """The ODE likelihood bound (MATH.md section 6) with ``ode_steps`` Heun steps."""
+        return ode_nll(self, batch, steps=self.ode_steps)
+
+    # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------
+    def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """VE state ``x~`` ``[B, L, V]`` and ``sigma`` (``[B]`` or scalar) to the float32 native state ``z = c x~``,
+        ``c = 1 / (1 + sigma)``, and ``log sigma`` ``[B]``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        c = 1 / (1 + sigma)  # [B]
+        z = c[:, None, None] * x.to(torch.float64)  # [B, L, V]
+        return z.float(), sigma.log().float()
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``x0_hat = softmax(logits)`` ``[B, L, V]`` float32 from the VE state ``x`` at ``sigma`` ``[B]``.
+
+        ``x0_prev`` is accepted for the shared signature and ignored: FLM has no self-conditioning.
+        """
+        z, log_sigma = self._native(x, sigma)
+        return self.logits(z, log_sigma).softmax(-1)
+
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw at ``sigma_max`` ``[n, length, V]``: ``N(data_mean, (sigma_max^2 + data_scale^2) I)``.
+
+        FLM starts from ``z = (1 - c) eps`` at ``c -> 0``, i.e. ``x~ = sigma_max eps`` in VE form; the exact state at
+        ``c_min`` is ``x~ = x0 + sigma_max eps``, whose moment-matched Gaussian over the data adds the mean ``1/V``
+        and the variance ``(1/V)(1 - 1/V)`` per coordinate. Both are negligible at ``sigma_max`` (170 for
+        ``V = 2048``), and this is exactly the Gaussian the ODE bound scores, so the prior uses it.
+        """
+        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
+        eps = torch.randn(n, length, self.vocab_size, device=device, generator=generator)  # [n, L, V]
+        return self.data_mean + std * eps
+
+    def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min``."""
+        z, log_sigma = self._native(x, self.sigma_min)
+        return self.logits(z, log_sigma)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]``: the argmax of the final state (or of the final ``x0_hat``) over ``V``."""
+        return x.argmax(-1)
+
+    def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``-log p(ids | x)`` ``[B, L]`` from the logits at ``sigma_min`` (the ODE bound's decoder term)."""
+        return F.cross_entropy(self.decoder_logits(x).transpose(1, 2), ids, reduction="none")
