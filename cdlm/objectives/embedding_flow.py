@@ -1,0 +1,223 @@
+"""Embedding-space VP diffusion: LangFlow (Chen et al. 2026), after Plaid and CDCD (Dieleman et al. 2022).
+
+MATH.md section 3, handled by samplers in the VE coordinates of section 0. Tokens are embeddings ``e_v`` of norm
+``sqrt(D)``; the path is variance preserving in ``gamma = log(s^2 / alpha^2)``:
+
+    z = alpha * e_x + s * eps,   alpha^2 = sigmoid(-gamma),   s^2 = sigmoid(gamma),
+    x~ = z / alpha = e_x + sigma * eps,   sigma = s / alpha = exp(gamma / 2).
+
+The network predicts token logits with the analytic posterior skip (MATH.md section 3)
+
+    logits = f_theta(z, gamma, x_sc) + c_skip * z @ E^T,   c_skip = alpha / s^2 = exp((softplus(-gamma) - gamma) / 2),
+
+which, all ``||e_v||`` being equal, is the exact log-posterior ``log p(v | z)`` of a factorised Gaussian with a
+uniform token prior, up to a per-position constant; ``f_theta`` learns the contextual residual. The loss is CE,
+``x0_hat = softmax(logits) @ E``, and ``gamma`` is drawn from the learnable Gumbel schedule
+(``cdlm.objectives.gumbel_schedule``), fitted by CDCD's recipe on the side. The likelihood is the ODE bound of
+MATH.md section 6 (LangFlow's bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdlm.models.backbone import Backbone
+from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.gumbel_schedule import GumbelSchedule
+from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.types import Batch, LossOutput
+
+REFERENCE_WIDTH = 768  # LangFlow's published loc = 4.723, scale = 0.852 are for D = 768
+REFERENCE_LOC = 4.723
+# gamma spans about [0, 20] over the schedule's clamped quantiles; x50 maps it onto the [0, 1000] range that
+# DiT's sinusoidal features were designed for (integer timesteps), as TimeEmbedding's default 1000 does for t.
+GAMMA_EMBED_SCALE = 50.0
+
+
+def c_skip(gamma: torch.Tensor) -> torch.Tensor:
+    """Posterior skip gain ``alpha / s^2 = exp((softplus(-gamma) - gamma) / 2)`` (MATH.md section 3), ``[B]``."""
+    return torch.exp((F.softplus(-gamma) - gamma) / 2)
+
+
+def default_loc(dim: int) -> float:
+    """Published ``loc`` moved to width ``D``: ``4.723 + log(D / 768)``.
+
+    With unit-variance coordinates, the evidence separating two tokens at noise ``sigma`` scales as
+    ``sqrt(D) / sigma``, so an equally informative noise level has ``sigma^2 ∝ D``: ``gamma`` shifts by
+    ``log(D / 768)`` (3.624 for ``D = 256``, 2.238 for ``D = 64``); ``scale`` is kept. The fit then adjusts both.
+    """
+    return REFERENCE_LOC + math.log(dim / REFERENCE_WIDTH)
+
+
+class EmbeddingFlow(nn.Module):
+    """LangFlow objective; owns the token embedding, self-conditioning map, time embedding, head and schedule.
+
+    Args:
+        backbone: the shared transformer (bidirectional mask).
+        vocab_size: ``V``.
+        loc, scale: initial Gumbel schedule of ``gamma``; ``loc=None`` is ``default_loc(D)``.
+        self_condition: probability of a self-conditioning pass per training batch (LangFlow: 0.5).
+        ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
+        embed_dim: embedding width ``D`` (default: the backbone width; otherwise linear maps in and out).
+
+    The clean state ``x0 = E_n[ids]`` has norm ``sqrt(D)``: each coordinate has unit second moment on average
+    over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``.
+    """
+
+    space = "continuous"
+    data_mean = 0.0
+    data_scale = 1.0
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab_size: int,
+        loc: float | None = None,
+        scale: float = 0.852,
+        self_condition: float = 0.5,
+        ode_steps: int = 32,
+        embed_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= self_condition <= 1.0:
+            raise ValueError(f"self_condition is a probability in [0, 1], got {self_condition}")
+        self.backbone, self.vocab_size = backbone, vocab_size
+        self.self_condition, self.ode_steps = self_condition, ode_steps
+        width = backbone.width
+        self.dim = dim = embed_dim or width
+        self.schedule = GumbelSchedule(default_loc(dim) if loc is None else loc, scale, math.log(vocab_size))
+        self.embed = nn.Embedding(vocab_size, dim)  # rows are normalised to norm sqrt(D) in every use
+        nn.init.normal_(self.embed.weight)
+        self.self_cond = nn.Linear(2 * dim, dim)  # W_sc [z ; x_sc], zero at init: the input is unchanged
+        nn.init.zeros_(self.self_cond.weight)
+        nn.init.zeros_(self.self_cond.bias)
+        self.proj_in = nn.Linear(dim, width) if dim != width else nn.Identity()
+        self.time_embed = TimeEmbedding(backbone.cond_width, scale=GAMMA_EMBED_SCALE)
+        self.head = nn.Linear(width, vocab_size)  # zero at init: the model starts as the factorised posterior
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    # ---- embeddings and the network ---------------------------------------------------------------------------
+    def embeddings(self) -> torch.Tensor:
+        """``E_n`` ``[V, D]`` float32: the embedding rows rescaled to norm ``sqrt(D)``."""
+        return math.sqrt(self.dim) * F.normalize(self.embed.weight.float(), dim=-1)
+
+    def clean_state(self, ids: torch.Tensor) -> torch.Tensor:
+        """``x0 = E_n[ids]`` ``[B, L, D]`` (the same point in native and VE coordinates)."""
+        return F.embedding(ids, self.embeddings())
+
+    def logits(
+        self, z: torch.Tensor, gamma: torch.Tensor, x_sc: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token logits ``[B, L, V]`` (float32) for the native state ``z`` ``[B, L, D]`` at ``gamma`` ``[B]``.
+
+        ``x_sc`` ``[B, L, D]`` is the self-conditioning estimate (zeros when absent).
+        """
+        h = z + self.self_cond(torch.cat([z, x_sc], dim=-1))  # [B, L, D]
+        h = self.backbone(self.proj_in(h), self.time_embed(gamma), padding)  # [B, L, W]
+        residual = self.head(h).float()  # [B, L, V]
+        # float32 upcast: at small sigma the skip reaches ~c_skip * alpha * D (tens of nats); bf16 would round it
+        with torch.autocast(z.device.type, enabled=False):
+            skip = c_skip(gamma.float())[:, None, None] * (z.float() @ self.embeddings().T)  # [B, L, V]
+        return residual + skip
+
+    def estimate(self, logits: torch.Tensor) -> torch.Tensor:
+        """``x0_hat = softmax(logits) @ E_n`` ``[B, L, D]`` in float32 (the estimate feeds the ODE and the sampler)."""
+        with torch.autocast(logits.device.type, enabled=False):
+            return logits.float().softmax(-1) @ self.embeddings()
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def noisy(self, x0: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """Native VP state ``z = alpha x0 + s eps`` ``[B, L, D]`` at ``gamma`` ``[B]``."""
+        alpha, s = torch.sigmoid(-gamma).sqrt()[:, None, None], torch.sigmoid(gamma).sqrt()[:, None, None]
+        return alpha * x0 + s * torch.randn_like(x0)
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """CE per valid token plus the schedule's fit on the per-sequence mean CE (MATH.md section 3).
+
+        ``gamma = gamma(u)`` with ``u`` from ``batch["u"]`` (low-discrepancy) and the schedule's parameters detached,
+        so ``loc, scale, A`` learn only through ``fit_loss``. With probability ``self_condition`` per batch (global
+        torch RNG) a no-grad pass supplies ``x_sc = x0_hat``, else ``x_sc = 0``. ``fit_loss`` is added with weight
+        1: it is dimensionless and reaches only the schedule's parameters (see ``GumbelSchedule.fit_loss``).
+        """
+        x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
+        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        gamma = self.schedule.gamma(u.float())  # [B]
+        z = self.noisy(self.clean_state(x), gamma)  # [B, L, D]
+        x_sc = torch.zeros_like(z)
+        if bool(torch.rand(()) < self.self_condition):
+            with torch.no_grad():
+                x_sc = self.estimate(self.logits(z, gamma, x_sc, padding))
+        logits = self.logits(z, gamma, x_sc, padding)  # [B, L, V]
+        ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * padding  # [B, L]
+        tokens = padding.sum(1)  # [B]
+        mean_ce = ce.sum() / tokens.sum().clamp_min(1)
+        seq_ce = ce.sum(1) / tokens.clamp_min(1)  # [B]
+        has_tokens = tokens > 0
+        fit = self.schedule.fit_loss(gamma[has_tokens], seq_ce[has_tokens])
+        logs = {**self.schedule.logs(), "ce": mean_ce.detach(), "fit_loss": fit.detach()}
+        return LossOutput(mean_ce + fit, ce, padding, logs)
+
+    def nll(self, batch: Batch) -> LossOutput:
+        """The ODE likelihood bound (MATH.md section 6) with ``ode_steps`` Heun steps."""
+        return ode_nll(self, batch, steps=self.ode_steps)
+
+    # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """``sigma(t) = exp(gamma(t) / 2)``, float64, increasing; sampler time ``t`` in [0, 1] (1 = noisiest)."""
+        return self.schedule.sigma_of_t(t)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(torch.zeros(1, dtype=torch.float64)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(torch.ones(1, dtype=torch.float64)))
+
+    def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """VE state ``x~`` ``[B, L, D]`` and ``sigma`` (``[B]`` or scalar) to float32 ``z = x~ / sqrt(1 + sigma^2)``
+        and ``gamma = 2 log sigma`` ``[B]``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        z = x.to(torch.float64) / torch.sqrt(1 + sigma.square())[:, None, None]  # [B, L, D]
+        return z.float(), (2 * sigma.log()).float()
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``x0_hat = softmax(logits) @ E_n`` ``[B, L, D]`` from the VE state ``x`` at ``sigma`` ``[B]``.
+
+        ``x0_prev`` is the self-conditioning input (the previous estimate) or None (``x_sc = 0``).
+        """
+        z, gamma = self._native(x, sigma)
+        x_sc = torch.zeros_like(z) if x0_prev is None else x0_prev.float()
+        return self.estimate(self.logits(z, gamma, x_sc)).to(x.dtype)
+
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw at ``sigma_max`` ``[n, length, D]``: ``N(data_mean, (sigma_max^2 + data_scale^2) I)``.
+
+        The data term is ~1e-6 of the variance at ``sigma_max`` (hundreds); it is kept so the prior is exactly the
+        Gaussian the ODE bound scores.
+        """
+        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
+        return self.data_mean + std * torch.randn(n, length, self.dim, device=device, generator=generator)
+
+    def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min`` without self-conditioning."""
+        z, gamma = self._native(x, self.sigma_min)
+        return self.logits(z, gamma, torch.zeros_like(z))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]``: the argmax of the logits at ``sigma_min`` (the decoder's mode).
+
+        Unlike the nearest embedding (the skip term alone), this uses the context the network sees.
+        """
+        return self.decoder_logits(x).argmax(-1)
+
+    def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``-log p(ids | x)`` ``[B, L]`` from the logits at ``sigma_min`` (the ODE bound's decoder term)."""
+        return F.cross_entropy(self.decoder_logits(x).transpose(1, 2), ids, reduction="none")
