@@ -78,7 +78,7 @@ def evaluate(
 ) -> dict:
     """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars)."""
     length = length or int(module.config["data"].get("seq_len", 256))
-    metrics = validation_bound(module, val_batches)
+    metrics = validation_bound(module, val_batches) if val_batches != 0 else {}  # val_batches=0: samples only
     result = {"metrics": metrics, "per_seed": [], "reference": {}}
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
     scorer = build_judge(judge) if judge else None
@@ -126,7 +126,7 @@ def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, see
 def summary(result: dict) -> str:
     """A short human-readable table of an evaluation result."""
     m, ref = result["metrics"], result["reference"]
-    lines = [f"validation bound: {m['val_bpc']:.4f} bits/char, PPL {m['val_ppl']:.2f}"]
+    lines = [f"validation bound: {m['val_bpc']:.4f} bits/char, PPL {m['val_ppl']:.2f}"] if "val_bpc" in m else []
     if "gen_ppl_mean" in m:
         lines.append(
             f"samples ({result['protocol']['sampler']['name']}, NFE {m['nfe']}): Gen PPL {m['gen_ppl_mean']:.2f} "
