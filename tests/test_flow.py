@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdlm.models.backbone import Backbone
 from cdlm.objectives.flow import OneHotFlow
 from cdlm.objectives.time_warps import OneHotTimeWarp, alpha_onehot
 from cdlm.samplers.continuous import euler_step
@@ -161,3 +162,18 @@ def test_tiny_flow_run_learns_and_samples(tmp_path) -> None:
     for sampler in ("euler", "heun", "churn"):
         ids, texts = module.generate(2, 16, sampler, steps=8, seed=0)
         assert ids.shape == (2, 16) and len(texts) == 2 and all(isinstance(s, str) and s for s in texts)
+
+
+def test_noisy_input_has_the_distribution_of_z_at_e():
+    """Training draws ``z @ E`` directly in width W: mean ``c E[x]`` and covariance ``(1 - c)^2 E^T E`` per token."""
+    torch.manual_seed(0)
+    obj = OneHotFlow(Backbone(width=16, depth=1, heads=2, cond_width=8), vocab_size=50)
+    x = torch.full((20_000, 1), 7)
+    c = torch.full((20_000, 1, 1), 0.25)
+    with torch.no_grad():
+        h = obj.noisy_input(x, c).reshape(-1, 16)  # [N, W]
+        E = obj.embed.weight
+        torch.testing.assert_close(h.mean(0), 0.25 * E[7], atol=4 * 0.75 * E.norm(dim=0).max() / 141, rtol=0)
+        cov = torch.cov(h.T)
+        expected = 0.75**2 * E.T @ E
+        assert (cov - expected).abs().max() < 0.05 * expected.abs().max()

@@ -88,9 +88,28 @@ class OneHotFlow(nn.Module):
         # about the size of bf16's rounding of that 2048-term sum
         with torch.autocast(z.device.type, enabled=False):
             h = z.float() @ self.embed.weight.float()  # [B, L, W]
+        return self.network(h, log_sigma, padding)
+
+    def network(self, h: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, L, V]`` from the projected input ``h = z @ E`` ``[B, L, W]``."""
         h = self.backbone(h, self.time_embed(log_sigma.float()), padding)  # [B, L, W]
         f = self.head(h).float()  # [B, L, V]
         return f if self.soft_cap is None else self.soft_cap * torch.tanh(f / self.soft_cap)
+
+    def noisy_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``z @ E`` ``[B, L, W]`` for ``z = c onehot(x) + (1 - c) eps`` without forming the ``[B, L, V]`` state.
+
+        ``eps @ E`` with ``eps ~ N(0, I_V)`` is Gaussian with covariance ``E^T E``, so it is drawn as ``g @ C^T``
+        with ``C C^T = E^T E`` (Cholesky, float64) and ``g ~ N(0, I_W)``: the same distribution of the network
+        input, and a reparameterisation that still trains ``E``, at ``W/V`` of the cost. ``c`` is ``[B, 1, 1]``.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            E = self.embed.weight.float()  # [V, W]
+            gram = E.double().T @ E.double()  # [W, W]
+            jitter = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            chol = torch.linalg.cholesky(gram + jitter).float()  # [W, W]
+            g = torch.randn(*x.shape, E.shape[1], device=x.device)  # [B, L, W]
+            return c * E[x] + (1 - c) * (g @ chol.T)  # [B, L, W]
 
     # ---- time ---------------------------------------------------------------------------------------------------
     def c_of_t(self, t: torch.Tensor) -> torch.Tensor:
@@ -118,16 +137,15 @@ class OneHotFlow(nn.Module):
     def loss(self, batch: Batch) -> LossOutput:
         """x-prediction CE per valid token at ``c = c(t)``, ``t = u`` (``batch["u"]``, low-discrepancy).
 
-        ``z = c onehot(x) + (1 - c) eps`` (FLM's interpolant); the CE is averaged over ``attention_mask``.
+        ``z = c onehot(x) + (1 - c) eps`` (FLM's interpolant), fed to the network as ``z @ E`` drawn directly in
+        width ``W`` (``noisy_input``); the CE is averaged over ``attention_mask``.
         """
         x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
         u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
         c = self.c_of_t(u)  # [B] float64
         log_sigma = torch.log((1 - c) / c).float()  # [B]
         c = c.float()[:, None, None]  # [B, 1, 1]
-        x0 = self.clean_state(x)  # [B, L, V]
-        z = c * x0 + (1 - c) * torch.randn_like(x0)  # [B, L, V]
-        logits = self.logits(z, log_sigma, padding)  # [B, L, V]
+        logits = self.network(self.noisy_input(x, c), log_sigma, padding)  # [B, L, V]
         ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * padding  # [B, L]
         loss = ce.sum() / padding.sum().clamp_min(1)
         return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
