@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,20 +20,10 @@ from typing import Any
 import torch
 
 from cdlm.config import compose, instantiate
+from cdlm.device import device_name
 from cdlm.samplers import get_sampler
 
 VOCAB = 2048  # the quickstart's BPE vocabulary
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed_sample(objective: torch.nn.Module, n: int, length: int, seed: int, cache: bool) -> tuple[torch.Tensor, float]:
@@ -84,7 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     result = run(args.n, args.length, args.seed)
     result.update(
-        device=f"cpu ({cpu_name()})",
+        device=f"cpu ({device_name('cpu')})",
         dtype="bfloat16 autocast (float64 categorical draws)",
         torch=torch.__version__,
         threads=torch.get_num_threads(),

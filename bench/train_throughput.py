@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cdlm.device import device_name
+
 VOCAB = 2048  # the quickstart's BPE vocabulary
 LR, WEIGHT_DECAY, BETAS = 1e-3, 0.1, (0.9, 0.98)  # cdlm's defaults (configs/config.yaml, module)
 FLOPS_FORMULA = "6 * N_matmul_params + 12 * depth * seq_len * width  (per token, forward + backward)"
@@ -42,19 +44,6 @@ def sync(device: torch.device) -> None:
 def autocast(device: torch.device) -> AbstractContextManager:
     """bf16 autocast on the given device type."""
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_matmul_flags() -> list[str]:

@@ -8,7 +8,6 @@ sample, and the same generative figures for real validation text (the reference 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cdlm.config import instantiate
+from cdlm.device import device_name
 from cdlm.metrics import DistinctN, GenPPL, LikelihoodMetric, UnigramEntropy, build_judge
 from cdlm.module import DiffusionLM
 from cdlm.sampling import draw
@@ -118,7 +118,7 @@ def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, see
         "objective": type(module.objective).__name__,
         "model_dtype": "bfloat16 autocast",
         "device": str(module.device),
-        "cpu": platform.processor() or platform.machine(),
+        "device_name": device_name(module.device),
         "torch": torch.__version__,
     }
 

@@ -29,6 +29,7 @@ from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
 from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.types import Batch, LossOutput
 
 REFERENCE_WIDTH = 768  # LangFlow's published loc = 4.723, scale = 0.852 are for D = 768
@@ -53,7 +54,7 @@ def default_loc(dim: int) -> float:
     return REFERENCE_LOC + math.log(dim / REFERENCE_WIDTH)
 
 
-class EmbeddingFlow(nn.Module):
+class EmbeddingFlow(SigmaRange, nn.Module):
     """LangFlow objective; owns the token embedding, self-conditioning map, time embedding, head and schedule.
 
     Args:
@@ -170,14 +171,6 @@ class EmbeddingFlow(nn.Module):
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """``sigma(t) = exp(gamma(t) / 2)``, float64, increasing; sampler time ``t`` in [0, 1] (1 = noisiest)."""
         return self.schedule.sigma_of_t(t)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigma(torch.zeros(1, dtype=torch.float64)))
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigma(torch.ones(1, dtype=torch.float64)))
 
     def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """VE state ``x~`` ``[B, L, D]`` and ``sigma`` (``[B]`` or scalar) to float32 ``z = x~ / sqrt(1 + sigma^2)``

@@ -28,6 +28,7 @@ from torch import nn
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.time_warps import OneHotTimeWarp
 from cdlm.types import Batch, LossOutput
 
@@ -36,7 +37,7 @@ from cdlm.types import Batch, LossOutput
 LOG_SIGMA_EMBED_SCALE = 100.0
 
 
-class OneHotFlow(nn.Module):
+class OneHotFlow(SigmaRange, nn.Module):
     """FLM objective; owns the token embedding ``E`` ``[V, width]``, the time embedding, the head and the warp.
 
     Args:
@@ -120,14 +121,6 @@ class OneHotFlow(nn.Module):
         """``sigma(t) = (1 - c(t)) / c(t)``, float64, increasing; sampler time ``t`` in [0, 1] (1 = noisiest)."""
         c = self.c_of_t(t)
         return ((1 - c) / c).to(t.device)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigma(torch.zeros(1, dtype=torch.float64)))
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigma(torch.ones(1, dtype=torch.float64)))
 
     # ---- training -----------------------------------------------------------------------------------------------
     def clean_state(self, ids: torch.Tensor) -> torch.Tensor:
