@@ -36,6 +36,7 @@ USAGE = """usage:
   cdlm eval path=CKPT [judge=AR_CKPT|HF_NAME_OR_PATH] [n=16] [seeds=3] [sampler=NAME] [sampler.KEY=value]
             [out=FILE.json] [val_batches=N]
   cdlm sweep configs/sweep/NAME.yaml [--print]
+  cdlm schedule path=CKPT [out=FILE.png]   (plot a bitstream model's learned entropy-rate schedule)
 groups: data model objective sampler trainer; see configs/ and the README's config reference."""
 
 
@@ -215,9 +216,24 @@ def sweep(argv: list[str]) -> list[dict]:
     return main_sweep(argv)
 
 
+def schedule_cmd(argv: list[str]) -> Path:
+    """``cdlm schedule path=CKPT [out=FILE.png]``: plot the learned noise schedule of a model that has one."""
+    opts, _ = parse_options(argv, {"path", "out"}, "schedule")
+    module = load(opts.path)
+    schedule = getattr(module.objective, "schedule", None)
+    if not hasattr(schedule, "plot"):
+        raise ConfigError(
+            f"{type(module.objective).__name__} has no learned table schedule to plot; "
+            "`cdlm schedule` plots a bitstream model's entropy-rate schedule"
+        )
+    out = schedule.plot(opts.get("out", str(Path(opts.path).parent / "schedule.png")))
+    print(f"cdlm: wrote {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train, "sample": sample, "eval": evaluate_cmd, "sweep": sweep}
+    commands = {"train": train, "sample": sample, "eval": evaluate_cmd, "sweep": sweep, "schedule": schedule_cmd}
     if not argv or argv[0] not in commands:
         print(USAGE)
         raise SystemExit(2)

@@ -1,0 +1,189 @@
+"""Bitstream (analog-bits) diffusion with a matched-filter residual: CoBit, MATH.md section 4.
+
+Each token id becomes ``k = ceil(log2 V)`` bits ``b`` (``cdlm.objectives.bits``) and one backbone position carries
+one token's bits (a bit patch), so the output layer has ``k`` logits per token instead of ``V``. The path is
+variance exploding, ``x = b + sigma eps`` (already VE coordinates, MATH.md section 0), ``sigma`` in [0.002, 80].
+
+The network follows EDM's preconditioning (Karras et al. 2022): input ``c_in (x - 1/2)``,
+``c_in = (sigma^2 + sigma_d^2)^(-1/2)``, ``sigma_d = 1/2``, with a self-conditioning channel. Its output is a
+residual on the matched filter, the exact posterior log-odds of one bit under the VE path with a uniform bit prior,
+
+    logit = f_theta + clip((x - 1/2) / sigma^2, -30, 30),   x0_hat = sigmoid(logit),
+
+because ``log N(x; 1, sigma^2) - log N(x; 0, sigma^2) = (x - 1/2) / sigma^2``: at low noise the filter alone is
+the right answer and ``f_theta`` (zero at initialisation) learns the context. The loss is EDM-weighted,
+``lambda(sigma) (x0_hat - b)^2`` with ``lambda = (sigma^2 + sigma_d^2) / (sigma^2 sigma_d^2)``, and ``sigma`` is drawn
+from the learned entropy-rate schedule (``cdlm.objectives.entropy_rate``), which the sampler reads as ``sigma(t)``.
+The likelihood is the shared ODE bound (MATH.md section 6).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdlm.models.backbone import Backbone
+from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
+from cdlm.objectives.entropy_rate import EntropyRateSchedule
+from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE
+from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.types import Batch, LossOutput
+
+
+def matched_filter(x: torch.Tensor, sigma: torch.Tensor, clip: float = 30.0) -> torch.Tensor:
+    """``clip((x - 1/2) / sigma^2, -clip, clip)``: the exact log-odds of a bit being 1 given ``x = b + sigma eps``.
+
+    ``x`` ``[B, L, k]``, ``sigma`` ``[B]``; float32 out (computed in float32 whatever the autocast dtype).
+    """
+    s2 = sigma.float().square()[:, None, None]  # [B, 1, 1]
+    return ((x.float() - 0.5) / s2).clamp(-clip, clip)
+
+
+class Bitstream(nn.Module):
+    """CoBit objective; owns the bit-patch input map, the self-conditioning channel, the head and the schedule.
+
+    Args:
+        backbone: the shared transformer (bidirectional mask).
+        vocab_size: ``V``; the state has ``k = ceil(log2 V)`` dimensions per token.
+        sigma_data: EDM's ``sigma_d`` (1/2, the std of a fair bit).
+        self_condition: probability of a self-conditioning pass per training batch (0.5).
+        clip: the matched filter's clip (30).
+        schedule: keyword arguments of ``EntropyRateSchedule`` (range, bins, FIFO, warm-up, ramp, refresh).
+        ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
+
+    The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not MATH.md's
+    ``c_in (x0_hat - 1/2)``: the estimate is a clean quantity, and scaling it by ``c_in ~ 1/sigma`` would silence
+    it at high noise, where self-conditioning helps most.
+    """
+
+    space = "continuous"
+    data_mean = 0.5
+    data_scale = 0.5
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab_size: int,
+        sigma_data: float = 0.5,
+        self_condition: float = 0.5,
+        clip: float = 30.0,
+        schedule: dict | None = None,
+        ode_steps: int = 32,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= self_condition <= 1.0:
+            raise ValueError(f"self_condition is a probability in [0, 1], got {self_condition}")
+        self.backbone, self.vocab_size = backbone, vocab_size
+        self.sigma_data, self.self_condition, self.clip, self.ode_steps = sigma_data, self_condition, clip, ode_steps
+        self.bits = k = bit_width(vocab_size)
+        self.schedule = EntropyRateSchedule(**(schedule or {}))
+        width = backbone.width
+        self.proj_in = nn.Linear(2 * k, width)  # [c_in (x - 1/2) ; (x0_sc - 1/2) / sigma_d] -> width
+        self.time_embed = TimeEmbedding(backbone.cond_width, scale=LOG_SIGMA_EMBED_SCALE)
+        self.head = nn.Linear(width, k)  # zero at init: the model starts as the matched filter
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.invalid_decoded = 0  # invalid codes (ids >= V) repaired by ``decode`` since construction
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    # ---- the network ------------------------------------------------------------------------------------------
+    def logits(
+        self, x: torch.Tensor, sigma: torch.Tensor, x_sc: torch.Tensor | None, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bit logits ``[B, L, k]`` float32 for the state ``x`` ``[B, L, k]`` at ``sigma`` ``[B]``.
+
+        ``x_sc`` ``[B, L, k]`` is the self-conditioning estimate in [0, 1], or None (the channel is then zero).
+        """
+        c_in = (sigma.float().square() + self.sigma_data**2).rsqrt()[:, None, None]  # [B, 1, 1]
+        sc = torch.zeros_like(x) if x_sc is None else (x_sc.float() - 0.5) / self.sigma_data
+        h = self.proj_in(torch.cat([c_in * (x.float() - 0.5), sc.float()], dim=-1))  # [B, L, W]
+        h = self.backbone(h, self.time_embed(sigma.float().log()), padding)  # [B, L, W]
+        return self.head(h).float() + matched_filter(x, sigma, self.clip)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """EDM's ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma^2 sigma_d^2)`` ``[B]``."""
+        s2 = sigma.square()
+        return (s2 + self.sigma_data**2) / (s2 * self.sigma_data**2)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def clean_state(self, ids: torch.Tensor) -> torch.Tensor:
+        """``x0 = b`` ``[B, L, k]``: the bits of each id, most significant first."""
+        return ids_to_bits(ids, self.bits)
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """EDM-weighted squared error of ``x0_hat`` per valid bit; ``sigma`` from the entropy-rate schedule.
+
+        ``sigma = schedule(u)`` with ``u`` from ``batch["u"]`` (low-discrepancy). With probability ``self_condition``
+        per batch (global torch RNG) a no-grad pass supplies ``x_sc = x0_hat``. While training, the per-sequence
+        unweighted error ``m = mean (x0_hat - b)^2`` is handed to the schedule (``observe``). ``nll`` of the
+        returned ``LossOutput`` is the weighted error per token (summed over bits), not a likelihood.
+        """
+        ids, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
+        u = batch["u"] if "u" in batch else torch.rand(ids.shape[0], device=ids.device)
+        sigma = self.schedule.sample_training_sigma(u).float().to(ids.device)  # [B]
+        b = self.clean_state(ids)  # [B, L, k]
+        x = b + sigma[:, None, None] * torch.randn_like(b)  # [B, L, k]
+        x_sc = None
+        if bool(torch.rand(()) < self.self_condition):
+            with torch.no_grad():
+                x_sc = self.logits(x, sigma, None, padding).sigmoid()
+        x0_hat = self.logits(x, sigma, x_sc, padding).sigmoid()  # [B, L, k]
+        sq = (x0_hat - b).square()  # [B, L, k]
+        valid = padding.float()
+        per_token = self.weight(sigma)[:, None] * sq.sum(-1) * valid  # [B, L]
+        bits = valid.sum() * self.bits
+        loss = per_token.sum() / bits.clamp_min(1)
+        if self.training:
+            seq_error = (sq.mean(-1) * valid).sum(1) / valid.sum(1).clamp_min(1)  # [B] unweighted, per bit
+            self.schedule.observe(sigma, seq_error)
+        logs = {**self.schedule.logs(), "mse": ((sq.mean(-1) * valid).sum() / valid.sum().clamp_min(1)).detach()}
+        return LossOutput(loss, per_token.detach(), padding, logs)
+
+    def nll(self, batch: Batch) -> LossOutput:
+        """The ODE likelihood bound (MATH.md section 6) with ``ode_steps`` Heun steps."""
+        return ode_nll(self, batch, steps=self.ode_steps)
+
+    # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """``sigma(t)``: the inverse CDF of the learned entropy-rate law; an error if it was never fitted."""
+        return self.schedule.sigma_of_t(t)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``x0_hat = sigmoid(logit)`` ``[B, L, k]`` (per-bit probability of a one) at ``sigma`` ``[B]``."""
+        return self.logits(x, sigma, x0_prev).sigmoid().to(x.dtype)
+
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw at ``sigma_max`` ``[n, length, k]``: ``N(1/2, (sigma_max^2 + 1/4) I)``, the Gaussian the ODE bound
+        scores (the exact marginal's mean and variance)."""
+        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
+        return self.data_mean + std * torch.randn(n, length, self.bits, device=device, generator=generator)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Ids ``[B, L]`` from the final estimate (bits ``> 1/2``); invalid codes (``>= V``) become the most
+        probable valid id under the independent-bit estimate and are counted in ``invalid_decoded``."""
+        ids, invalid = decode_bits(x.clamp(0.0, 1.0), self.vocab_size)
+        self.invalid_decoded += int(invalid.sum())
+        return ids
+
+    def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``-log p(ids | x)`` ``[B, L]`` under independent bits read at ``sigma_min`` (no self-conditioning).
+
+        Mass on invalid codes is lost, so this is an upper bound on the NLL of a renormalised decoder.
+        """
+        sigma = torch.full((x.shape[0],), self.sigma_min, device=x.device)
+        logits = self.logits(x, sigma, None)  # [B, L, k]
+        bits = self.clean_state(ids)
+        return F.binary_cross_entropy_with_logits(logits, bits, reduction="none").sum(-1)
