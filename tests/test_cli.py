@@ -26,8 +26,16 @@ def test_sample_writes_jsonl(tiny_run, tmp_path, capsys):
 def test_sample_sharded_over_two_processes_writes_n_distinct(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     out = tmp_path / "sharded.jsonl"
-    cmd = [sys.executable, "sample.py", f"path={run_dir / 'final'}", "n=5", "length=24", "sampler.steps=8",
-           "devices=2", f"out={out}"]
+    cmd = [
+        sys.executable,
+        "sample.py",
+        f"path={run_dir / 'final'}",
+        "n=5",
+        "length=24",
+        "sampler.steps=8",
+        "devices=2",
+        f"out={out}",
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5
