@@ -49,6 +49,12 @@ class OneHotFlow(SigmaRange, nn.Module):
             ``1 - alpha = 1e-5``) and ``sigma_max = 170.2`` (``c = 0.0058``, ``alpha = 1e-5``).
         ode_steps: Heun steps of the ODE bound in ``nll``; 32 keeps validation fast, 128 is the published default
             (MATH.md section 6) for reported numbers.
+        matched_filter: add the exact Gaussian log-likelihood of each token, ``x~_v / sigma^2`` in VE coordinates,
+            to the logits (off = FLM as published). With ``W < V`` the input map ``z @ E`` cannot carry a token's
+            identity at low noise (the projected noise swamps it), so FLM's denoiser stays unsure where the exact
+            posterior is certain; the filter gives the network the evidence of its own position exactly, as
+            LangFlow's skip and CoBit's residual do, and the network learns the context on top. Training then
+            forms the ``[B, L, V]`` state (one head-sized matmul more per step).
 
     The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``.
     """
@@ -63,6 +69,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         t_min: float = 1e-5,
         t_max: float = 1 - 1e-5,
         ode_steps: int = 32,
+        matched_filter: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < t_min < t_max < 1.0:
@@ -70,7 +77,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         if soft_cap is not None and soft_cap <= 0:
             raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
         self.backbone, self.vocab_size, self.soft_cap = backbone, vocab_size, soft_cap
-        self.t_min, self.t_max, self.ode_steps = t_min, t_max, ode_steps
+        self.t_min, self.t_max, self.ode_steps, self.matched_filter = t_min, t_max, ode_steps, matched_filter
         self.data_mean = 1.0 / vocab_size
         self.data_scale = math.sqrt((1.0 / vocab_size) * (1.0 - 1.0 / vocab_size))
         self.warp = OneHotTimeWarp(vocab_size)
@@ -89,7 +96,18 @@ class OneHotFlow(SigmaRange, nn.Module):
         # about the size of bf16's rounding of that 2048-term sum
         with torch.autocast(z.device.type, enabled=False):
             h = z.float() @ self.embed.weight.float()  # [B, L, W]
-        return self.network(h, log_sigma, padding)
+        logits = self.network(h, log_sigma, padding)  # [B, L, V]
+        return logits + self.evidence(z, log_sigma) if self.matched_filter else logits
+
+    @staticmethod
+    def evidence(z: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        """``log N(x~; e_v, sigma^2 I)`` over ``v`` up to a per-position constant: ``x~_v / sigma^2``, with
+        ``x~ = z / c = (1 + sigma) z``. ``[B, L, V]`` float32 from the native ``z`` ``[B, L, V]`` and ``log_sigma``
+        ``[B]``.
+        """
+        sigma = log_sigma.double().exp()[:, None, None]  # [B, 1, 1]
+        with torch.autocast(z.device.type, enabled=False):
+            return z.float() * ((1 + sigma) / sigma.square()).float()
 
     def network(self, h: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, L, V]`` from the projected input ``h = z @ E`` ``[B, L, W]``."""
@@ -138,7 +156,11 @@ class OneHotFlow(SigmaRange, nn.Module):
         c = self.c_of_t(u)  # [B] float64
         log_sigma = torch.log((1 - c) / c).float()  # [B]
         c = c.float()[:, None, None]  # [B, 1, 1]
-        logits = self.network(self.noisy_input(x, c), log_sigma, padding)  # [B, L, V]
+        if self.matched_filter:  # the filter needs the dense state
+            onehot = self.clean_state(x)  # [B, L, V]
+            logits = self.logits(c * onehot + (1 - c) * torch.randn_like(onehot), log_sigma, padding)
+        else:
+            logits = self.network(self.noisy_input(x, c), log_sigma, padding)  # [B, L, V]
         ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * padding  # [B, L]
         loss = ce.sum() / padding.sum().clamp_min(1)
         return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
@@ -188,5 +210,12 @@ class OneHotFlow(SigmaRange, nn.Module):
         return x.argmax(-1)
 
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``-log p(ids | x)`` ``[B, L]`` from the logits at ``sigma_min`` (the ODE bound's decoder term)."""
-        return F.cross_entropy(self.decoder_logits(x).transpose(1, 2), ids, reduction="none")
+        """``-log p(ids | x)`` ``[B, L]`` (the ODE bound's decoder term): the network's logits at ``sigma_min`` times
+        the exact Gaussian likelihood of ``x`` under each token, ``softmax(logits + x / sigma_min^2)`` (already the
+        logits when ``matched_filter``). Any normalised decoder keeps the bound valid; at ``sigma_min`` the
+        likelihood makes this one near-certain where the network alone, reading ``x @ E``, is not.
+        """
+        logits = self.decoder_logits(x)  # [B, L, V]
+        if not self.matched_filter:
+            logits = logits + x.float() / self.sigma_min**2
+        return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
