@@ -3,6 +3,10 @@
 A masked position at step ``t -> s`` draws from ``[(a_s - a_t) p_theta + (1 - a_s) e_mask] / (1 - a_t)``;
 visible positions are copied. With a network that is not time-conditioned, ``p_theta`` depends only on the
 state, so when no position changed it is reused without a network call (MDLM sec. 4.2, the "cache").
+
+With ``remask_eta > 0`` the step is ReMDM's (Wang et al., 2025, arXiv:2503.00307, "max-capped" schedule): a token
+the sampler generated returns to ``[MASK]`` with ``sigma = min(eta, (1 - a_s) / a_t)``, and a masked position
+unmasks with ``(a_s - (1 - sigma) a_t) / (1 - a_t)`` instead of ``(a_s - a_t) / (1 - a_t)``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from cdlm.samplers.categorical import sample_categorical, top_p_filter
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.registry import register_sampler
+from cdlm.samplers.selectors import remask, remask_sigma
 from cdlm.types import DiscreteObjective, SamplerStep
 
 
@@ -37,17 +42,22 @@ def sample_ancestral(
     top_p: float = 1.0,
     cache: bool = True,
     final: str = "argmax",
+    remask_eta: float = 0.0,
 ) -> torch.Tensor:
     """Reverse the absorbing process over the grid ``ts`` ``[T + 1]`` (1 -> ~0) from ``x`` ``[B, L]``.
 
     Only masked positions are scored and drawn (visible ones are copied), so the cost of the float64 draws falls
     with the number of masks. ``final``: how positions still masked after the grid are committed, ``argmax`` or
     ``sample`` of ``p_theta``. ``cache=False`` calls the network at every step (the reference the cached path must
-    equal).
+    equal). ``remask_eta``: ReMDM's ``eta`` (0 = off, the MDLM step); tokens visible in the input ``x`` (a prompt)
+    are never remasked.
     """
     if final not in ("argmax", "sample"):
         raise ValueError(f"final must be 'argmax' or 'sample', got {final!r}")
+    if not 0.0 <= remask_eta <= 1.0:
+        raise ValueError(f"remask_eta must be in [0, 1] (0 = no remasking), got {remask_eta}")
     reuse = cache and not objective.time_conditioning
+    generated = x == objective.mask_id  # [B, L]: the positions this sampler writes (and may remask)
     alpha = objective.schedule.alpha
     probs, nfe = None, 0  # probs: [N, V] at the N positions masked in the current x
     for i in range(len(ts) - 1):
@@ -56,14 +66,19 @@ def sample_ancestral(
         if probs is None:
             probs, nfe = clean_probs(objective, x, t, top_p, masked), nfe + 1
         a_t, a_s = alpha(t), alpha(s)
-        stay = torch.full_like(probs[:, :1], 1 - a_s)  # [N, 1] mass left on [MASK]
-        q = torch.cat([probs * (a_s - a_t), stay], dim=-1) / (1 - a_t)  # [N, V + 1]; index V is [MASK]
+        sigma = remask_sigma(a_t, a_s, remask_eta)  # 0.0 when off: then the terms below are exactly MDLM's
+        stay = torch.full_like(probs[:, :1], 1 - a_s - sigma * a_t)  # [N, 1] mass left on [MASK]
+        q = torch.cat([probs * (a_s - a_t + sigma * a_t), stay], dim=-1) / (1 - a_t)  # [N, V + 1]; V is [MASK]
         draw = sample_categorical(q, generator)  # [N]
         x0 = x.clone()
         x0[masked] = probs.argmax(-1)
         x = x.clone()
         x[masked] = draw
-        if not (reuse and bool((draw == objective.mask_id).all())):
+        changed = not bool((draw == objective.mask_id).all())
+        if sigma > 0:
+            remasked = remask(x, generated & ~masked, sigma, objective.mask_id, generator)
+            changed, x = changed or not torch.equal(remasked, x), remasked
+        if changed or not reuse:
             probs = None
         if callback is not None:
             callback(SamplerStep(i, float(s), x, x0, nfe))

@@ -1,0 +1,194 @@
+"""Parallel decoding for masked diffusion: confidence selectors, early commit, remasking and blocks (MATH.md s. 7).
+
+Every step scores the state once with ``p_theta``, lets a selector (``cdlm.samplers.selectors``) choose which
+masked positions of the active block to commit, fills them, and, with ``remask_eta > 0``, returns some generated
+tokens of the block to ``[MASK]`` (ReMDM). As in the ancestral sampler, ``p_theta`` is reused without a network
+call when the state did not change and the network is not time-conditioned (MDLM sec. 4.2); NFE counts calls.
+
+Blocks (semi-autoregressive decoding, LLaDA / Block Diffusion): positions are cut left to right into blocks of
+``block_length``; only blocks holding a masked position get steps. The ``T`` steps of the grid are split evenly
+among them (the first ``T mod n_blocks`` blocks get one more), and every block runs the whole grid ``ts``
+resampled to its share. A block's last step commits all its remaining masks, so the sampler moves on only when
+the block is fully unmasked; a block that empties early (threshold, Prophet) ends there, and its unused steps
+are dropped, not carried over. The callback's ``index`` is the step's place in the ``T``-step budget (increasing,
+with gaps where blocks ended early); ``nfe`` is the honest cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cdlm.samplers.categorical import sample_categorical, top_p_filter
+from cdlm.samplers.grids import linear_grid
+from cdlm.samplers.registry import register_sampler
+from cdlm.samplers.selectors import (
+    active_block,
+    block_grid,
+    block_steps,
+    confidence,
+    num_blocks,
+    prophet_ready,
+    remask,
+    remask_sigma,
+    select_threshold,
+    select_topk,
+    top2_gap,
+    topk_count,
+)
+from cdlm.types import DiscreteObjective, SamplerStep
+
+SELECTORS = ("topk", "threshold", "prophet")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The per-step decisions of ``sample_parallel`` (its knobs, validated here; see its docstring)."""
+
+    selector: str = "topk"
+    tau: float = 0.9
+    remask_eta: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {list(SELECTORS)}, got {self.selector!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.remask_eta <= 1.0:
+            raise ValueError(f"remask_eta must be in [0, 1] (0 = no remasking), got {self.remask_eta}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = argmax), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def draw_tokens(
+    logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of ``log p_theta`` ``[N, V]``: argmax at ``temperature = 0``, else a float64 draw from
+    ``p^(1/temperature)`` (renormalised) after nucleus filtering."""
+    if temperature == 0 or logp.shape[0] == 0:
+        return logp.argmax(-1)
+    probs = (logp.double() / temperature).softmax(-1)  # [N, V] float64: the draw must keep rare tokens
+    return sample_categorical(top_p_filter(probs, top_p), generator)
+
+
+def choose(
+    policy: Policy, logp: torch.Tensor, candidates: torch.Tensor, rates: tuple[float, float, float], progress: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions to commit ``[B, L]`` and the Prophet-ready rows ``[B]`` (filled all-in by argmax).
+
+    ``rates``: ``(alpha_t, alpha_s, sigma)`` of the step, ``sigma`` the ReMDM remasking probability.
+    """
+    conf = confidence(logp, candidates)  # [B, L] float64, -inf off candidates
+    if policy.selector == "threshold":
+        commit = select_threshold(conf, policy.tau)
+    else:
+        commit = select_topk(conf, topk_count(candidates.sum(-1), *rates))
+    ready = torch.zeros_like(candidates[:, 0])  # [B]
+    if policy.selector == "prophet":
+        ready = prophet_ready(top2_gap(logp), candidates, progress)
+    return commit | (ready[:, None] & candidates), ready
+
+
+def parallel_step(
+    policy: Policy,
+    x: torch.Tensor,
+    logp: torch.Tensor,
+    candidates: torch.Tensor,
+    remaskable: torch.Tensor,
+    rates: tuple[float, float, float],
+    progress: float,
+    last: bool,
+    mask_id: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One step on ``x`` ``[B, L]``: commit the chosen ``candidates``, then remask some ``remaskable`` tokens.
+
+    ``last``: the block's final step commits every candidate and remasks nothing.
+    """
+    if last:
+        commit, ready = candidates, torch.zeros_like(candidates[:, 0])
+    else:
+        commit, ready = choose(policy, logp, candidates, rates, progress)
+    greedy = ready[:, None] & candidates  # [B, L]: Prophet's all-in rows take the argmax
+    sampled = commit & ~greedy
+    x = x.clone()
+    x[greedy] = logp[greedy].argmax(-1)
+    x[sampled] = draw_tokens(logp[sampled], policy.temperature, policy.top_p, generator)
+    sigma = 0.0 if last else rates[2]
+    return remask(x, remaskable & ~ready[:, None], sigma, mask_id, generator)
+
+
+@register_sampler("parallel", space="discrete", grid=linear_grid)
+@torch.no_grad()
+def sample_parallel(
+    objective: DiscreteObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
+    selector: str = "topk",
+    tau: float = 0.9,
+    block_length: int | None = None,
+    remask_eta: float = 0.0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    cache: bool = True,
+) -> torch.Tensor:
+    """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
+
+    Positions masked in ``x`` are generated; visible ones are a prompt, kept as they are and never remasked.
+
+    Args:
+        selector: ``topk`` commits the ``round(n_masked (alpha_s - alpha_t) / (1 - alpha_t))`` most confident
+            candidates (the schedule's expected count); ``threshold`` commits the top-1 plus every candidate with
+            confidence ``>= tau`` (Fast-dLLM); ``prophet`` is ``topk`` plus Prophet's early commit: when the mean
+            top-2 logit gap over a row's remaining candidates reaches 7.5 / 5.0 / 2.5 (by tercile of the step
+            budget), the row fills all of them by argmax in that step. Confidence is ``max_v p_theta(v)``.
+        tau: the ``threshold`` selector's confidence level, in (0, 1].
+        block_length: semi-autoregressive blocks of this many positions, decoded left to right; None = the whole
+            sequence is one block. Steps are split among the blocks (module docstring).
+        remask_eta: ReMDM-cap's ``eta``: generated, visible tokens of the active block return to ``[MASK]`` with
+            probability ``min(eta, (1 - alpha_s) / alpha_t)``, and ``topk`` unmasks correspondingly more; 0 = off.
+        temperature: tokens are drawn from ``p_theta^(1 / temperature)`` in float64; 0 = argmax.
+        top_p: nucleus filtering of the draw (after temperature); 1 = off.
+        cache: reuse ``p_theta`` when nothing changed (only without time conditioning); False calls the network
+            at every step.
+    """
+    policy = Policy(selector, tau, remask_eta, temperature, top_p)
+    mask_id, (batch, length) = objective.mask_id, x.shape
+    generated = x == mask_id  # [B, L]
+    blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
+    blocks = [block for block in blocks if (generated & block).any()]  # [L] each
+    if not blocks:
+        return x
+    steps, alpha = len(ts) - 1, objective.schedule.alpha
+    reuse = cache and not objective.time_conditioning
+    logp, nfe, offset = None, 0, 0  # logp: [B, L, V] for the current x
+    for block, n in zip(blocks, block_steps(steps, len(blocks))):
+        grid = block_grid(ts, n)
+        for j in range(n):
+            candidates = (x == mask_id) & block  # [B, L]
+            if not candidates.any():
+                break  # the block emptied early: its remaining steps are dropped
+            if logp is None:
+                logp, nfe = objective.denoise(x, grid[j].expand(batch).float()), nfe + 1
+            a_t, a_s = alpha(grid[j]), alpha(grid[j + 1])
+            rates = (float(a_t), float(a_s), remask_sigma(a_t, a_s, policy.remask_eta))
+            remaskable = generated & block & (x != mask_id)  # [B, L]: tokens this sampler wrote in the block
+            last, progress = j == n - 1, (offset + j + 1) / steps
+            new = parallel_step(policy, x, logp, candidates, remaskable, rates, progress, last, mask_id, generator)
+            x0 = torch.where(x == mask_id, logp.argmax(-1), x)  # [B, L] the clean estimate this step used
+            if not (reuse and torch.equal(new, x)):
+                logp = None
+            x = new
+            if callback is not None:
+                callback(SamplerStep(offset + j, float(grid[j + 1]), x, x0, nfe))
+        offset += n
+    return x

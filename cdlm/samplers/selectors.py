@@ -1,0 +1,184 @@
+"""Parallel-decoding selectors for masked-diffusion samplers (MATH.md section 7): small pure functions.
+
+A *selector* decides which masked positions a step commits, on top of any ``p_theta``; it never chooses which
+token goes there. Shapes: ``B`` rows, ``L`` positions, ``V`` tokens. A *candidate* is a position the step may
+write: masked, and inside the active block when decoding block by block.
+
+- ``topk_count`` / ``select_topk``: the ``k`` most confident candidates, ``k`` from the masking schedule.
+- ``select_threshold``: Fast-dLLM's threshold rule (Wu et al., 2025, "Fast-dLLM", confidence-aware parallel decoding).
+- ``prophet_ready``: Prophet's early commit (Li et al., 2025, "Diffusion Language Models Know the Answer Before
+  Decoding", arXiv:2508.19982).
+- ``remask_sigma`` / ``remask``: ReMDM's remasking with the "cap" schedule (Wang et al., 2025, "Remasking Discrete
+  Diffusion Models with Inference-Time Scaling", arXiv:2503.00307).
+- ``num_blocks`` / ``active_block`` / ``block_steps`` / ``block_grid``: semi-autoregressive blocks (Nie et al., 2025,
+  "Large Language Diffusion Models" (LLaDA), semi-autoregressive remasking; Arriola et al., 2025, "Block Diffusion").
+
+Confidence is ``max_v p_theta(v | z_t)`` at a position (MaskGIT / Fast-dLLM): how sure the network is about the
+position, whatever token is then drawn there. With argmax filling it is the probability of the committed token,
+LLaDA's "low-confidence remasking" score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PROPHET_THRESHOLDS = (7.5, 5.0, 2.5)  # top-2 logit gap needed in the first, second and last third of the steps
+
+
+def confidence(logp: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``max_v p_theta(v)`` ``[B, L]`` in float64 from ``log p_theta`` ``[B, L, V]``; ``-inf`` off ``candidates``."""
+    conf = logp.max(-1).values.double().exp()  # [B, L]
+    return conf.masked_fill(~candidates, -math.inf)
+
+
+def top2_gap(logp: torch.Tensor) -> torch.Tensor:
+    """Gap between the two largest logits per position ``[B, L]`` (float32).
+
+    ``log p_theta`` is the logits minus one per-position constant, so its top-2 gap is the logit gap Prophet uses.
+    """
+    top2 = logp.float().topk(2, dim=-1).values  # [B, L, 2]
+    return top2[..., 0] - top2[..., 1]
+
+
+def topk_count(
+    n_masked: torch.Tensor,
+    alpha_t: float | torch.Tensor,
+    alpha_s: float | torch.Tensor,
+    sigma: float = 0.0,
+    last: bool = False,
+) -> torch.Tensor:
+    """How many positions a step ``t -> s`` unmasks per row: ``k`` ``[B]`` (int64) from ``n_masked`` ``[B]``.
+
+    ``k = round(n_masked * (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t))`` (half rounds up), the expected
+    number of masked positions the ancestral step would unmask (MATH.md section 1). ``sigma`` is ReMDM's remasking
+    probability, which raises the unmasking rate so that the marginal stays ``alpha_s`` (ReMDM's posterior for a
+    masked position); with ``sigma = 0`` this is MATH.md section 7's count. ``k`` may be 0 early on (the step then
+    changes nothing and costs no network call when ``p_theta`` is reused); ``last`` (the final step of a block)
+    commits every masked position, so ``k >= 1`` whenever ``n_masked > 0``.
+    """
+    if last:
+        return n_masked.long()
+    alpha_t, alpha_s = float(alpha_t), float(alpha_s)
+    rate = (alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t)
+    k = torch.floor(n_masked.double() * rate + 0.5).long()  # [B]
+    return torch.minimum(k.clamp_min(0), n_masked.long())
+
+
+def select_topk(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The ``k`` ``[B]`` most confident candidates per row: bool ``[B, L]``.
+
+    ``conf`` ``[B, L]`` is ``-inf`` off candidates; a row commits ``min(k, candidates)`` positions, never a
+    non-candidate. Ties go to the leftmost position (stable sort), so the choice is deterministic.
+    """
+    order = conf.argsort(dim=-1, descending=True, stable=True)  # [B, L]
+    positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # [B, L]: 0 = most confident
+    return (rank < k.to(conf.device)[:, None]) & (conf > -math.inf)
+
+
+def select_threshold(conf: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
+    """Fast-dLLM's threshold rule: every candidate with confidence ``>= tau``, plus the top-1: bool ``[B, L]``.
+
+    The top-1 makes every row with a candidate commit at least one position, so decoding always progresses
+    (Fast-dLLM, "confidence-aware parallel decoding"). ``conf`` ``[B, L]`` is ``-inf`` off candidates.
+    """
+    candidates = conf > -math.inf  # [B, L]
+    top1 = torch.zeros_like(candidates).scatter_(-1, conf.argmax(-1, keepdim=True), True)
+    return (top1 | (conf >= tau)) & candidates
+
+
+def prophet_threshold(progress: float, thresholds: tuple[float, float, float] = PROPHET_THRESHOLDS) -> float:
+    """The gap Prophet requires at ``progress`` in [0, 1] (fraction of the step budget used): by tercile."""
+    if progress < 1 / 3:
+        return thresholds[0]
+    return thresholds[1] if progress < 2 / 3 else thresholds[2]
+
+
+def prophet_ready(
+    gap: torch.Tensor,
+    candidates: torch.Tensor,
+    progress: float,
+    thresholds: tuple[float, float, float] = PROPHET_THRESHOLDS,
+) -> torch.Tensor:
+    """Prophet's early-commit test per row: bool ``[B]`` (Li et al., 2025, arXiv:2508.19982).
+
+    A row is ready when the *mean* top-2 logit gap ``gap`` ``[B, L]`` over its ``candidates`` ``[B, L]`` (the
+    masked positions still to decode) is ``>= prophet_threshold(progress)``: 7.5 in the first third of the steps,
+    5.0 in the second, 2.5 in the last. Prophet averages the gap over the answer positions; an unconditional
+    language model has no answer span, so the mean runs over every remaining candidate. A ready row goes
+    "all-in": every candidate is filled by argmax in this step. Rows without candidates are never ready.
+    """
+    count = candidates.sum(-1)  # [B]
+    mean_gap = (gap.float() * candidates).sum(-1) / count.clamp_min(1)  # [B]
+    return (mean_gap >= prophet_threshold(progress, thresholds)) & (count > 0)
+
+
+def remask_sigma(alpha_t: float | torch.Tensor, alpha_s: float | torch.Tensor, eta: float) -> float:
+    """ReMDM's remasking probability ``sigma_t = min(eta, (1 - alpha_s) / alpha_t)`` (its "max-capped" schedule).
+
+    The cap ``(1 - alpha_s) / alpha_t`` is the largest ``sigma`` for which the reverse step is a distribution.
+    ``eta = 0`` switches remasking off.
+    """
+    if eta <= 0:
+        return 0.0
+    return min(eta, float((1 - alpha_s) / alpha_t))
+
+
+def remask(
+    x: torch.Tensor,
+    candidates: torch.Tensor,
+    prob: float,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """ReMDM: each ``candidates`` ``[B, L]`` position of ``x`` ``[B, L]`` returns to ``[MASK]`` with ``prob``.
+
+    ``candidates`` must hold only visible tokens the sampler generated (never prompt tokens, never ``[MASK]``).
+    The Bernoulli draws are float64 uniforms, like every other draw of the samplers (MATH.md section 0).
+    """
+    if prob <= 0:
+        return x
+    u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)  # [B, L]
+    return torch.where(candidates & (u < prob), mask_id, x)
+
+
+def num_blocks(length: int, block_length: int | None) -> int:
+    """Blocks of ``block_length`` covering ``length`` positions (the last may be shorter); None = one block."""
+    if block_length is None:
+        return 1
+    if block_length < 1:
+        raise ValueError(f"block_length must be a positive integer or None, got {block_length}")
+    return math.ceil(length / block_length)
+
+
+def active_block(
+    length: int, block_length: int | None, block_index: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Bool ``[L]``: the positions of block ``block_index``, counted left to right (semi-autoregressive order)."""
+    size = length if block_length is None else block_length
+    positions = torch.arange(length, device=device)
+    return (positions >= block_index * size) & (positions < (block_index + 1) * size)
+
+
+def block_steps(steps: int, n_blocks: int) -> list[int]:
+    """Split ``steps`` among ``n_blocks`` blocks: ``steps // n_blocks`` each, one more for the first ``remainder``."""
+    if steps < n_blocks:
+        raise ValueError(f"steps ({steps}) must be at least the number of blocks ({n_blocks}): one step per block")
+    base, extra = divmod(steps, n_blocks)
+    return [base + (b < extra) for b in range(n_blocks)]
+
+
+def block_grid(ts: torch.Tensor, steps: int) -> torch.Tensor:
+    """The time grid ``ts`` ``[T + 1]`` (1 -> ~0) resampled to ``steps + 1`` points by linear interpolation.
+
+    Every block runs the whole schedule, from ``ts[0]`` to ``ts[-1]``, in its share of the steps (as LLaDA's
+    semi-autoregressive sampling does); the shape of the grid is kept, and ``steps = T`` returns ``ts`` itself.
+    """
+    if steps == len(ts) - 1:
+        return ts
+    where = torch.linspace(0, len(ts) - 1, steps + 1, dtype=torch.float64, device=ts.device)  # fractional indices
+    lo = where.floor().long().clamp_max(len(ts) - 2)
+    frac = (where - lo).to(ts.dtype)
+    return (1 - frac) * ts[lo] + frac * ts[lo + 1]  # exact at whole indices, so the end points are kept

@@ -1,0 +1,291 @@
+"""Parallel-decoding selectors (MATH.md section 7) and the `parallel` sampler built on them."""
+
+import inspect
+
+import pytest
+import torch
+
+from cdlm.config import compose, load_group
+from cdlm.objectives.schedules import build_schedule
+from cdlm.samplers import SAMPLERS, check_knobs, get_sampler
+from cdlm.samplers.grids import linear_grid
+from cdlm.samplers.selectors import (
+    active_block,
+    block_grid,
+    block_steps,
+    num_blocks,
+    prophet_ready,
+    remask,
+    remask_sigma,
+    select_threshold,
+    select_topk,
+    topk_count,
+)
+from cdlm.types import SamplerStep
+from tests.toys import GaussianToy
+
+
+class GapToy:
+    """A network-free masked objective: at position ``l`` the top token is ``l % V``, ahead of every other token
+    by a logit gap of ``gap + 0.01 l`` (distinct confidences, mean gap within 0.01 L of ``gap``)."""
+
+    space = "discrete"
+    time_conditioning = False
+
+    def __init__(self, gap: float, vocab_size: int = 7) -> None:
+        self.gap, self.vocab_size, self.mask_id = gap, vocab_size, vocab_size
+        self.schedule = build_schedule("loglinear")
+
+    def denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(z.shape[1])
+        logits = torch.zeros(*z.shape, self.vocab_size)
+        logits[:, pos, pos % self.vocab_size] = self.gap + 0.01 * pos
+        return logits.log_softmax(-1)
+
+    def prior(self, n, length, device, generator=None):
+        return torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
+
+
+def run(obj, seed=0, n=3, length=24, steps=12, x=None, **knobs):
+    """Run the `parallel` sampler; returns the samples and every step the callback saw."""
+    steps_seen: list[SamplerStep] = []
+    g = torch.Generator().manual_seed(seed)
+    x = obj.prior(n, length, torch.device("cpu")) if x is None else x
+    out = get_sampler("parallel", obj).fn(obj, x, linear_grid(steps), generator=g, callback=steps_seen.append, **knobs)
+    return out, steps_seen
+
+
+def states(x_start, steps_seen):
+    return [x_start] + [s.x for s in steps_seen]
+
+
+# ---- selectors as pure functions ----
+
+
+def test_topk_count_follows_the_schedule():
+    n = torch.tensor([10, 0, 7, 1])
+    assert topk_count(n, 0.5, 0.75).tolist() == [5, 0, 4, 1]  # n/2, half rounds up
+    assert topk_count(n, 0.5, 0.5).tolist() == [0, 0, 0, 0]
+    assert topk_count(n, 0.5, 0.75, last=True).tolist() == [10, 0, 7, 1]  # the last step empties the row
+    assert topk_count(n, 0.5, 0.75, sigma=0.25).tolist() == [8, 0, 5, 1]  # ReMDM unmasks 3/4 instead of 1/2
+    many = torch.arange(50)
+    for a_t, a_s in [(0.0, 0.01), (0.3, 0.9), (0.9, 1.0)]:
+        k = topk_count(many, a_t, a_s, sigma=min(0.2, (1 - a_s) / max(a_t, 1e-9)))
+        assert (k >= 0).all() and (k <= many).all()
+
+
+def test_select_topk_commits_exactly_k_candidates():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        conf = torch.rand(6, 30, generator=g, dtype=torch.float64)
+        candidates = torch.rand(6, 30, generator=g) < 0.4
+        candidates[0] = False  # a row with nothing left
+        conf = conf.masked_fill(~candidates, -torch.inf)
+        k = torch.randint(0, 20, (6,), generator=g)
+        chosen = select_topk(conf, k)
+        assert torch.equal(chosen.sum(-1), torch.minimum(k, candidates.sum(-1)))
+        assert not (chosen & ~candidates).any()
+        for row in range(6):  # every chosen position is at least as confident as every candidate left out
+            left_out = conf[row][candidates[row] & ~chosen[row]]
+            if chosen[row].any() and left_out.numel():
+                assert conf[row][chosen[row]].min() >= left_out.max()
+
+
+def test_select_threshold_commits_top1_plus_confident_candidates():
+    conf = torch.tensor(
+        [
+            [0.2, 0.95, 0.5, 0.91, -torch.inf],  # two above tau
+            [0.3, 0.1, 0.2, 0.4, 0.35],  # none above tau: top-1 only
+            [-torch.inf] * 5,  # no candidates
+            [0.97, -torch.inf, 0.99, 0.1, 0.2],  # -inf entries are never chosen
+        ],
+        dtype=torch.float64,
+    )
+    chosen = select_threshold(conf, tau=0.9)
+    expected = [[0, 1, 0, 1, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1, 0, 1, 0, 0]]
+    assert chosen.long().tolist() == expected
+    g = torch.Generator().manual_seed(1)
+    conf = torch.rand(64, 40, generator=g, dtype=torch.float64)
+    candidates = torch.rand(64, 40, generator=g) < 0.3
+    chosen = select_threshold(conf.masked_fill(~candidates, -torch.inf), tau=0.8)
+    has = candidates.any(-1)
+    assert (chosen.sum(-1)[has] >= 1).all() and not chosen[~has].any() and not (chosen & ~candidates).any()
+    assert not (candidates & (conf >= 0.8) & ~chosen).any()
+
+
+def test_prophet_ready_uses_the_mean_gap_over_candidates_by_tercile():
+    gap = torch.tensor([[6.0, 6.0, 100.0], [3.0, 3.0, 3.0], [8.0, 8.0, 8.0], [9.0, 9.0, 9.0], [2.0, 10.0, 6.0]])
+    candidates = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    # row 0: the huge gap is not a candidate, so its mean is 6; row 3 has no candidates and is never ready;
+    # row 4: the mean (6), not the smallest gap (2), decides
+    assert prophet_ready(gap, candidates, 0.1).tolist() == [False, False, True, False, False]  # needs 7.5
+    assert prophet_ready(gap, candidates, 0.5).tolist() == [True, False, True, False, True]  # needs 5.0
+    assert prophet_ready(gap, candidates, 0.9).tolist() == [True, True, True, False, True]  # needs 2.5
+    assert prophet_ready(torch.full((1, 4), 2.0), torch.ones(1, 4, dtype=torch.bool), 1.0).tolist() == [False]
+
+
+def test_remask_touches_only_candidates_at_rate_prob():
+    g = torch.Generator().manual_seed(0)
+    mask_id = 9
+    x = torch.randint(0, 9, (400, 50), generator=g)
+    x[:, :5] = mask_id  # already masked: never candidates
+    candidates = (torch.rand(400, 50, generator=g) < 0.5) & (x != mask_id)
+    out = remask(x, candidates, 0.3, mask_id, torch.Generator().manual_seed(1))
+    flipped = out != x
+    assert (out[flipped] == mask_id).all() and not (flipped & ~candidates).any()
+    rate = flipped.sum().item() / candidates.sum().item()  # ~9,000 candidates: std of the rate ~0.005
+    assert abs(rate - 0.3) < 0.02
+    assert torch.equal(remask(x, candidates, 0.0, mask_id, g), x)
+    assert remask_sigma(0.5, 0.99, 0.1) == pytest.approx(0.02)  # the cap (1 - a_s) / a_t binds
+    assert remask_sigma(0.5, 0.9, 0.02) == 0.02 and remask_sigma(0.5, 0.9, 0.0) == 0.0
+
+
+def test_block_helpers():
+    assert num_blocks(24, 8) == 3 and num_blocks(25, 8) == 4 and num_blocks(25, None) == 1
+    assert active_block(10, 4, 2).nonzero().flatten().tolist() == [8, 9]
+    assert active_block(10, None, 0).all()
+    assert block_steps(10, 3) == [4, 3, 3] and sum(block_steps(128, 8)) == 128
+    with pytest.raises(ValueError, match="at least the number of blocks"):
+        block_steps(2, 3)
+    ts = linear_grid(12)
+    assert block_grid(ts, 12) is ts
+    sub = block_grid(ts, 5)
+    assert len(sub) == 6 and sub[0] == ts[0] and sub[-1] == ts[-1] and (sub.diff() < 0).all()
+
+
+# ---- the `parallel` sampler ----
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"selector": "threshold"},
+        {"selector": "prophet", "block_length": 8},
+        {"selector": "threshold", "block_length": 8, "remask_eta": 0.1},
+    ],
+)
+def test_parallel_is_complete_seeded_and_counts_nfe(masked_objective, monkeypatch, knobs):
+    calls = []
+    denoise = masked_objective.denoise
+    monkeypatch.setattr(masked_objective, "denoise", lambda z, t: calls.append(1) or denoise(z, t))
+    a, steps_a = run(masked_objective, 1, **knobs)
+    assert steps_a[-1].nfe == len(calls) <= 12  # one network call = one NFE, within the step budget
+    b, _ = run(masked_objective, 1, **knobs)
+    c, _ = run(masked_objective, 2, **knobs)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a != masked_objective.mask_id).all() and a.max() < masked_objective.vocab_size
+    assert [s.index for s in steps_a] == sorted({s.index for s in steps_a})  # increasing step indices
+
+
+def test_cache_skips_calls_without_changing_samples(masked_objective):
+    cached, seen_c = run(masked_objective, 0, steps=64)  # 24 positions, 64 steps: k = 0 at many steps
+    uncached, seen_u = run(masked_objective, 0, steps=64, cache=False)
+    assert torch.equal(cached, uncached)
+    assert seen_c[-1].nfe < seen_u[-1].nfe == 64  # steps where no position changed reused p_theta
+
+
+def test_topk_and_threshold_commit_counts(masked_objective):
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    _, seen = run(masked_objective, 0, x=x, steps=12)
+    grid, alpha = linear_grid(12), masked_objective.schedule.alpha
+    for step, (before, after) in zip(seen, zip(states(x, seen), states(x, seen)[1:])):
+        n = (before == masked_objective.mask_id).sum(-1)
+        i, last = step.index, step.index == 11
+        k = topk_count(n, alpha(grid[i]), alpha(grid[i + 1]), last=last)
+        assert torch.equal(n - (after == masked_objective.mask_id).sum(-1), k)  # exactly k per row
+    _, seen = run(masked_objective, 0, x=x, steps=12, selector="threshold")
+    for before, after in zip(states(x, seen), states(x, seen)[1:]):
+        left = (before == masked_objective.mask_id).sum(-1)
+        assert ((after == masked_objective.mask_id).sum(-1) < left)[left > 0].all()  # at least one per row
+
+
+def test_prophet_goes_all_in_once_the_gap_holds_and_not_before():
+    toy = GapToy(gap=6.0)  # mean gap ~6.1: below 7.5 (first third), above 5.0 (second third)
+    x = toy.prior(2, 20, torch.device("cpu"))
+    out, seen = run(toy, 0, x=x, steps=10, selector="prophet")
+    masks = [(s.x == toy.mask_id).sum().item() for s in seen]
+    assert [s.index for s in seen] == [0, 1, 2, 3]  # progress 0.1, 0.2, 0.3 stay top-k; 0.4 commits all
+    assert masks == [36, 32, 28, 0]  # k = 2, 2, 2 per row, then the remaining 14 per row at once
+    assert seen[-1].nfe == 4
+    filled = seen[2].x == toy.mask_id  # what the all-in step filled: the argmax at every position
+    assert torch.equal(out[filled], (torch.arange(20) % 7).expand(2, 20)[filled])
+    _, seen = run(toy, 0, x=x, steps=10, selector="topk")
+    assert len(seen) == 10  # the same toy without early commit uses the whole budget
+    _, seen = run(GapToy(gap=8.0), 0, x=x, steps=10, selector="prophet")
+    assert len(seen) == 1 and seen[0].nfe == 1  # gap above 7.5 from the start: all-in at the first step
+
+
+@pytest.mark.parametrize("selector", ["topk", "threshold"])
+def test_blocks_write_only_in_the_active_block(masked_objective, selector):
+    mask_id, block_length = masked_objective.mask_id, 8
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    x[:, 9] = 4  # a prompt token inside block 1
+    out, seen = run(masked_objective, 0, x=x, steps=12, selector=selector, block_length=block_length, remask_eta=0.2)
+    current, remasked = 0, 0
+    for before, after in zip(states(x, seen), states(x, seen)[1:]):
+        changed = (before != after).any(0).nonzero().flatten()
+        blocks = set((changed // block_length).tolist())
+        assert len(blocks) <= 1  # one block per step
+        if blocks:
+            block = blocks.pop()
+            assert block >= current  # left to right
+            current = block
+            assert not (before[:, : block * block_length] == mask_id).any()  # earlier blocks are complete
+        remasked += ((before != mask_id) & (after == mask_id)).sum().item()
+    assert remasked > 0 and (out[:, 9] == 4).all() and (out != mask_id).all()  # prompt kept, remasking happened
+
+
+def test_remasking_never_touches_the_prompt(masked_objective):
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    x[:, :6] = 2
+    out, seen = run(masked_objective, 0, x=x, steps=16, remask_eta=0.3)
+    assert all((s.x[:, :6] == 2).all() for s in seen) and (out != masked_objective.mask_id).all()
+    revisited = sum(
+        ((a != masked_objective.mask_id) & (b == masked_objective.mask_id)).sum().item()
+        for a, b in zip(states(x, seen), states(x, seen)[1:])
+    )
+    assert revisited > 0
+
+
+def test_ancestral_remdm_knob(masked_objective):
+    spec = get_sampler("ancestral", masked_objective)
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    x[:, :4] = 1
+
+    def ancestral(**knobs):
+        seen: list[SamplerStep] = []
+        g = torch.Generator().manual_seed(0)
+        return spec.fn(masked_objective, x, linear_grid(16), generator=g, callback=seen.append, **knobs), seen
+
+    assert torch.equal(ancestral()[0], ancestral(remask_eta=0.0)[0])  # off = the MDLM path
+    out, seen = ancestral(remask_eta=0.3)
+    assert (out != masked_objective.mask_id).all() and (out[:, :4] == 1).all()
+    revisited = sum(
+        ((a != masked_objective.mask_id) & (b.x == masked_objective.mask_id)).sum().item()
+        for a, b in zip([x] + [s.x for s in seen], seen)
+    )
+    assert revisited > 0
+
+
+def test_registry_configs_and_knob_errors(masked_objective):
+    spec = get_sampler("parallel", masked_objective)
+    assert SAMPLERS["parallel"].space == "discrete"
+    with pytest.raises(ValueError, match="works on discrete objectives"):
+        get_sampler("parallel", GaussianToy())
+    defaults = {k: p.default for k, p in inspect.signature(spec.fn).parameters.items()}
+    base = dict(load_group("sampler", "parallel"))
+    assert base.pop("name") == "parallel" and set(base) - {"steps"} == set(spec.knobs())
+    assert all(base[k] == defaults[k] for k in spec.knobs())
+    for preset, key in [("threshold", "selector"), ("prophet", "selector"), ("semiar", "block_length")]:
+        node = dict(load_group("sampler", preset))
+        assert node.pop("name") == "parallel" and [k for k in base if node[k] != base[k]] == [key]
+        check_knobs(spec, {k: v for k, v in node.items() if k != "steps"})
+    remdm = dict(load_group("sampler", "remdm"))
+    assert remdm.pop("name") == "ancestral" and remdm.pop("steps") == 128 and remdm["remask_eta"] == 0.02
+    check_knobs(get_sampler("ancestral"), remdm)
+    assert compose(["sampler=prophet", "sampler.tau=0.8"]).sampler.selector == "prophet"
+    with pytest.raises(ValueError, match="selector must be one of"):
+        run(masked_objective, selector="greedy")
+    with pytest.raises(ValueError, match="at least the number of blocks"):
+        run(masked_objective, steps=2, block_length=8)
