@@ -35,7 +35,7 @@ USAGE = """usage:
               [out=FILE.jsonl] [trace=FILE.html] [devices=2] [device=cpu|cuda]
   cdlm eval path=CKPT [judge=AR_CKPT|HF_NAME_OR_PATH] [n=16] [seeds=3] [sampler=NAME] [sampler.KEY=value]
             [out=FILE.json] [val_batches=N]
-  cdlm sweep configs/sweep/NAME.yaml [--print]
+  cdlm sweep configs/sweep/NAME.yaml [--print] [--skip-done]
   cdlm schedule path=CKPT [out=FILE.png]   (plot a bitstream model's learned entropy-rate schedule)
 groups: data model objective sampler trainer; see configs/ and the README's config reference."""
 

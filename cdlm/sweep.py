@@ -121,8 +121,14 @@ def default_runner(command: str, args: list[str]) -> None:
     main([command, *args])
 
 
-def run_sweep(path: str | Path, execute: bool = True, runner: Runner | None = None) -> list[dict[str, Any]]:
-    """Run (or with ``execute=False`` print) every point of the sweep at ``path``; write and return the rows."""
+def run_sweep(
+    path: str | Path, execute: bool = True, runner: Runner | None = None, skip_done: bool = False
+) -> list[dict[str, Any]]:
+    """Run (or with ``execute=False`` print) every point of the sweep at ``path``; write and return the rows.
+
+    ``skip_done``: keep the points whose result file already exists (a sweep cut short, or points run elsewhere
+    from the printed commands) and run only the others.
+    """
     sweep = load_sweep(path)
     points, argvs = grid_points(sweep), expand(sweep)
     if not execute:
@@ -133,6 +139,9 @@ def run_sweep(path: str | Path, execute: bool = True, runner: Runner | None = No
     out = Path(sweep["out"])
     (out / "points").mkdir(parents=True, exist_ok=True)
     for point, args in zip(points, argvs):
+        if skip_done and point_result(sweep, point).is_file():
+            print(f"cdlm sweep: point {point_name(point)}: done, kept {point_result(sweep, point)}")
+            continue
         print(f"cdlm sweep: point {point_name(point)}: {shlex.join(['cdlm', sweep['command'], *args])}")
         try:
             runner(sweep["command"], args)
@@ -245,9 +254,10 @@ def write_plot(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
 
 
 def main_sweep(argv: list[str]) -> list[dict[str, Any]]:
-    """``cdlm sweep <sweep.yaml> [--print]``: run the sweep (or print its commands); returns the result rows."""
+    """``cdlm sweep <sweep.yaml> [--print] [--skip-done]``: run the sweep (or print its commands); returns the result rows."""
     parser = argparse.ArgumentParser(prog="cdlm sweep", description="Run cdlm eval/train over a grid.")
     parser.add_argument("sweep", help="sweep YAML file (see cdlm/configs/sweep/)")
     parser.add_argument("--print", action="store_true", help="print one command per point instead of running")
+    parser.add_argument("--skip-done", action="store_true", help="keep points whose result file exists")
     opts = parser.parse_args(argv)
-    return run_sweep(opts.sweep, execute=not opts.print)
+    return run_sweep(opts.sweep, execute=not opts.print, skip_done=opts.skip_done)

@@ -107,6 +107,20 @@ def test_train_sweep_reads_metrics_json(tmp_path):
     assert (tmp_path / "sweep" / "plot.png").is_file()
 
 
+def test_skip_done_runs_only_missing_points(tmp_path):
+    path = write_sweep(tmp_path)
+    run_sweep(path, runner=fake_eval)
+    (tmp_path / "sweep" / "points" / "sampler.steps-8_sampler.top_p-1.0.json").unlink()
+    ran: list[list[str]] = []
+
+    def recording(command: str, args: list[str]) -> None:
+        ran.append(args)
+        fake_eval(command, args)
+
+    rows = run_sweep(path, runner=recording, skip_done=True)
+    assert len(ran) == 1 and "sampler.top_p=1.0" in ran[0] and "sampler.steps=8" in ran[0] and len(rows) == 4
+
+
 def test_unknown_key_is_refused(tmp_path):
     with pytest.raises(ValueError, match="valid keys: .*'grid'"):
         run_sweep(write_sweep(tmp_path, grids={"a": [1]}), runner=fake_eval)
