@@ -254,7 +254,7 @@ def write_plot(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
 
 
 def main_sweep(argv: list[str]) -> list[dict[str, Any]]:
-    """``cdlm sweep <sweep.yaml> [--print] [--skip-done]``: run the sweep (or print its commands); returns the result rows."""
+    """``cdlm sweep <sweep.yaml> [--print] [--skip-done]``: run the sweep or print its commands; returns the rows."""
     parser = argparse.ArgumentParser(prog="cdlm sweep", description="Run cdlm eval/train over a grid.")
     parser.add_argument("sweep", help="sweep YAML file (see cdlm/configs/sweep/)")
     parser.add_argument("--print", action="store_true", help="print one command per point instead of running")
