@@ -95,8 +95,7 @@ def train(argv: list[str]) -> dict:
         if ckpt_path:
             print(f"cdlm: resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    results = trainer.validate(module, datamodule=datamodule, ckpt_path=None, verbose=False)
-    metrics = {k: float(v) for k, v in results[0].items()}
+    metrics = final_validation(module, trainer, datamodule)
     if trainer.is_global_zero:
         module.save_pretrained(run_dir / "final")
         print(
@@ -106,6 +105,16 @@ def train(argv: list[str]) -> dict:
         print_samples(module, cfg)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def final_validation(module, trainer: L.Trainer, datamodule) -> dict[str, float]:
+    """The validation metrics of the final (EMA) weights: those of a validation that ran at the last step, if one
+    did (the same weights: EMA is updated before validation), else a fresh ``trainer.validate``."""
+    values, step = getattr(module, "validated_at", (None, None))
+    if values is not None and step == trainer.global_step:
+        return {f"val/{k}": v for k, v in values.items()}
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=None, verbose=False)
+    return {k: float(v) for k, v in results[0].items()}
 
 
 def print_samples(module, cfg: DictConfig) -> None:

@@ -92,6 +92,8 @@ class DiffusionLM(L.LightningModule):
         values = self.val_metric.compute()
         self.log_dict({f"val/{k}": v.float() for k, v in values.items()}, prog_bar=True, sync_dist=False)
         self.val_metric.reset()
+        if not self.trainer.sanity_checking:
+            self.validated_at = {k: float(v) for k, v in values.items()}, self.global_step
 
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]

@@ -96,3 +96,15 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     one = train_cli(tmp_path / "single", "trainer.devices=1", "data.batch_size=16")
     assert math.isfinite(two["val/bpc"]) and two["val/bpc"] < 6.0
     assert two["val/bpc"] == pytest.approx(one["val/bpc"], rel=0.05)
+
+
+def test_final_metrics_reuse_a_validation_at_the_last_step(tmp_path):
+    from cdlm.cli import final_validation
+
+    module, trainer, datamodule = fit(tmp_path, "trainer.val_check_interval=12")  # validates at step 12 = the end
+    assert module.validated_at[1] == trainer.global_step == 12
+    reused = final_validation(module, trainer, datamodule)
+    fresh = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert set(reused) == {"val/nll", "val/ppl", "val/bpc"}
+    for key, value in reused.items():
+        assert value == pytest.approx(float(fresh[key]), rel=1e-6), key
