@@ -8,6 +8,7 @@ read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
 from __future__ import annotations
 
 import tempfile
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,11 @@ from cdlm.config import instantiate, save_config
 
 if TYPE_CHECKING:
     from cdlm.module import DiffusionLM
+
+
+LOADING: ContextVar[bool] = ContextVar("cdlm_loading", default=False)
+"""True while ``load`` builds a module whose weights it then replaces: a constructor may skip work that only sets
+initial weights (a distillation student reading its teacher)."""
 
 
 class CheckpointError(ValueError):
@@ -85,7 +91,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> DiffusionLM:
             raise CheckpointError(f"{path} is a torch file but not a cdlm checkpoint (no 'cdlm' config section)")
         config, tokenizer = ckpt["cdlm"]["config"], tokenizer_from_state(ckpt["cdlm"]["tokenizer"])
         state = ckpt["state_dict"]
-    module = build_module(config, tokenizer)
+    token = LOADING.set(True)
+    try:
+        module = build_module(config, tokenizer)
+    finally:
+        LOADING.reset(token)
     load_weights(module, state, path)
     return module.to(device).eval()
 
