@@ -50,8 +50,9 @@ def generative_scores(judge, texts: list[str], ids: torch.Tensor) -> dict:
 
 
 def reference_texts(module: DiffusionLM, n: int, length: int) -> tuple[list[str], torch.Tensor]:
-    """``n`` windows of ``length`` tokens of real validation text, evenly spaced over the split."""
-    datamodule = instantiate(OmegaConf.create(module.config["data"]))
+    """``n`` windows of ``length`` tokens of real validation text, evenly spaced over the whole split (the run's
+    ``max_val_tokens`` cap, which bounds the cost of the likelihood bound, does not apply)."""
+    datamodule = instantiate(OmegaConf.create({**module.config["data"], "max_val_tokens": None}))
     datamodule.set_tokenizer(module.tokenizer)
     ids = datamodule.dataset("validation").ids.reshape(-1)  # the packed validation stream
     ids = ids[ids != module.tokenizer.pad_id]
