@@ -85,6 +85,19 @@ class ContinuousObjective(Objective, Protocol):
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class FlowMapObjective(ContinuousObjective, Protocol):
+    """A two-time denoiser ``flow_denoise(x, sigma_s, sigma_t)``, as FMLM's ``FlowMap`` has (``objective=flow_map``).
+
+    FMLM (Lee et al. 2026, "Flow map language models"), MATH.md section 2: ``x`` ``[B, L, D]`` is the VE state at
+    ``sigma_s`` ``[B]``; the result ``D_{s,t}`` ``[B, L, D]`` at the target level ``sigma_t <= sigma_s`` ``[B]`` makes
+    the flow map a DDIM step, ``x_t = D_{s,t} + (sigma_t / sigma_s) (x - D_{s,t})``; ``sigma_t = sigma_s`` gives the
+    ordinary denoiser.
+    """
+
+    def flow_denoise(self, x: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class SamplerStep:
     """What a sampler hands its ``callback`` after every step."""

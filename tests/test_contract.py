@@ -1,4 +1,6 @@
-"""The sampler contract: every continuous sampler runs on every continuous objective (MATH.md section 0)."""
+"""The sampler contract: every continuous sampler runs on every continuous objective it fits (MATH.md section 0).
+
+A sampler with a ``requires`` protocol (``flowmap``: a two-time denoiser) must refuse the objectives without it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 from cdlm.objectives.bitstream import Bitstream
 from cdlm.objectives.embedding_flow import EmbeddingFlow
 from cdlm.objectives.flow import OneHotFlow
+from cdlm.objectives.flow_map import FlowMap
 from cdlm.samplers import SAMPLERS, get_sampler
 from cdlm.types import ContinuousObjective
 from tests.conftest import tiny_backbone
@@ -28,6 +31,7 @@ def fitted_bitstream() -> Bitstream:
 OBJECTIVES = {
     "toy": lambda: GaussianToy(),
     "flow": lambda: OneHotFlow(tiny_backbone(), V),
+    "flow_map": lambda: FlowMap(tiny_backbone(), V),
     "langflow": lambda: EmbeddingFlow(tiny_backbone(), V),
     "bitstream": fitted_bitstream,
 }
@@ -49,6 +53,10 @@ def test_every_continuous_sampler_runs_on_every_continuous_objective(name: str, 
     if isinstance(objective, torch.nn.Module):
         objective.eval()
     assert isinstance(objective, ContinuousObjective)
+    if not SAMPLERS[sampler].fits(objective):
+        with pytest.raises(ValueError, match=f"samplers that fit {type(objective).__name__}"):
+            get_sampler(sampler, objective)
+        return
     ids = draw(objective, sampler, seed=3)
     assert ids.shape == (2, 8) and ids.dtype == torch.long
     assert 0 <= int(ids.min()) and int(ids.max()) < objective.vocab_size

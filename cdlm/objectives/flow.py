@@ -92,12 +92,15 @@ class OneHotFlow(SigmaRange, nn.Module):
     # ---- the network ------------------------------------------------------------------------------------------
     def logits(self, z: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """Token logits ``[B, L, V]`` (float32) for the native state ``z`` ``[B, L, V]`` at ``log_sigma`` ``[B]``."""
+        logits = self.network(self.input_map(z), log_sigma, padding)  # [B, L, V]
+        return logits + self.evidence(z, log_sigma) if self.matched_filter else logits
+
+    def input_map(self, z: torch.Tensor) -> torch.Tensor:
+        """``z @ E`` ``[B, L, W]`` (float32) for the dense native state ``z`` ``[B, L, V]``."""
         # float32 input map: at high noise the token signal c e_x is ~1/50 of the noise projection (1-c) eps @ E,
         # about the size of bf16's rounding of that 2048-term sum
         with torch.autocast(z.device.type, enabled=False):
-            h = z.float() @ self.embed.weight.float()  # [B, L, W]
-        logits = self.network(h, log_sigma, padding)  # [B, L, V]
-        return logits + self.evidence(z, log_sigma) if self.matched_filter else logits
+            return z.float() @ self.embed.weight.float()  # [B, L, W]
 
     @staticmethod
     def evidence(z: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,10 @@ class OneHotFlow(SigmaRange, nn.Module):
 
     def network(self, h: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, L, V]`` from the projected input ``h = z @ E`` ``[B, L, W]``."""
-        h = self.backbone(h, self.time_embed(log_sigma.float()), padding)  # [B, L, W]
+        return self.readout(self.backbone(h, self.time_embed(log_sigma.float()), padding))
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[B, L, V]`` from the backbone output ``[B, L, W]``, soft-capped if ``soft_cap``."""
         f = self.head(h).float()  # [B, L, V]
         return f if self.soft_cap is None else self.soft_cap * torch.tanh(f / self.soft_cap)
 
