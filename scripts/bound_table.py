@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", help="save_pretrained folders or .ckpt files")
     parser.add_argument("--chars", type=int, default=22000)
     parser.add_argument("--out", default="bench/results/bound_table")
+    parser.add_argument("--merge", action="store_true", help="keep the other runs' rows of an existing table")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -83,6 +84,11 @@ def main() -> None:
         print(f"{path}: {rows[-1]['val_bpc']:.3f} BPC on {rows[-1]['val_tokens']} tokens ({rows[-1]['seconds']:.0f} s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if old["chars"] != args.chars:
+            raise SystemExit(f"--merge: the existing table is on {old['chars']} characters, not {args.chars}")
+        rows = [r for r in old["rows"] if r["path"] not in args.paths] + rows
     payload = {"device": device_name(torch.device("cpu")), "chars": args.chars, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, args.chars))
