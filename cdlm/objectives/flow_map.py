@@ -36,28 +36,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cdlm.checkpoint import LOADING, load
+from cdlm.checkpoint import LOADING
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE, OneHotFlow
+from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
 from cdlm.types import Batch, LossOutput
 
 DIAGONAL, JUMP, BOUNDARY = 0, 1, 2  # row kinds of a training batch
 SETTINGS = ("vocab_size", "soft_cap", "t_min", "t_max", "matched_filter")  # must equal the teacher's
 BACKBONE_SETTINGS = ("width", "depth", "heads", "cond_width", "mask_mode", "block_size")
-
-
-class FrozenTeacher:
-    """Holds the teacher outside the module tree: not in ``state_dict``, ``parameters()``, the optimizer or checkpoints.
-
-    EMA (``AveragedModel``) deep-copies the student; the copy shares this holder instead of copying the teacher.
-    """
-
-    def __init__(self) -> None:
-        self.objective: OneHotFlow | None = None
-
-    def __deepcopy__(self, memo: dict) -> FrozenTeacher:
-        return self
 
 
 class FlowMap(OneHotFlow):
@@ -117,15 +105,12 @@ class FlowMap(OneHotFlow):
         pairs += [(f"backbone.{k}", getattr(teacher.backbone, k), getattr(self.backbone, k)) for k in BACKBONE_SETTINGS]
         diffs = [f"{k}: teacher {a!r} vs student {b!r}" for k, a, b in pairs if a != b]
         own, theirs = self.state_dict(), teacher.state_dict()
-        for k, v in theirs.items():
-            if k not in own or v.shape != own[k].shape:
-                diffs.append(f"{k}: teacher {tuple(v.shape)} vs student {tuple(own[k].shape) if k in own else None}")
-        diffs += [f"{k}: not in the teacher" for k in own if k not in theirs and not k.startswith("target_embed.")]
+        diffs += [d for d in state_differences(own, theirs) if not d.startswith("target_embed.")]  # g is FMLM's own
         if diffs:
             raise ValueError(f"the FlowMap student does not match its teacher: {diffs[:6]}{hint}")
         if initialise:
             self.load_state_dict(theirs, strict=False)
-        self.frozen.objective = teacher.eval().requires_grad_(False)
+        self.frozen.attach(teacher)
 
     def teacher(self, device: torch.device) -> OneHotFlow:
         """The frozen teacher on ``device``; an error if there is none (training needs it, sampling does not)."""
@@ -135,7 +120,7 @@ class FlowMap(OneHotFlow):
                 "cdlm.load does not read it). Train through the config with objective.teacher set to a flow run "
                 "(e.g. runs/flow_quickstart/final), or call attach_teacher."
             )
-        return self.frozen.objective.to(device)
+        return self.frozen.on(device)
 
     # ---- the two-time network -----------------------------------------------------------------------------------
     def network(
@@ -233,14 +218,13 @@ class FlowMap(OneHotFlow):
 
 # ---- the pieces of the objective, as functions ----------------------------------------------------------------------
 def load_teacher(path: str | Path) -> tuple[OneHotFlow, dict | None]:
-    """The objective of the run at ``path`` (via ``cdlm.load``: safetensors or weights-only) and its model config."""
+    """The objective of the FLM run at ``path`` and its model config; a clear error if there is no such run."""
     if not Path(path).exists():
         raise ValueError(
             f"FlowMap teacher {str(path)!r} does not exist: train the FLM teacher first (experiment=flow_quickstart "
             "writes runs/flow_quickstart/final) or set objective.teacher to a flow run's final/ folder or .ckpt"
         )
-    module = load(path)
-    return module.objective, module.config.get("model")
+    return load_objective(path)
 
 
 def log_sigma_of_c(c: torch.Tensor) -> torch.Tensor:

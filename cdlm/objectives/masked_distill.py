@@ -47,32 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdlm.checkpoint import LOADING, load
+from cdlm.checkpoint import LOADING
 from cdlm.config import ConfigError
 from cdlm.models.backbone import Backbone
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.schedules import Schedule
+from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
 from cdlm.types import Batch, LossOutput
-
-
-class FrozenTeacher:
-    """A frozen objective kept out of the owner's ``nn.Module`` registry (no parameters, state or ``.to``).
-
-    ``copy.deepcopy`` returns the same holder: EMA's ``AveragedModel`` deep-copies the whole module, and a frozen
-    teacher needs no second copy.
-    """
-
-    def __init__(self, objective: MaskedDiffusion) -> None:
-        self.objective = objective.requires_grad_(False).eval()
-
-    def __deepcopy__(self, memo: dict) -> FrozenTeacher:
-        return self
-
-    def on(self, device: torch.device) -> MaskedDiffusion:
-        """The teacher on ``device`` (moved there on first use)."""
-        if next(self.objective.parameters()).device != device:
-            self.objective.to(device)
-        return self.objective
 
 
 def load_teacher(path: str | Path) -> MaskedDiffusion:
@@ -80,8 +61,7 @@ def load_teacher(path: str | Path) -> MaskedDiffusion:
 
     A distilled student can teach in turn: a ``MaskedDistill`` checkpoint gives its student.
     """
-    with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights: keep the caller's RNG stream
-        objective = load(path).objective
+    objective, _ = load_objective(path)
     objective = getattr(objective, "student", objective)
     if not isinstance(objective, MaskedDiffusion):
         raise ConfigError(f"teacher {path} holds a {type(objective).__name__}; distillation needs a masked checkpoint")
@@ -266,11 +246,8 @@ def copy_teacher(student: MaskedDiffusion, teacher: MaskedDiffusion, source: str
             f"time_conditioning={teacher.time_conditioning}; set objective.schedule, objective.eps and "
             "objective.time_conditioning to match"
         )
-    own, theirs = student.state_dict(), teacher.state_dict()
-    shared = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
-    differ = sorted(own.keys() ^ theirs.keys()) + [
-        f"{k}: {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in shared
-    ]
+    theirs = teacher.state_dict()
+    differ = state_differences(student.state_dict(), theirs)
     if differ:
         raise ConfigError(
             f"the student's architecture differs from teacher {source}'s ({differ[:4]}); the run must use the "
