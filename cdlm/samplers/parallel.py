@@ -162,33 +162,60 @@ def sample_parallel(
             at every step.
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p)
-    mask_id, (batch, length) = objective.mask_id, x.shape
-    generated = x == mask_id  # [B, L]
+    generated = x == objective.mask_id  # [B, L]
+    length = x.shape[1]
     blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
     blocks = [block for block in blocks if (generated & block).any()]  # [L] each
-    if not blocks:
-        return x
-    steps, alpha = len(ts) - 1, objective.schedule.alpha
-    reuse = cache and not objective.time_conditioning
-    logp, nfe, offset = None, 0, 0  # logp: [B, L, V] for the current x
-    for block, n in zip(blocks, block_steps(steps, len(blocks))):
-        grid = block_grid(ts, n)
+    decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback)
+    offset = 0
+    for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
+        x = decoder.decode(x, block, block_grid(ts, n), offset)
+        offset += n
+    return x
+
+
+class BlockDecoder:
+    """Runs ``sample_parallel``'s steps block by block, carrying ``p_theta`` (for the cache) and the NFE count."""
+
+    def __init__(
+        self,
+        objective: DiscreteObjective,
+        policy: Policy,
+        generated: torch.Tensor,
+        steps: int,
+        cache: bool,
+        generator: torch.Generator | None,
+        callback: Callable[[SamplerStep], None] | None,
+    ) -> None:
+        self.objective, self.policy, self.generated, self.steps = objective, policy, generated, steps
+        self.reuse = cache and not objective.time_conditioning
+        self.generator, self.callback = generator, callback
+        self.logp: torch.Tensor | None = None  # [B, L, V] for the current x
+        self.nfe = 0
+
+    def decode(self, x: torch.Tensor, block: torch.Tensor, grid: torch.Tensor, offset: int) -> torch.Tensor:
+        """Unmask the ``block`` ``[L]`` of ``x`` ``[B, L]`` over its ``grid`` ``[n + 1]``; ``offset``: steps so far.
+
+        The block's last step commits every remaining candidate; a block that empties early drops its other steps.
+        """
+        mask_id, alpha, n = self.objective.mask_id, self.objective.schedule.alpha, len(grid) - 1
         for j in range(n):
             candidates = (x == mask_id) & block  # [B, L]
             if not candidates.any():
-                break  # the block emptied early: its remaining steps are dropped
-            if logp is None:
-                logp, nfe = objective.denoise(x, grid[j].expand(batch).float()), nfe + 1
+                break
+            if self.logp is None:
+                self.logp, self.nfe = self.objective.denoise(x, grid[j].expand(x.shape[0]).float()), self.nfe + 1
             a_t, a_s = alpha(grid[j]), alpha(grid[j + 1])
-            rates = (float(a_t), float(a_s), remask_sigma(a_t, a_s, policy.remask_eta))
-            remaskable = generated & block & (x != mask_id)  # [B, L]: tokens this sampler wrote in the block
-            last, progress = j == n - 1, (offset + j + 1) / steps
-            new = parallel_step(policy, x, logp, candidates, remaskable, rates, progress, last, mask_id, generator)
-            x0 = torch.where(x == mask_id, logp.argmax(-1), x)  # [B, L] the clean estimate this step used
-            if not (reuse and torch.equal(new, x)):
-                logp = None
+            rates = (float(a_t), float(a_s), remask_sigma(a_t, a_s, self.policy.remask_eta))
+            remaskable = self.generated & block & (x != mask_id)  # [B, L]: tokens this sampler wrote in the block
+            last, progress = j == n - 1, (offset + j + 1) / self.steps
+            new = parallel_step(
+                self.policy, x, self.logp, candidates, remaskable, rates, progress, last, mask_id, self.generator
+            )
+            x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)  # [B, L] the clean estimate this step used
+            if not (self.reuse and torch.equal(new, x)):
+                self.logp = None
             x = new
-            if callback is not None:
-                callback(SamplerStep(offset + j, float(grid[j + 1]), x, x0, nfe))
-        offset += n
-    return x
+            if self.callback is not None:
+                self.callback(SamplerStep(offset + j, float(grid[j + 1]), x, x0, self.nfe))
+        return x
