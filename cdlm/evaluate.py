@@ -21,11 +21,22 @@ from cdlm.module import DiffusionLM
 from cdlm.sampling import draw
 
 
-@torch.no_grad()
-def validation_bound(module: DiffusionLM, max_batches: int | None = None, dtype=torch.bfloat16) -> dict:
-    """The objective's ``nll`` over the validation split with the module's fixed evaluation noise."""
-    datamodule = instantiate(OmegaConf.create(module.config["data"]))
+def run_datamodule(module: DiffusionLM, **overrides):
+    """The run's ``TextDataModule`` (its ``data`` config, with ``overrides``) using the model's tokenizer."""
+    datamodule = instantiate(OmegaConf.create({**module.config["data"], **overrides}))
     datamodule.set_tokenizer(module.tokenizer)
+    return datamodule
+
+
+@torch.no_grad()
+def validation_bound(
+    module: DiffusionLM, max_batches: int | None = None, dtype=torch.bfloat16, data: dict | None = None
+) -> dict:
+    """The objective's ``nll`` over the validation split with the module's fixed evaluation noise.
+
+    ``data``: overrides of the run's data config (e.g. ``{"max_val_tokens": n}``).
+    """
+    datamodule = run_datamodule(module, **(data or {}))
     metric = LikelihoodMetric().to(module.device)
     with torch.autocast(module.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for i, batch in enumerate(datamodule.val_dataloader()):
@@ -52,9 +63,7 @@ def generative_scores(judge, texts: list[str], ids: torch.Tensor) -> dict:
 def reference_texts(module: DiffusionLM, n: int, length: int) -> tuple[list[str], torch.Tensor]:
     """``n`` windows of ``length`` tokens of real validation text, evenly spaced over the whole split (the run's
     ``max_val_tokens`` cap, which bounds the cost of the likelihood bound, does not apply)."""
-    datamodule = instantiate(OmegaConf.create({**module.config["data"], "max_val_tokens": None}))
-    datamodule.set_tokenizer(module.tokenizer)
-    ids = datamodule.dataset("validation").ids.reshape(-1)  # the packed validation stream
+    ids = run_datamodule(module, max_val_tokens=None).dataset("validation").ids.reshape(-1)  # the packed stream
     ids = ids[ids != module.tokenizer.pad_id]
     if ids.numel() < n * length:
         raise ValueError(f"the validation split has {ids.numel()} tokens, fewer than n * length = {n * length}")

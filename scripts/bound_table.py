@@ -18,19 +18,15 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 import cdlm
-from cdlm.config import instantiate
 from cdlm.device import device_name
-from cdlm.evaluate import validation_bound
+from cdlm.evaluate import run_datamodule, validation_bound
 
 
 def tokens_for_chars(module, chars: int) -> int:
     """Real tokens in the leading validation rows whose characters first reach ``chars``."""
-    datamodule = instantiate(OmegaConf.create({**module.config["data"], "max_val_tokens": None}))
-    datamodule.set_tokenizer(module.tokenizer)
-    rows = datamodule.dataset("validation")
+    rows = run_datamodule(module, max_val_tokens=None).dataset("validation")
     reached = (rows.n_chars.cumsum(0) < chars).sum().item() + 1  # rows needed
     return int(rows.mask[:reached].sum())
 
@@ -38,9 +34,8 @@ def tokens_for_chars(module, chars: int) -> int:
 def bound_row(path: str, chars: int) -> dict:
     module = cdlm.load(path)
     tokens = tokens_for_chars(module, chars)
-    module.config["data"] = {**module.config["data"], "max_val_tokens": tokens}
     start = time.perf_counter()
-    metrics = validation_bound(module)
+    metrics = validation_bound(module, data={"max_val_tokens": tokens})
     objective = module.objective
     return {
         "path": path,
