@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import tempfile
@@ -43,6 +42,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from cdlm.device import device_name
+from cdlm.device import synchronize as sync
+from cdlm.objectives.bits import bit_width, ids_to_bits
 
 SIGMA_DATA = 0.5  # EDM's sigma_d (MATH.md section 4)
 LOG_SIGMA_MEAN, LOG_SIGMA_STD = -1.2, 1.2  # the warm-up noise law, log sigma ~ N(-1.2, 1.2^2)
@@ -53,29 +54,12 @@ HeadCase = tuple[Step, nn.Linear, torch.Tensor]  # the loss closure, the head, i
 
 
 # ---- device helpers -------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
     """bf16 autocast on the device type for ``dtype == "bf16"``, nothing for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 # ---- the two heads --------------------------------------------------------------------------------------------
-def bit_width(vocab: int) -> int:
-    """``k = ceil(log2 V)`` (12 for ``V = 4096``, 16 for GPT-2's 50257)."""
-    return max(1, math.ceil(math.log2(vocab)))
-
-
-def ids_to_bits(ids: torch.Tensor, k: int) -> torch.Tensor:
-    """``[N]`` ids -> ``[N, k]`` float32 bits, most significant first (as ``cdlm.objectives.bits``)."""
-    shifts = torch.arange(k - 1, -1, -1, device=ids.device)  # [k]
-    return ((ids[:, None] >> shifts) & 1).float()
-
-
 def edm_weight(n: int, rows: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     """``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma^2 sigma_d^2)`` ``[N]``, one warm-up ``sigma`` per row."""
     log_sigma = LOG_SIGMA_MEAN + LOG_SIGMA_STD * torch.randn(rows, generator=generator)  # [B]

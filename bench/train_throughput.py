@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cdlm.device import device_name
+from cdlm.device import synchronize as sync
 
 VOCAB = 2048  # the quickstart's BPE vocabulary
 LR, WEIGHT_DECAY, BETAS = 1e-3, 0.1, (0.9, 0.98)  # cdlm's defaults (configs/config.yaml, module)
@@ -35,12 +36,6 @@ Batch = dict[str, torch.Tensor]
 
 
 # ---- device helpers -------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def autocast(device: torch.device) -> AbstractContextManager:
     """bf16 autocast on the given device type."""
     return torch.autocast(device.type, dtype=torch.bfloat16)

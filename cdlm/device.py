@@ -19,3 +19,10 @@ def device_name(device: torch.device | str = "cpu") -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued kernels before reading a clock (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
