@@ -1,10 +1,12 @@
-"""Training callbacks that Lightning does not ship: token throughput."""
+"""Training callbacks: token throughput (Lightning ships none), and Lightning's EMA with an exact update."""
 
 from __future__ import annotations
 
 import time
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 
 class ThroughputLogger(L.Callback):
@@ -24,3 +26,40 @@ class ThroughputLogger(L.Callback):
         if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0 and elapsed > 0:
             pl_module.log("train/tokens_per_s", self._tokens / elapsed, prog_bar=True)
             self._start, self._tokens = time.perf_counter(), 0
+
+
+def exact_ema(decay: float):
+    """``ema + (1 - decay)(p - ema)``: torch's EMA update ``decay ema + (1 - decay) p`` rewritten so that a weight
+    that does not change (a frozen module, e.g. the VAE under a latent prior) stays bit-identical instead of drifting
+    by rounding at every step."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def update(ema: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        return ema + (1 - decay) * (current - ema)
+
+    return update
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging`` (same arguments, same schedule) with the update of ``exact_ema``."""
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        use_buffers: bool = True,
+        device: torch.device | str | int | None = None,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            use_buffers=use_buffers,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+            update_starting_at_epoch=update_starting_at_epoch,
+        )
+        self._kwargs["avg_fn"] = exact_ema(decay)
