@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torchmetrics.aggregation import MeanMetric
 
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.metrics import LikelihoodMetric
@@ -45,6 +46,7 @@ class DiffusionLM(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio, self.seed = warmup_steps, min_lr_ratio, seed
         self.val_metric = LikelihoodMetric()
+        self.val_logs: dict[str, MeanMetric] = {}  # the objective's nll logs (e.g. a VAE's reconstruction accuracy)
 
     # ---- randomness -------------------------------------------------------------------------------------------
     @contextmanager
@@ -87,11 +89,19 @@ class DiffusionLM(L.LightningModule):
         with self.seeded(-1, batch_idx):  # the same noise at every evaluation: comparable numbers
             out = self.objective.nll(batch)
         self.val_metric.update(out.nll, out.mask, batch["n_chars"])
+        for name, value in out.logs.items():
+            if name not in self.val_logs:
+                self.val_logs[name] = MeanMetric().to(self.device)
+            self.val_logs[name].update(value.detach().float(), weight=out.mask.sum())
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metric.compute()
         self.log_dict({f"val/{k}": v.float() for k, v in values.items()}, prog_bar=True, sync_dist=False)
         self.val_metric.reset()
+        for name, metric in self.val_logs.items():  # token-weighted means over the validation split
+            values[name] = metric.compute()
+            self.log(f"val/{name}", values[name].float(), sync_dist=False)
+            metric.reset()
         if not self.trainer.sanity_checking:
             self.validated_at = {k: float(v) for k, v in values.items()}, self.global_step
 
