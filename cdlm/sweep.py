@@ -1,9 +1,13 @@
 """Sweeps: run ``cdlm eval`` or ``cdlm train`` over a grid from one YAML file, then tabulate and plot the results.
 
 A sweep file names ``command`` (eval or train), ``base`` arguments for every point, a ``grid`` (the cartesian
-product of its keys' values), table ``columns``, a ``plot`` spec and an ``out`` folder; see
-``cdlm/configs/sweep/masked_steps.yaml``. ``cdlm sweep FILE --print`` prints one command per point for a
-cluster scheduler instead of running them.
+product of its keys' values: a list expands, a scalar is fixed), table ``columns``, a ``plot`` spec and an ``out``
+folder; see ``cdlm/configs/sweep/masked_steps.yaml``. Instead of ``grid``, ``grids`` is a list of such mappings,
+each expanded on its own and the points concatenated in order, so that different models and samplers share one
+sweep; a grid's reserved key ``label`` is stored in its rows (a column, and a ``plot.lines`` key) but is not passed
+on the command line; see ``cdlm/configs/sweep/frontier.yaml``. ``plot`` is one spec or a list of specs, each
+written to its ``file`` in ``out`` (default ``plot.png``). ``cdlm sweep FILE --print`` prints one command per
+point for a cluster scheduler instead of running them.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import yaml
 
 from cdlm.config import ConfigError
 
-KEYS = {"command", "base", "grid", "columns", "plot", "out"}
-PLOT_KEYS = {"x", "y", "annotate", "logx", "logy", "title", "lines"}
+KEYS = {"command", "base", "grid", "grids", "columns", "plot", "out"}
+PLOT_KEYS = {"x", "y", "annotate", "logx", "logy", "title", "lines", "file"}
+LABEL = "label"  # reserved grid key: stored in the rows, never passed as an override
+MARKERS = "os^vD<>ph*Xd"
 COMMANDS = ("eval", "train")
 CONFIG_EXAMPLE = Path(__file__).parent / "configs" / "sweep" / "masked_steps.yaml"
 Runner = Callable[[str, list[str]], Any]
@@ -41,20 +47,60 @@ def load_sweep(path: str | Path) -> dict:
         raise ConfigError(f"sweep command must be one of {list(COMMANDS)}, got {sweep.get('command')!r}")
     if not sweep.get("out"):
         raise ConfigError("a sweep needs out: the folder for point results, results.csv, results.md and plot.png")
-    if unknown := sorted(set(sweep.get("plot") or {}) - PLOT_KEYS):
-        raise ConfigError(f"unknown plot key(s) {unknown}; valid plot keys: {sorted(PLOT_KEYS)}")
-    if sweep.get("plot") and not {"x", "y"} <= set(sweep["plot"]):
-        raise ConfigError("a sweep plot needs x and y (a grid key or a metric name each)")
-    if not isinstance(sweep.get("grid") or {}, dict):
-        raise ConfigError("sweep grid must map config keys to lists of values")
+    check_grids(sweep)
+    check_plots(plot_specs(sweep))
     return sweep
 
 
+def check_grids(sweep: dict) -> None:
+    """``grid`` xor ``grids`` (a list of mappings), scalar labels, and one file name per point."""
+    if "grid" in sweep and "grids" in sweep:
+        raise ConfigError("a sweep has either grid (one mapping) or grids (a list of mappings), not both")
+    if "grids" in sweep and (not isinstance(sweep["grids"], list) or not sweep["grids"]):
+        raise ConfigError("sweep grids must be a non-empty list of mappings, each from config keys to values")
+    for i, grid in enumerate(grids(sweep)):
+        where = f"grids[{i}]" if "grids" in sweep else "grid"
+        if not isinstance(grid, dict):
+            raise ConfigError(f"sweep {where} must map config keys to values (a list expands), got {grid!r}")
+        if isinstance(grid.get(LABEL), (list, dict)):
+            raise ConfigError(f"sweep {where}: {LABEL} names the whole grid and must be one scalar value")
+    names = [point_name(p) for p in grid_points(sweep)]
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"sweep points share result names {repeated}; give each grid its own {LABEL}")
+
+
+def plot_specs(sweep: dict) -> list[dict]:
+    """The sweep's plots: ``plot`` as one spec or a list of specs (none when ``plot`` is absent)."""
+    plot = sweep.get("plot")
+    return [] if not plot else plot if isinstance(plot, list) else [plot]
+
+
+def check_plots(specs: list[dict]) -> None:
+    """Each spec a mapping with x and y and only known keys; one output file per spec."""
+    for spec in specs:
+        if not isinstance(spec, dict):
+            raise ConfigError(f"a sweep plot must be a mapping with keys {sorted(PLOT_KEYS)}, got {spec!r}")
+        if unknown := sorted(set(spec) - PLOT_KEYS):
+            raise ConfigError(f"unknown plot key(s) {unknown}; valid plot keys: {sorted(PLOT_KEYS)}")
+        if not {"x", "y"} <= set(spec):
+            raise ConfigError("a sweep plot needs x and y (a grid key or a metric name each)")
+    files = [spec.get("file", "plot.png") for spec in specs]
+    if repeated := sorted({f for f in files if files.count(f) > 1}):
+        raise ConfigError(f"sweep plots write the same file {repeated}; give each plot its own file")
+
+
+def grids(sweep: dict) -> list[dict]:
+    """The sweep's grids: ``grids``, else the one ``grid`` (an absent grid is one empty point)."""
+    return sweep["grids"] if "grids" in sweep else [sweep.get("grid") or {}]
+
+
 def grid_points(sweep: dict) -> list[dict[str, Any]]:
-    """The grid's points in order, each ``{key: value}`` (a scalar grid value counts as a one-value list)."""
-    grid = sweep.get("grid") or {}
-    values = [v if isinstance(v, list) else [v] for v in grid.values()]
-    return [dict(zip(grid, combo)) for combo in itertools.product(*values)]
+    """The points of every grid in order, each ``{key: value}`` (a scalar grid value counts as a one-value list)."""
+    points = []
+    for grid in grids(sweep):
+        values = [v if isinstance(v, list) else [v] for v in grid.values()]
+        points += [dict(zip(grid, combo)) for combo in itertools.product(*values)]
+    return points
 
 
 def format_value(value: Any) -> str:
@@ -64,6 +110,11 @@ def format_value(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def overrides(point: dict[str, Any]) -> list[str]:
+    """A point's ``key=value`` command-line overrides (every key but ``label``)."""
+    return [f"{k}={format_value(v)}" for k, v in point.items() if k != LABEL]
+
+
 def point_name(point: dict[str, Any]) -> str:
     """A file-name-safe name for a grid point, e.g. ``sampler.steps-8_sampler.top_p-0.9``."""
     name = "_".join(f"{k}-{format_value(v)}" for k, v in point.items()) or "point"
@@ -71,6 +122,7 @@ def point_name(point: dict[str, Any]) -> str:
 
 
 def base_args(sweep: dict) -> list[str]:
+    """The ``base`` arguments, given as a list or as one shell-quoted string."""
     base = sweep.get("base") or []
     return shlex.split(base) if isinstance(base, str) else [str(a) for a in base]
 
@@ -84,12 +136,12 @@ def point_result(sweep: dict, point: dict[str, Any]) -> Path:
 
 
 def expand(sweep: dict) -> list[list[str]]:
-    """One argument list per grid point: base args, the point's ``key=value`` overrides and its output path."""
+    """One argument list per point: base args, the point's ``key=value`` overrides (not its label), its output."""
     out, argv = Path(sweep["out"]) / "points", []
     for point in grid_points(sweep):
         name = point_name(point)
         target = f"run_dir={out / name}" if sweep["command"] == "train" else f"out={out / name}.json"
-        argv.append([*base_args(sweep), *(f"{k}={format_value(v)}" for k, v in point.items()), target])
+        argv.append([*base_args(sweep), *overrides(point), target])
     return argv
 
 
@@ -151,8 +203,8 @@ def run_sweep(
     rows = [read_point(sweep, point) for point in points]
     write_csv(rows, out / "results.csv")
     write_markdown(rows, sweep, out / "results.md")
-    if sweep.get("plot"):
-        write_plot(rows, sweep, out / "plot.png")
+    for plot in plot_specs(sweep):
+        write_plot(rows, plot, line_keys(sweep, plot), out / plot.get("file", "plot.png"))
     print(f"cdlm sweep: {len(rows)} points; results in {out}")
     return rows
 
@@ -184,11 +236,10 @@ def write_markdown(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
     columns = sweep.get("columns") or [k for k in every if not k.startswith("reference.")]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(format_number(row.get(c)) for c in columns) + " |" for row in rows]
-    first = rows[0] if rows else {}
-    reference = {k.removeprefix("reference."): v for k, v in first.items() if k.startswith("reference.")}
-    if any(c in reference for c in columns):
-        cells = [format_number(reference[c]) if c in reference else "" for c in columns]
-        label = next((i for i, c in enumerate(columns) if c not in reference), None)
+    values = [reference_value(rows, c) for c in columns]
+    if any(v is not None for v in values):
+        cells = [format_number(v) for v in values]
+        label = next((i for i, v in enumerate(values) if v is None), None)
         if label is not None:
             cells[label] = "reference"
         lines.append("| " + " | ".join(cells) + " |")
@@ -196,50 +247,65 @@ def write_markdown(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
     return path
 
 
-def line_keys(sweep: dict) -> list[str]:
-    """Grid keys that split the plot into lines: ``plot.lines``, else every grid key but the one behind x.
+def reference_value(rows: list[dict[str, Any]], column: str) -> Any:
+    """The reference row's (real text's) value for a column: ``reference.C``, else ``reference.C`` less ``_mean``.
 
-    When x is a metric (e.g. ``nfe``), the grid key with the most values is taken to drive it.
+    ``cdlm eval`` writes one reference figure per metric (``reference.gen_ppl``) beside the generated samples'
+    mean over seeds (``gen_ppl_mean``); a ``*_std`` column has no reference value.
     """
-    plot, grid = sweep["plot"], sweep.get("grid") or {}
+    first = rows[0] if rows else {}
+    return first.get(f"reference.{column}", first.get(f"reference.{column.removesuffix('_mean')}"))
+
+
+def line_keys(sweep: dict, plot: dict) -> list[str]:
+    """Point keys that split a plot into lines: ``plot.lines``, else every grid key but the one behind x.
+
+    When x is a metric (e.g. ``nfe``), the grid key with the most values (over all grids) is taken to drive it.
+    """
     if "lines" in plot:
         return list(plot["lines"] or [])
-    if not grid:
+    sizes: dict[str, int] = {}
+    for grid in grids(sweep):
+        for k, v in grid.items():
+            sizes[k] = max(sizes.get(k, 1), len(v) if isinstance(v, list) else 1)
+    if not sizes:
         return []
-    sizes = {k: len(v) if isinstance(v, list) else 1 for k, v in grid.items()}
-    driver = plot["x"] if plot["x"] in grid else max(grid, key=sizes.__getitem__)
-    return [k for k in grid if k != driver]
+    driver = plot["x"] if plot["x"] in sizes else max(sizes, key=sizes.__getitem__)
+    return [k for k in sizes if k != driver]
 
 
-def write_plot(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
-    """``plot.y`` against ``plot.x``, one line per combination of the other grid keys, annotated points."""
+def line_label(keys: list[str], group: tuple) -> str | None:
+    """A legend entry: ``key=value`` pairs, a label by its value alone."""
+    parts = [format_value(v) if k == LABEL else f"{k}={format_value(v)}" for k, v in zip(keys, group)]
+    return ", ".join(parts) or None
+
+
+def write_plot(rows: list[dict[str, Any]], plot: dict, keys: list[str], path: Path) -> Path:
+    """``plot.y`` against ``plot.x``, one line per combination of the ``keys`` values, annotated points."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("plotting a sweep needs matplotlib: pip install 'cdlm[plot]'") from err
-    plot = sweep["plot"]
     x, y, annotate = plot["x"], plot["y"], plot.get("annotate")
-    keys = line_keys(sweep)
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if isinstance(row.get(x), (int, float)) and isinstance(row.get(y), (int, float)):
             groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
-    for group, members in groups.items():
+    many = len(groups) > 6  # a long legend goes beside the axes
+    fig = Figure(figsize=(9.6 if many else 6.4, 5.4 if many else 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (group, members) in enumerate(groups.items()):
         members.sort(key=lambda r: r[x])
-        label = ", ".join(f"{k}={format_value(v)}" for k, v in zip(keys, group)) or None
-        ax.plot([r[x] for r in members], [r[y] for r in members], marker="o", label=label)
+        xs, ys = [r[x] for r in members], [r[y] for r in members]
+        ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], label=line_label(keys, group))
         for r in members:
             if annotate and r.get(annotate) is not None:
                 ax.annotate(
-                    format_number(r[annotate]), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8
+                    format_number(r[annotate]), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
-    reference = rows[0].get(f"reference.{y}") if rows else None
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
-        ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=f"reference {y}")
+    draw_reference(ax, rows, y, annotate)
     ax.set_xscale("log" if plot.get("logx") else "linear")
     ax.set_yscale("log" if plot.get("logy") else "linear")
     ax.set_xlabel(x)
@@ -248,16 +314,30 @@ def write_plot(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
     ax.set_title(f"{title}\n(points labelled with {annotate})" if annotate else title, fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.savefig(path, dpi=120)
     return path
+
+
+def draw_reference(ax: Any, rows: list[dict[str, Any]], y: str, annotate: str | None) -> None:
+    """A dashed line at the reference row's ``y`` (real text), its ``annotate`` value in the legend."""
+    reference = reference_value(rows, y)
+    if not isinstance(reference, (int, float)) or isinstance(reference, bool):
+        return
+    label = f"reference {y} {format_number(reference)}"
+    beside = reference_value(rows, annotate) if annotate else None
+    if isinstance(beside, (int, float)) and not isinstance(beside, bool):
+        label += f" ({annotate} {format_number(beside)})"
+    ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=label)
 
 
 def main_sweep(argv: list[str]) -> list[dict[str, Any]]:
     """``cdlm sweep <sweep.yaml> [--print] [--skip-done]``: run the sweep or print its commands; returns the rows."""
     parser = argparse.ArgumentParser(prog="cdlm sweep", description="Run cdlm eval/train over a grid.")
     parser.add_argument("sweep", help="sweep YAML file (see cdlm/configs/sweep/)")
-    parser.add_argument("--print", action="store_true", help="print one command per point instead of running")
+    parser.add_argument(
+        "--print", action="store_true", help="print one command per point (labels left out) instead of running"
+    )
     parser.add_argument("--skip-done", action="store_true", help="keep points whose result file exists")
     opts = parser.parse_args(argv)
     return run_sweep(opts.sweep, execute=not opts.print, skip_done=opts.skip_done)

@@ -123,7 +123,7 @@ def test_skip_done_runs_only_missing_points(tmp_path):
 
 def test_unknown_key_is_refused(tmp_path):
     with pytest.raises(ValueError, match="valid keys: .*'grid'"):
-        run_sweep(write_sweep(tmp_path, grids={"a": [1]}), runner=fake_eval)
+        run_sweep(write_sweep(tmp_path, grid_search={"a": [1]}), runner=fake_eval)
 
 
 def test_example_sweep_expands():
@@ -133,3 +133,85 @@ def test_example_sweep_expands():
         "sampler.steps=512",
         "out=bench/results/sweeps/masked_steps/points/sampler.steps-512.json",
     ]
+
+
+GRIDS = [
+    {"label": "a", "path": "runs/a/final", "sampler.steps": [4, 16]},
+    {"label": "b", "path": "runs/b/final", "sampler": "flowmap", "sampler.steps": [1, 2]},
+    {"label": "c", "path": "runs/a/final", "sampler": "autoregressive"},
+]
+TWO_PLOTS = [
+    {"x": "nfe", "y": "gen_ppl_mean", "lines": ["label"], "annotate": "entropy_mean", "logx": True},
+    {"x": "seconds_per_sample_mean", "y": "gen_ppl_mean", "lines": ["label"], "file": "plot_seconds.png"},
+]
+
+
+def write_grids_sweep(tmp_path: Path, **fields) -> Path:
+    fields = {"grid": None, "grids": GRIDS, "columns": ["label", "sampler.steps", "nfe", "gen_ppl_mean"], **fields}
+    sweep = {k: v for k, v in yaml.safe_load(write_sweep(tmp_path).read_text()).items() if k != "grid"}
+    sweep.update({k: v for k, v in fields.items() if v is not None})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def fake_eval_any(command: str, args: list[str]) -> None:
+    """``cdlm eval``'s JSON for any point; the reference holds one figure per metric, as ``cdlm eval`` writes it."""
+    opts = dict(a.split("=", 1) for a in args)
+    nfe = float(opts.get("sampler.steps", 256))
+    metrics = {"nfe": nfe, "gen_ppl_mean": 1000 / nfe, "entropy_mean": 4.0, "seconds_per_sample_mean": nfe / 100}
+    result = {"metrics": metrics, "reference": {"gen_ppl": 40.5, "entropy": 4.49}}
+    Path(opts["out"]).write_text(json.dumps(result))
+
+
+def test_grids_expand_in_order_without_label_overrides(tmp_path):
+    argv = expand(load_sweep(write_grids_sweep(tmp_path)))
+    assert [a[2:-1] for a in argv] == [
+        ["path=runs/a/final", "sampler.steps=4"],
+        ["path=runs/a/final", "sampler.steps=16"],
+        ["path=runs/b/final", "sampler=flowmap", "sampler.steps=1"],
+        ["path=runs/b/final", "sampler=flowmap", "sampler.steps=2"],
+        ["path=runs/a/final", "sampler=autoregressive"],
+    ]
+    assert not any(arg.startswith("label=") for args in argv for arg in args)
+    names = [Path(a[-1].removeprefix("out=")).name for a in argv]
+    assert names[0] == "label-a_path-runs-a-final_sampler.steps-4.json" and len(set(names)) == 5
+
+
+def test_grids_sweep_rows_two_plots_and_reference_row(tmp_path):
+    rows = run_sweep(write_grids_sweep(tmp_path, plot=TWO_PLOTS), runner=fake_eval_any)
+    out = tmp_path / "sweep"
+    steps = [(r["label"], r.get("sampler.steps")) for r in rows]
+    assert steps == [("a", 4), ("a", 16), ("b", 1), ("b", 2), ("c", None)]
+    markdown = (out / "results.md").read_text()
+    assert "| label | sampler.steps | nfe | gen_ppl_mean |" in markdown and "| c |  | 256 | 3.906 |" in markdown
+    assert "| reference |  |  | 40.500 |" in markdown
+    for name in ("plot.png", "plot_seconds.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_print_mode_leaves_labels_out(tmp_path, capsys):
+    main_sweep([str(write_grids_sweep(tmp_path)), "--print"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and lines[4].startswith("cdlm eval path=runs/x/final n=4 path=runs/a/final sampler=auto")
+    assert not any(" label=" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"grid": {"sampler.steps": [8]}}, "either grid .* or grids"),
+        ({"grids": {"label": "a"}}, "grids must be a non-empty list"),
+        ({"grids": []}, "grids must be a non-empty list"),
+        ({"grids": [{"label": "a"}, ["sampler.steps", 8]]}, r"grids\[1\] must map config keys"),
+        ({"grids": [{"label": ["a", "b"], "sampler.steps": 8}]}, "label names the whole grid"),
+        ({"grids": [{"sampler.steps": [8, 16]}, {"sampler.steps": 8}]}, "share result names .*give each grid"),
+        ({"plot": [{"x": "nfe"}]}, "needs x and y"),
+        ({"plot": [{"x": "nfe", "y": "gen_ppl_mean", "colour": "red"}]}, "unknown plot key.*'colour'"),
+        ({"plot": [{"x": "nfe", "y": "gen_ppl_mean"}, {"x": "nfe", "y": "entropy_mean"}]}, "same file .*plot.png"),
+        ({"plot": ["nfe"]}, "plot must be a mapping"),
+    ],
+)
+def test_bad_grids_and_plots_are_refused(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write_grids_sweep(tmp_path, **fields))
