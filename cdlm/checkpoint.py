@@ -7,6 +7,7 @@ read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from contextvars import ContextVar
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from cdlm.config import instantiate, save_config
+from cdlm.config import instantiate, locate, save_config
 
 if TYPE_CHECKING:
     from cdlm.module import DiffusionLM
@@ -58,7 +59,10 @@ def build_module(config: dict, tokenizer: Any) -> DiffusionLM:
     """Build the module a config describes: backbone -> objective -> ``DiffusionLM``."""
     cfg = OmegaConf.create(config)
     backbone = instantiate(cfg.model)
-    objective = instantiate(cfg.objective, backbone=backbone, vocab_size=tokenizer.vocab_size)
+    injected = {"backbone": backbone, "vocab_size": tokenizer.vocab_size}
+    if "tokenizer" in inspect.signature(locate(cfg.objective._target_)).parameters:
+        injected["tokenizer"] = tokenizer  # objectives that turn ids back into text (a latent VAE's alignment)
+    objective = instantiate(cfg.objective, **injected)
     return instantiate(cfg.module, objective=objective, tokenizer=tokenizer, config=config)
 
 

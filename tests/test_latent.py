@@ -166,3 +166,48 @@ def _val_batches(module):
     from cdlm.evaluate import run_datamodule
 
     return run_datamodule(module, max_val_tokens=64).val_dataloader()
+
+
+def tiny_sentence_encoder(folder) -> str:
+    """A randomly initialised 1-layer BERT and a WordPiece tokenizer saved as a local transformers folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "the", "and"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_alignment_to_a_frozen_local_encoder(tmp_path) -> None:
+    """The alignment term trains the head and the VAE encoder, never the frozen encoder, which is not saved."""
+    encoder = tiny_sentence_encoder(tmp_path / "encoder")
+    module, _, _ = fit(
+        tmp_path / "vae", *LATENT, f"objective.align={encoder}", "objective.align_dim=16", "trainer.max_steps=3"
+    )
+    objective = module.objective
+    data = next(iter(_val_batches(module)))
+    objective.train()
+    out = objective.loss(data)
+    assert 0.0 <= out.logs["align"].item() <= 4.0  # |a - b|^2 of unit vectors
+    out.loss.backward()
+    assert objective.align_head.weight.grad is not None and objective.align_head.weight.grad.abs().sum() > 0
+    assert objective.vae.to_posterior.weight.grad.abs().sum() > 0
+    frozen = objective.aligner.objective
+    assert all(not p.requires_grad for p in frozen.parameters())
+    assert not any(k.startswith("aligner") for k in objective.state_dict())
+    module.save_pretrained(tmp_path / "final")
+    shutil.rmtree(tmp_path / "encoder")  # cdlm.load never reads the encoder
+    assert cdlm.load(tmp_path / "final").objective.aligner is None
+    with pytest.raises(FileNotFoundError, match="neither a packaged name"):
+        LatentDiffusion(tiny_backbone(), V, align=str(tmp_path / "missing"), tokenizer=module.tokenizer, **VAE_SETTINGS)

@@ -34,15 +34,17 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from cdlm.checkpoint import LOADING
+from cdlm.data.tokenizers.base import Tokenizer
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.models.vae import TextVAE
 from cdlm.objectives.ode_likelihood import ode_log_density
 from cdlm.objectives.sigma_range import SigmaRange
-from cdlm.objectives.teacher import load_objective, state_differences
+from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
 from cdlm.types import Batch, LossOutput
 
 Stage = Literal["vae", "prior"]
@@ -65,6 +67,11 @@ class LatentDiffusion(SigmaRange, nn.Module):
         time_mean, time_std: logit-normal training time of the prior, ``t = sigmoid(time_mean + time_std n)``.
         t_min, t_max: the prior's time range; ``sigma = t / (1 - t)`` spans ``[sigma(t_min), sigma(t_max)]``.
         ode_steps: Heun steps of the prior's ODE log-density in the bound.
+        align: stage ``vae``, optional: a frozen sentence encoder (``minilm`` with ``cdlm[align]``, or a local
+            ``transformers`` folder) whose unit-norm feature of each training text the pooled posterior mean must
+            predict through a linear head ``d_z -> align_dim``: ``align_weight |normalise(head(mean_n mu)) - f|^2``.
+            The encoder is never saved; the head is (in stage ``vae`` runs only).
+        tokenizer: the run's tokenizer (injected), which turns ids back into text for the alignment encoder.
     """
 
     space = "continuous"
@@ -90,6 +97,10 @@ class LatentDiffusion(SigmaRange, nn.Module):
         t_min: float = 1e-3,
         t_max: float = 1 - 1e-3,
         ode_steps: int = 32,
+        align: str | None = None,
+        align_weight: float = 1.0,
+        align_dim: int = 384,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -121,6 +132,11 @@ class LatentDiffusion(SigmaRange, nn.Module):
         self.register_buffer("latent_shift", torch.zeros(latent_dim))
         self.register_buffer("latent_scale", torch.ones(latent_dim))
         self.register_buffer("stats_ready", torch.tensor(False))
+        self.align_path, self.align_weight, self.tokenizer, self.aligner = align, align_weight, tokenizer, None
+        if align is not None and stage == "vae":
+            self.align_head = nn.Linear(latent_dim, align_dim)
+            if not LOADING.get():
+                self.attach_aligner(align, align_dim)
         if stage == "vae":
             self.prior_parts().requires_grad_(False)
         else:
@@ -132,6 +148,36 @@ class LatentDiffusion(SigmaRange, nn.Module):
                         "(e.g. runs/latent_vae/final, from python train.py experiment=latent_vae)"
                     )
                 self.load_vae(vae)
+
+    def attach_aligner(self, name_or_path: str, align_dim: int) -> None:
+        """Load the frozen alignment encoder (outside the module tree) and check its feature width."""
+        from cdlm.models.sentence_encoder import SentenceEncoder
+
+        if self.tokenizer is None:
+            raise ValueError("the alignment loss decodes ids to text: build the objective with the run's tokenizer")
+        encoder = SentenceEncoder(name_or_path)
+        if encoder.dim != align_dim:
+            raise ValueError(
+                f"the alignment encoder {name_or_path!r} has width {encoder.dim}; set objective.align_dim"
+                f"={encoder.dim} (got {align_dim})"
+            )
+        self.aligner = FrozenTeacher(encoder)
+
+    def alignment(
+        self, ids: torch.Tensor, padding: torch.Tensor, latent_padding: torch.Tensor, mean: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean over the batch of ``|normalise(head(pooled mu)) - f(text)|^2`` (Cola DLM-style alignment)."""
+        if self.aligner is None or self.aligner.objective is None:
+            raise ValueError(
+                f"objective.align={self.align_path!r} is set but no encoder is attached "
+                "(cdlm.load does not read it; train through the config)"
+            )
+        texts = [self.tokenizer.decode(row[keep].tolist()) for row, keep in zip(ids, padding)]
+        target = self.aligner.on(ids.device)(texts)  # [B, F]
+        w = latent_padding[..., None].float()  # [B, N, 1]
+        pooled = (mean * w).sum(1) / w.sum(1).clamp_min(1)  # [B, d_z]
+        predicted = F.normalize(self.align_head(pooled).float(), dim=-1)
+        return (predicted - target).square().sum(-1).mean()
 
     def prior_parts(self) -> nn.ModuleList:
         """The prior's own modules (trained in stage ``prior``, frozen in stage ``vae``)."""
@@ -233,6 +279,9 @@ class LatentDiffusion(SigmaRange, nn.Module):
         loss = (ce.sum() + self.beta * kl) / tokens
         accuracy = ((logits.argmax(-1) == ids) & padding).sum() / tokens
         logs = {"ce": ce.sum() / tokens, "kl": kl / tokens, "accuracy": accuracy}
+        if self.align_path is not None:
+            logs["align"] = self.alignment(ids, padding, latent_padding, mean)
+            loss = loss + self.align_weight * logs["align"]
         return LossOutput(loss, ce, padding, {k: v.detach() for k, v in logs.items()})
 
     def prior_loss(self, batch: Batch) -> LossOutput:
