@@ -31,6 +31,7 @@ KEYS = {"command", "base", "grid", "grids", "columns", "plot", "out"}
 PLOT_KEYS = {"x", "y", "annotate", "logx", "logy", "title", "lines", "file"}
 LABEL = "label"  # reserved grid key: stored in the rows, never passed as an override
 MARKERS = "os^vD<>ph*Xd"
+LINESTYLES = ("-", "--", ":")
 COMMANDS = ("eval", "train")
 CONFIG_EXAMPLE = Path(__file__).parent / "configs" / "sweep" / "masked_steps.yaml"
 Runner = Callable[[str, list[str]], Any]
@@ -299,7 +300,8 @@ def write_plot(rows: list[dict[str, Any]], plot: dict, keys: list[str], path: Pa
     for i, (group, members) in enumerate(groups.items()):
         members.sort(key=lambda r: r[x])
         xs, ys = [r[x] for r in members], [r[y] for r in members]
-        ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], label=line_label(keys, group))
+        style = {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]}
+        ax.plot(xs, ys, **style, label=line_label(keys, group))  # past 10 lines the colours repeat, dashed
         for r in members:
             if annotate and r.get(annotate) is not None:
                 ax.annotate(
