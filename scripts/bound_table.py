@@ -7,7 +7,8 @@
 Every model is scored on the leading rows of its own tokenisation of the validation split that cover the first
 ``--chars`` characters (one row more at most), so a character-level and a BPE model see the same text and BPC
 (MATH.md section 0) compares them. Each objective reports its own bound: the NELBO (masked), the exact NLL
-(autoregressive), the ODE bound of MATH.md section 6 with the objective's ``ode_steps`` (continuous ones).
+(autoregressive), the ODE bound of MATH.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
+(continuous ones), and for latent runs the bound of section 5 (the prior's ODE density in the same way).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def tokens_for_chars(module, chars: int) -> int:
     return int(rows.mask[:reached].sum())
 
 
-def bound_row(path: str, chars: int) -> dict:
+def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
     module = cdlm.load(path)
+    if ode_steps is not None and hasattr(module.objective, "ode_steps"):
+        module.objective.ode_steps = ode_steps  # the ODE bound's Heun steps (continuous objectives)
     tokens = tokens_for_chars(module, chars)
     start = time.perf_counter()
     metrics = validation_bound(module, data={"max_val_tokens": tokens})
@@ -54,13 +57,14 @@ def bound_row(path: str, chars: int) -> dict:
 def markdown(rows: list[dict], chars: int) -> str:
     lines = [
         f"Validation bound on the first {chars:,} characters of the validation split (each model's own tokens).\n",
-        "| objective | tokenizer (V) | params | steps | val tokens | BPC (bound) | NLL nats/token |",
-        "|---|---|---|---|---|---|---|",
+        "| objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) | NLL nats/token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {r['parameters'] / 1e6:.2f} M | "
-            f"{r['train_steps']} | {r['val_tokens']} | {r['val_bpc']:.3f} | {r['val_nll']:.3f} |"
+            f"{r['train_steps']} | {r['val_tokens']} | {r.get('ode_steps') or '—'} | {r['val_bpc']:.3f} | "
+            f"{r['val_nll']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -71,11 +75,12 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=22000)
     parser.add_argument("--out", default="bench/results/bound_table")
     parser.add_argument("--merge", action="store_true", help="keep the other runs' rows of an existing table")
+    parser.add_argument("--ode-steps", type=int, default=None, help="Heun steps of the ODE bound (default: the run's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for path in args.paths:
-        rows.append(bound_row(path, args.chars))
+        rows.append(bound_row(path, args.chars, args.ode_steps))
         print(f"{path}: {rows[-1]['val_bpc']:.3f} BPC on {rows[-1]['val_tokens']} tokens ({rows[-1]['seconds']:.0f} s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
