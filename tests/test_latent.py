@@ -36,7 +36,7 @@ def test_kl_and_log_posterior_match_torch_distributions() -> None:
     assert torch.all(TextVAE.kl(torch.zeros(2, 7), torch.zeros(2, 7)) == 0)  # q = N(0, I): no KL
 
 
-@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("r", [1, 2, 4, 8])
 def test_vae_shapes_and_length_check(r: int) -> None:
     vae = TextVAE(V, width=32, depth=1, heads=2, compression=r, latent_dim=6)
     ids = batch()["input_ids"]
