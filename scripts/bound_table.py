@@ -57,12 +57,14 @@ def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
 def markdown(rows: list[dict], chars: int) -> str:
     lines = [
         f"Validation bound on the first {chars:,} characters of the validation split (each model's own tokens).\n",
-        "| objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) | NLL nats/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) | NLL nats/token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        path = Path(r["path"])
+        run = path.parent.name if path.name == "final" else str(path)  # runs/<name>/final -> <name>
         lines.append(
-            f"| {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {r['parameters'] / 1e6:.2f} M | "
+            f"| {run} | {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {r['parameters'] / 1e6:.2f} M | "
             f"{r['train_steps']} | {r['val_tokens']} | {r.get('ode_steps') or '—'} | {r['val_bpc']:.3f} | "
             f"{r['val_nll']:.3f} |"
         )
