@@ -126,16 +126,7 @@ def test_staged_training_freezes_the_vae_and_keeps_the_statistics(tmp_path) -> N
     vae_module, _, _ = fit(tmp_path / "vae", *LATENT, "trainer.max_steps=6")
     vae_module.save_pretrained(tmp_path / "vae" / "final")
     vae_weights = {k: v.clone() for k, v in vae_module.objective.vae.state_dict().items()}
-    recorder = LossRecorder()
-    prior, _, _ = fit(
-        tmp_path / "prior",
-        *LATENT,
-        "objective.stage=prior",
-        f"objective.vae={tmp_path / 'vae' / 'final'}",
-        "trainer.max_steps=30",
-        "module.lr=3e-3",
-        callbacks=(recorder,),
-    )
+    prior, recorder = fit_prior(tmp_path)
     for key, value in prior.objective.vae.state_dict().items():
         torch.testing.assert_close(value, vae_weights[key], rtol=0, atol=0, msg=f"VAE weight {key} changed")
     assert all(not p.requires_grad for p in prior.objective.vae.parameters())
@@ -160,6 +151,17 @@ def test_staged_training_freezes_the_vae_and_keeps_the_statistics(tmp_path) -> N
     out = loaded.objective.nll(data)
     assert math.isfinite(out.loss.item()) and out.loss.item() > 0
     assert set(out.logs) == {"recon_accuracy", "decoder_nll", "latent_nll"}
+
+
+def fit_prior(tmp_path, *overrides: str) -> tuple[cdlm.DiffusionLM, LossRecorder]:
+    """30 steps of a prior on the VAE saved at ``tmp_path / "vae" / "final"``; the run and its losses."""
+    recorder = LossRecorder()
+    vae = f"objective.vae={tmp_path / 'vae' / 'final'}"
+    steps = ("trainer.max_steps=30", "module.lr=3e-3")
+    prior, _, _ = fit(
+        tmp_path / "prior", *LATENT, "objective.stage=prior", vae, *steps, *overrides, callbacks=(recorder,)
+    )
+    return prior, recorder
 
 
 def _val_batches(module):

@@ -22,9 +22,14 @@ MaskMode = Literal["bidirectional", "causal", "block_causal"]
 MASK_MODES = ("bidirectional", "causal", "block_causal")
 
 
+def per_position(v: torch.Tensor) -> torch.Tensor:
+    """A per-sequence ``[B, D]`` modulation as ``[B, 1, D]``; a per-position one ``[B, L, D]`` as it is."""
+    return v if v.dim() == 3 else v[:, None]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``x * (1 + scale) + shift`` with per-sequence ``shift, scale`` of shape ``[B, D]``."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: ``x * (1 + scale) + shift``, ``shift, scale`` per sequence ``[B, D]`` or per position ``[B, L, D]``."""
+    return x * (1 + per_position(scale)) + per_position(shift)
 
 
 def attention_mask(
@@ -47,6 +52,25 @@ def attention_mask(
     if structure is None:
         return keys
     return keys & structure[None, None]
+
+
+def two_stream_mask(length: int, padding: torch.Tensor | None, block_size: int, device: torch.device) -> torch.Tensor:
+    """Boolean SDPA mask ``[B|1, 1, 2N, 2N]`` for a noisy copy and a clean copy of ``N = length`` positions.
+
+    Block diffusion's vectorised training (Arriola et al. 2025, BD3-LM, sec. 3.2; Cola DLM's block-causal prior):
+    a noisy query of block ``b`` sees the noisy keys of block ``b`` and the clean keys of blocks ``< b``; a clean
+    query sees the clean keys of blocks ``<= b``, never a noisy one. ``padding`` ``[B, 2N]`` (True = real) hides
+    padded keys.
+    """
+    block = torch.arange(length, device=device) // block_size
+    same = block[:, None] == block[None, :]  # [N, N]
+    earlier = block[None, :] < block[:, None]
+    structure = torch.cat(
+        [torch.cat([same, earlier], 1), torch.cat([torch.zeros_like(same), same | earlier], 1)], 0
+    )  # [2N, 2N]
+    if padding is None or bool(padding.all()):
+        return structure[None, None]
+    return padding[:, None, None, :] & structure[None, None]
 
 
 def cached_causal_mask(offset: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -103,15 +127,15 @@ class Block(nn.Module):
     def forward(
         self, x, c, rotary, mask, is_causal: bool, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x [B, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x [B, (L,) D]
         a = self.attn(modulate(self.norm1(x), shift1, scale1), rotary, mask, is_causal, cache, layer)
-        x = x + gate1[:, None] * self.drop(a)
-        x = x + gate2[:, None] * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        x = x + per_position(gate1) * self.drop(a)
+        x = x + per_position(gate2) * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x  # [B, L, D]
 
 
 class Backbone(nn.Module):
-    """Transformer trunk: ``forward(h, c, padding) -> h`` ``[B, L, width]``; ``c`` is ``[B, cond_width]`` or None.
+    """Transformer trunk: ``forward(h, c, padding) -> h`` ``[B, L, width]``; ``c`` ``[B, (L,) cond_width]`` or None.
 
     Args:
         width, depth, heads, mlp_ratio, dropout: the usual sizes.
@@ -154,32 +178,62 @@ class Backbone(nn.Module):
         c: torch.Tensor | None = None,
         padding: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        two_stream: bool = False,
     ) -> torch.Tensor:
-        """``h`` ``[B, L, D]``; ``c`` ``[B, C]`` conditioning (None = unconditioned); ``padding`` ``[B, L]`` bool.
+        """``h`` ``[B, L, D]``; ``c`` conditioning ``[B, C]`` or per position ``[B, L, C]`` (None = unconditioned);
+        ``padding`` ``[B, L]`` bool.
 
-        With a ``cache`` (``causal`` mode only, no ``padding``), ``h`` holds only the ``L`` new positions after the
-        ``cache.offset`` cached ones: rotary angles start at the offset, the new queries attend to every cached key
-        and causally among themselves, and the cache is extended by ``L``.
+        ``two_stream`` (``block_causal`` mode): ``h`` is a noisy copy followed by a clean copy of ``L / 2``
+        positions, both at rotary positions ``0 .. L/2 - 1``, under ``two_stream_mask``.
+
+        With a ``cache`` (no ``padding``), ``h`` holds only the ``L`` new positions after the ``cache.offset`` cached
+        ones: rotary angles start at the offset and the cache is extended by ``L``. In ``causal`` mode the new
+        queries attend to every cached key and causally among themselves; in ``block_causal`` mode the new
+        positions are (the start of) one block and attend to every cached key and to each other.
         """
         B, L, _ = h.shape
         if c is None:
             c = h.new_zeros(B, self.cond_width)
-        if cache is None:
+        if two_stream:
+            if self.mask_mode != "block_causal" or cache is not None or L % 2:
+                raise ValueError(
+                    f"two_stream needs mask_mode='block_causal', no cache and an even length "
+                    f"(mask_mode={self.mask_mode!r}, L={L})"
+                )
+            cos, sin = self.rotary(L // 2, h.device)
+            rotary = torch.cat([cos, cos]), torch.cat([sin, sin])  # both copies at positions 0 .. L/2 - 1
+            mask, is_causal = two_stream_mask(L // 2, padding, self.block_size, h.device), False
+        elif cache is None:
             rotary = self.rotary(L, h.device)
             # plain causal (no padding): SDPA's is_causal kernel instead of a dense [L, L] mask
             is_causal = self.mask_mode == "causal" and (padding is None or bool(padding.all()))
             mask = None if is_causal else attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
         else:
-            if self.mask_mode != "causal" or padding is not None:
-                raise ValueError(f"a KV cache needs mask_mode='causal' and no padding (mask_mode={self.mask_mode!r})")
             rotary = self.rotary(L, h.device, cache.offset)
-            mask, is_causal = cached_causal_mask(cache.offset, L, h.device), False
+            mask, is_causal = self.cached_mask(cache.offset, L, padding, h.device), False
         for i, block in enumerate(self.blocks):
             h = block(h, c, rotary, mask, is_causal, cache, i)
         if cache is not None:
             cache.advance(L)
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
         return modulate(self.norm(h), shift, scale)  # [B, L, D]
+
+    def cached_mask(
+        self, offset: int, length: int, padding: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """The mask of ``length`` new queries after ``offset`` cached positions; an error where a cache cannot work."""
+        if padding is not None or self.mask_mode == "bidirectional":
+            raise ValueError(
+                f"a KV cache needs mask_mode 'causal' or 'block_causal' and no padding (mask_mode={self.mask_mode!r})"
+            )
+        if self.mask_mode == "causal":
+            return cached_causal_mask(offset, length, device)
+        if offset % self.block_size or length > self.block_size:
+            raise ValueError(
+                f"block_causal caching feeds one block at a time: offset {offset} and length {length} do not fit "
+                f"block_size {self.block_size}"
+            )
+        return None  # one block over the earlier blocks' keys: it sees all of them and itself
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

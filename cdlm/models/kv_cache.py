@@ -46,6 +46,12 @@ class KVCache:
         """Mark ``n`` more positions as cached (after every layer has been updated)."""
         self.offset += n
 
+    def truncate(self, offset: int) -> None:
+        """Forget every position from ``offset`` on: the next update writes there (a scratch pass over a block)."""
+        if not 0 <= offset <= self.offset:
+            raise ValueError(f"cannot truncate a cache of {self.offset} positions to {offset}")
+        self.offset = offset
+
 
 def _grow(buffer: torch.Tensor, size: int) -> torch.Tensor:
     """Copy ``buffer`` ``[B, H, T, Dh]`` into a new one with room for ``size`` positions."""

@@ -22,6 +22,13 @@ Training is staged, one objective with a ``stage`` switch:
   with ``log p_prior(z) = log p_{sigma_min}(z_n) - N sum_d log scale_d`` from the probability-flow ODE of section 6
   (``cdlm.objectives.ode_likelihood.ode_log_density``) over the ``N = L / r`` latents.
 
+With ``prior_block = K`` the prior is block-causal (Cola DLM): latents form blocks of ``K``, and block ``b`` is
+denoised given the clean blocks before it. Training runs a noisy and a clean copy of the latents in one pass under
+``two_stream_mask`` (BD3-LM's vectorised form) with an independent time per block; sampling denoises block after
+block with any continuous sampler, the clean blocks' keys and values in a ``KVCache``; the bound integrates the ODE
+of every block at once given the clean latents, which is the sum of the blocks' conditional log-densities (block
+``b``'s output depends on no other block's noisy input, so the Jacobian is block-diagonal).
+
 The prior's transformer is the injected ``backbone``; in stage ``vae`` it is frozen and idle (and in stage ``prior``
 the VAE is), so the optimizer and DDP see only the stage's own weights. A prior checkpoint holds the VAE's weights:
 it samples and scores without the VAE run it came from.
@@ -30,6 +37,7 @@ it samples and scores without the VAE run it came from.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -41,7 +49,9 @@ from cdlm.checkpoint import LOADING
 from cdlm.data.tokenizers.base import Tokenizer
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
+from cdlm.models.kv_cache import KVCache
 from cdlm.models.vae import TextVAE
+from cdlm.objectives.latent_view import ConditionalPrior, x0_from_velocity
 from cdlm.objectives.ode_likelihood import ode_log_density
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
@@ -67,6 +77,8 @@ class LatentDiffusion(SigmaRange, nn.Module):
         time_mean, time_std: logit-normal training time of the prior, ``t = sigmoid(time_mean + time_std n)``.
         t_min, t_max: the prior's time range; ``sigma = t / (1 - t)`` spans ``[sigma(t_min), sigma(t_max)]``.
         ode_steps: Heun steps of the prior's ODE log-density in the bound.
+        prior_block: latents per block of a block-causal prior (sets the backbone's ``mask_mode`` to
+            ``block_causal``); None: one bidirectional prior over all latents.
         align: stage ``vae``, optional: a frozen sentence encoder (``minilm`` with ``cdlm[align]``, or a local
             ``transformers`` folder) whose unit-norm feature of each training text the pooled posterior mean must
             predict through a linear head ``d_z -> align_dim``: ``align_weight |normalise(head(mean_n mu)) - f|^2``.
@@ -100,6 +112,7 @@ class LatentDiffusion(SigmaRange, nn.Module):
         align: str | None = None,
         align_weight: float = 1.0,
         align_dim: int = 384,
+        prior_block: int | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
@@ -111,7 +124,12 @@ class LatentDiffusion(SigmaRange, nn.Module):
             raise ValueError(
                 f"need 0 <= mask_prob < 1, latent_noise >= 0, beta >= 0; got {mask_prob}, {latent_noise}, {beta}"
             )
+        if prior_block is not None and prior_block < 1:
+            raise ValueError(f"prior_block must be a positive number of latents or null, got {prior_block}")
         self.stage, self.vae_path, self.vocab_size = stage, vae, vocab_size
+        self.prior_block = prior_block
+        if prior_block is not None:  # Cola DLM's block-causal prior
+            backbone.mask_mode, backbone.block_size = "block_causal", prior_block
         self.beta, self.mask_prob, self.latent_noise = beta, mask_prob, latent_noise
         self.time_mean, self.time_std, self.t_min, self.t_max, self.ode_steps = (
             time_mean,
@@ -250,8 +268,45 @@ class LatentDiffusion(SigmaRange, nn.Module):
         h = self.backbone(self.in_proj(z), self.time_embed(t.float()), padding)  # [B, N, W]
         return self.out_proj(h).float()
 
-    def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma / (1 + sigma)
+    def block_velocity(
+        self, z: torch.Tensor, t: torch.Tensor, clean: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Block-causal ``v_hat`` ``[B, N, d_z]`` for noisy latents ``z`` at per-latent times ``t`` ``[B, N]`` given
+        the clean latents ``clean`` ``[B, N, d_z]`` (one two-stream pass; the clean copy is conditioned on t = 0)."""
+        B, N, _ = z.shape
+        h = self.in_proj(torch.cat([z, clean.to(z.dtype)], 1))  # [B, 2N, W]
+        times = torch.cat([t, torch.zeros_like(t)], 1).float()  # [B, 2N]
+        c = self.time_embed(times.flatten()).view(B, 2 * N, -1)  # [B, 2N, C]
+        both = None if padding is None else torch.cat([padding, padding], 1)
+        return self.out_proj(self.backbone(h, c, both, two_stream=True)[:, :N]).float()
+
+    def cached_velocity(self, cache: KVCache, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``v_hat`` ``[B, K, d_z]`` of the next block ``z`` at time ``t`` ``[B]`` over the cached clean blocks; the
+        cache is left as it was."""
+        offset = cache.offset
+        h = self.backbone(self.in_proj(z), self.time_embed(t.float()), cache=cache)  # [B, K, W]
+        cache.truncate(offset)
+        return self.out_proj(h).float()
+
+    @torch.no_grad()
+    def sample_blocks(
+        self, run: Callable[[ConditionalPrior, torch.Tensor], torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """Token ids ``[B, L]`` from the block-causal prior, one block after another.
+
+        ``x`` ``[B, N, d_z]`` is the draw at ``sigma_max``; ``run(view, x_block)`` is a continuous sampler on the
+        view of one block given the clean blocks before it, returning its clean latents. Each finished block is
+        then fed once at ``t = 0`` to extend the KV cache.
+        """
+        cache = KVCache(self.backbone.depth, capacity=x.shape[1])
+        view = ConditionalPrior(self, lambda z, t: self.cached_velocity(cache, z, t))
+        blocks = []
+        for start in range(0, x.shape[1], self.prior_block):
+            clean = run(view, x[:, start : start + self.prior_block]).to(x.dtype)  # [B, K, d_z]
+            zero = clean.new_zeros(clean.shape[0])
+            self.backbone(self.in_proj(clean), self.time_embed(zero), cache=cache)
+            blocks.append(clean)
+        return self.decode(torch.cat(blocks, 1))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """``sigma(t) = t / (1 - t)`` with ``t`` clamped to ``[t_min, t_max]``; float64, increasing."""
@@ -292,12 +347,20 @@ class LatentDiffusion(SigmaRange, nn.Module):
             if not bool(self.stats_ready):
                 self.fit_statistics(z, latent_padding)
             x0 = self.normalise(z)
-        u = batch["u"] if "u" in batch else torch.rand(x0.shape[0], device=x0.device)
+        u = batch["u"] if "u" in batch else torch.rand(x0.shape[0], device=x0.device)  # [B]
+        if self.prior_block is not None:  # a time per block, stratified over the blocks of a sequence
+            n_blocks = -(-x0.shape[1] // self.prior_block)
+            u = (u[:, None] + torch.arange(n_blocks, device=u.device) / n_blocks) % 1.0  # [B, n_blocks]
+            u = u.repeat_interleave(self.prior_block, 1)[:, : x0.shape[1]]  # [B, N]
         normal = torch.special.ndtri(u.double().clamp(1e-6, 1 - 1e-6))
-        t = torch.sigmoid(self.time_mean + self.time_std * normal).clamp(self.t_min, self.t_max).float()  # [B]
+        t = torch.sigmoid(self.time_mean + self.time_std * normal).clamp(self.t_min, self.t_max).float()  # [B(, N)]
         eps = torch.randn_like(x0)
-        z_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
-        v_hat = self.velocity(z_t, t, latent_padding)  # [B, N, d_z]
+        t_b = t[:, None, None] if t.dim() == 1 else t[..., None]  # [B, 1 | N, 1]
+        z_t = (1 - t_b) * x0 + t_b * eps
+        if self.prior_block is None:
+            v_hat = self.velocity(z_t, t, latent_padding)  # [B, N, d_z]
+        else:
+            v_hat = self.block_velocity(z_t, t, x0, latent_padding)
         mse = (v_hat - (eps - x0)).square().mean(-1) * latent_padding  # [B, N]
         loss = mse.sum() / latent_padding.sum().clamp_min(1)
         per_sequence = mse.sum(-1) / padding.sum(-1).clamp_min(1)  # spread over the sequence's tokens
@@ -322,7 +385,9 @@ class LatentDiffusion(SigmaRange, nn.Module):
                 latent = (TextVAE.kl(mean, logvar) * latent_padding).double().sum(-1)  # [B]
             else:
                 log_q = (TextVAE.log_posterior(z, mean, logvar) * latent_padding).double().sum(-1)
-                log_p = ode_log_density(self, self.normalise(z).double(), self.ode_steps, padding=latent_padding)
+                z_n = self.normalise(z)
+                prior = self if self.prior_block is None else self.given_clean(z_n, latent_padding)
+                log_p = ode_log_density(prior, z_n.double(), self.ode_steps, padding=latent_padding)
                 log_p = log_p - latent_padding.double().sum(-1) * self.latent_scale.double().log().sum()
                 latent = log_q - log_p
             accuracy = ((self.vae.decode(mean, padding).argmax(-1) == ids) & padding).sum()
@@ -339,21 +404,35 @@ class LatentDiffusion(SigmaRange, nn.Module):
             (nll.sum() / all_tokens).float(), nll.float(), padding, {k: v.float() for k, v in logs.items()}
         )
 
+    def given_clean(self, clean: torch.Tensor, padding: torch.Tensor | None = None) -> ConditionalPrior:
+        """The block-causal prior's view over all latents at once, each block conditioned on ``clean`` ``[B, N, d_z]``
+        (the latents whose density the ODE bound measures)."""
+
+        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.block_velocity(z, t[:, None].expand(z.shape[:2]), clean, padding)
+
+        return ConditionalPrior(self, velocity)
+
     # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------
+    @property
+    def blockwise(self) -> bool:
+        """Whether sampling goes block by block through ``sample_blocks`` (the block-causal prior)."""
+        return self.stage == "prior" and self.prior_block is not None
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``x0_hat`` ``[B, N, d_z]`` for the VE state ``x`` at ``sigma`` ``[B]``; ``x0_prev`` is ignored.
 
-        Stage ``prior``: ``z_t = x / (1 + sigma)``, ``t = sigma / (1 + sigma)``, ``x0_hat = z_t - t v_hat``. Stage
-        ``vae``: the exact posterior mean of unit Gaussian data, ``x / (1 + sigma^2)``, so sampling draws the VAE's
-        own prior ``N(0, I)``.
+        Stage ``prior``: ``z_t = x / (1 + sigma)``, ``t = sigma / (1 + sigma)``, ``x0_hat = z_t - t v_hat``
+        (``x0_from_velocity``; a block-causal prior samples through ``sample_blocks`` instead). Stage ``vae``: the
+        exact posterior mean of unit Gaussian data, ``x / (1 + sigma^2)``, so sampling draws the VAE's own prior
+        ``N(0, I)``.
         """
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
-        s = sigma[:, None, None]
         if self.stage == "vae":
-            return (x.double() / (1 + s.square())).to(x.dtype)
-        t = self.t_of_sigma(sigma)  # [B]
-        z = (x.double() / (1 + s)).float()
-        return (z.double() - t[:, None, None] * self.velocity(z, t).double()).to(x.dtype)
+            sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+            return (x.double() / (1 + sigma[:, None, None].square())).to(x.dtype)
+        if self.prior_block is not None:
+            raise ValueError("a block-causal prior denoises block by block: sample it through sample_blocks")
+        return x0_from_velocity(x, sigma, self.velocity)
 
     def prior(
         self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
