@@ -13,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.metrics import LikelihoodMetric
 from cdlm.samplers import check_knobs, get_sampler
+from cdlm.samplers.blocks import BlockRunner
 from cdlm.types import Batch
 
 
@@ -143,17 +144,14 @@ class DiffusionLM(L.LightningModule):
         self.eval()
         chunks, batch_size = [], batch_size or n
         ts = spec.grid(steps, self.device)
-
-        def run(objective, x: torch.Tensor) -> torch.Tensor:
-            return spec.fn(objective, x, ts, generator=generator, callback=callback, **knobs)
-
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for start in range(0, n, batch_size):
                 x = self.objective.prior(min(batch_size, n - start), length, self.device, generator=generator)
                 if getattr(self.objective, "blockwise", False):  # block by block (a block-causal latent prior)
-                    chunks.append(self.objective.sample_blocks(run, x))
+                    runner = BlockRunner(spec, ts, generator, callback, knobs)
+                    chunks.append(self.objective.sample_blocks(runner, x))
                 else:
-                    chunks.append(run(self.objective, x))
+                    chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **knobs))
         self.train(was_training)
         ids = torch.cat(chunks)
         texts = [self.tokenizer.decode(row.tolist()) for row in ids] if self.tokenizer is not None else []

@@ -14,6 +14,7 @@ from cdlm.models.kv_cache import KVCache
 from cdlm.objectives.latent import LatentDiffusion
 from cdlm.objectives.latent_view import ConditionalPrior
 from cdlm.samplers import get_sampler
+from cdlm.sampling import draw
 from tests.conftest import tiny_backbone
 from tests.runs import fit
 from tests.test_latent import LATENT, VAE_SETTINGS, V, _val_batches, fit_prior
@@ -149,5 +150,7 @@ def test_staged_run_with_a_block_causal_prior(tmp_path) -> None:
     ids, texts = loaded.generate(2, 32, sampler="heun", steps=3, seed=0)
     again, _ = loaded.generate(2, 32, sampler="heun", steps=3, seed=0)
     assert ids.shape == (2, 32) and len(texts) == 2 and torch.equal(ids, again)
+    samples = draw(loaded, 2, 32, "heun", 3, seed=0)  # 16 latents = 4 blocks of 4, Heun: 5 evaluations per block
+    assert samples.nfe == 4 * 5 and torch.equal(samples.ids, ids)
     out = loaded.objective.nll(next(iter(_val_batches(loaded))))
     assert math.isfinite(out.loss.item()) and out.loss.item() > 0
