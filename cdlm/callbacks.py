@@ -43,7 +43,10 @@ def exact_ema(decay: float):
 
 
 class EMA(EMAWeightAveraging):
-    """Lightning's ``EMAWeightAveraging`` (same arguments, same schedule) with the update of ``exact_ema``."""
+    """Lightning's ``EMAWeightAveraging`` (same arguments, same schedule) with the update of ``exact_ema``.
+
+    The arguments are spelled out, not ``**kwargs``: cdlm's config checks keys against the signature.
+    """
 
     def __init__(
         self,

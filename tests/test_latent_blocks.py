@@ -12,7 +12,7 @@ import cdlm
 from cdlm.models.backbone import two_stream_mask
 from cdlm.models.kv_cache import KVCache
 from cdlm.objectives.latent import LatentDiffusion
-from cdlm.objectives.latent_view import ConditionalPrior
+from cdlm.objectives.latent_blocks import ConditionalPrior
 from cdlm.samplers import get_sampler
 from cdlm.sampling import draw
 from tests.conftest import tiny_backbone

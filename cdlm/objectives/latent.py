@@ -22,12 +22,8 @@ Training is staged, one objective with a ``stage`` switch:
   with ``log p_prior(z) = log p_{sigma_min}(z_n) - N sum_d log scale_d`` from the probability-flow ODE of section 6
   (``cdlm.objectives.ode_likelihood.ode_log_density``) over the ``N = L / r`` latents.
 
-With ``prior_block = K`` the prior is block-causal (Cola DLM): latents form blocks of ``K``, and block ``b`` is
-denoised given the clean blocks before it. Training runs a noisy and a clean copy of the latents in one pass under
-``two_stream_mask`` (BD3-LM's vectorised form) with an independent time per block; sampling denoises block after
-block with any continuous sampler, the clean blocks' keys and values in a ``KVCache``; the bound integrates the ODE
-of every block at once given the clean latents, which is the sum of the blocks' conditional log-densities (block
-``b``'s output depends on no other block's noisy input, so the Jacobian is block-diagonal).
+With ``prior_block = K`` the prior is block-causal (Cola DLM): ``cdlm.objectives.latent_blocks``.
+The alignment to a frozen sentence encoder (stage ``vae``, optional): ``cdlm.objectives.latent_align``.
 
 The prior's transformer is the injected ``backbone``; in stage ``vae`` it is frozen and idle (and in stage ``prior``
 the VAE is), so the optimizer and DDP see only the stage's own weights. A prior checkpoint holds the VAE's weights:
@@ -37,31 +33,51 @@ it samples and scores without the VAE run it came from.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from cdlm.checkpoint import LOADING
 from cdlm.data.tokenizers.base import Tokenizer
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
-from cdlm.models.kv_cache import KVCache
 from cdlm.models.vae import TextVAE
-from cdlm.objectives.latent_view import ConditionalPrior, x0_from_velocity
+from cdlm.objectives.latent_align import alignment_loss, frozen_encoder
+from cdlm.objectives.latent_blocks import BlockCausalPrior, x0_from_velocity
 from cdlm.objectives.ode_likelihood import ode_log_density
 from cdlm.objectives.sigma_range import SigmaRange
-from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
+from cdlm.objectives.teacher import load_objective, state_differences
 from cdlm.types import Batch, LossOutput
 
 Stage = Literal["vae", "prior"]
 STAGES = ("vae", "prior")
 
 
-class LatentDiffusion(SigmaRange, nn.Module):
+def check_settings(
+    stage: str,
+    t_min: float,
+    t_max: float,
+    mask_prob: float,
+    latent_noise: float,
+    beta: float,
+    prior_block: int | None,
+) -> None:
+    """A clear error for an out-of-range ``LatentDiffusion`` setting."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not 0.0 < t_min < t_max < 1.0:
+        raise ValueError(f"need 0 < t_min < t_max < 1 so that sigma stays finite, got {t_min}, {t_max}")
+    if not 0.0 <= mask_prob < 1.0 or latent_noise < 0 or beta < 0:
+        raise ValueError(
+            f"need 0 <= mask_prob < 1, latent_noise >= 0, beta >= 0; got {mask_prob}, {latent_noise}, {beta}"
+        )
+    if prior_block is not None and prior_block < 1:
+        raise ValueError(f"prior_block must be a positive number of latents or null, got {prior_block}")
+
+
+class LatentDiffusion(SigmaRange, BlockCausalPrior, nn.Module):
     """Text VAE (stage ``vae``) and rectified-flow latent prior (stage ``prior``); MATH.md section 5.
 
     Args:
@@ -116,28 +132,13 @@ class LatentDiffusion(SigmaRange, nn.Module):
         tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        if not 0.0 < t_min < t_max < 1.0:
-            raise ValueError(f"need 0 < t_min < t_max < 1 so that sigma stays finite, got {t_min}, {t_max}")
-        if not 0.0 <= mask_prob < 1.0 or latent_noise < 0 or beta < 0:
-            raise ValueError(
-                f"need 0 <= mask_prob < 1, latent_noise >= 0, beta >= 0; got {mask_prob}, {latent_noise}, {beta}"
-            )
-        if prior_block is not None and prior_block < 1:
-            raise ValueError(f"prior_block must be a positive number of latents or null, got {prior_block}")
-        self.stage, self.vae_path, self.vocab_size = stage, vae, vocab_size
-        self.prior_block = prior_block
+        check_settings(stage, t_min, t_max, mask_prob, latent_noise, beta, prior_block)
+        self.stage, self.vae_path, self.vocab_size, self.prior_block = stage, vae, vocab_size, prior_block
         if prior_block is not None:  # Cola DLM's block-causal prior
             backbone.mask_mode, backbone.block_size = "block_causal", prior_block
         self.beta, self.mask_prob, self.latent_noise = beta, mask_prob, latent_noise
-        self.time_mean, self.time_std, self.t_min, self.t_max, self.ode_steps = (
-            time_mean,
-            time_std,
-            t_min,
-            t_max,
-            ode_steps,
-        )
+        self.time_mean, self.time_std, self.t_min, self.t_max = time_mean, time_std, t_min, t_max
+        self.ode_steps = ode_steps
         self.vae = TextVAE(
             vocab_size, vae_width, vae_depth, vae_heads, compression, latent_dim, backbone.rotary.max_len
         )
@@ -155,47 +156,39 @@ class LatentDiffusion(SigmaRange, nn.Module):
             self.align_head = nn.Linear(latent_dim, align_dim)
             if not LOADING.get():
                 self.attach_aligner(align, align_dim)
-        if stage == "vae":
+        self.freeze_other_stage()
+
+    def freeze_other_stage(self) -> None:
+        """Freeze the parts the stage does not train; stage ``prior`` copies in its VAE run's weights."""
+        if self.stage == "vae":
             self.prior_parts().requires_grad_(False)
-        else:
-            self.vae.requires_grad_(False)
-            if not LOADING.get():  # cdlm.load replaces every weight, the VAE's included
-                if vae is None:
-                    raise ValueError(
-                        "stage=prior trains on a frozen VAE: set objective.vae to a stage=vae run "
-                        "(e.g. runs/latent_vae/final, from python train.py experiment=latent_vae)"
-                    )
-                self.load_vae(vae)
+            return
+        self.vae.requires_grad_(False)
+        if not LOADING.get():  # cdlm.load replaces every weight, the VAE's included
+            if self.vae_path is None:
+                raise ValueError(
+                    "stage=prior trains on a frozen VAE: set objective.vae to a stage=vae run "
+                    "(e.g. runs/latent_vae/final, from python train.py experiment=latent_vae)"
+                )
+            self.load_vae(self.vae_path)
 
     def attach_aligner(self, name_or_path: str, align_dim: int) -> None:
-        """Load the frozen alignment encoder (outside the module tree) and check its feature width."""
-        from cdlm.models.sentence_encoder import SentenceEncoder
-
+        """Load the frozen alignment encoder (``cdlm.objectives.latent_align``); it needs the run's tokenizer."""
         if self.tokenizer is None:
             raise ValueError("the alignment loss decodes ids to text: build the objective with the run's tokenizer")
-        encoder = SentenceEncoder(name_or_path)
-        if encoder.dim != align_dim:
-            raise ValueError(
-                f"the alignment encoder {name_or_path!r} has width {encoder.dim}; set objective.align_dim"
-                f"={encoder.dim} (got {align_dim})"
-            )
-        self.aligner = FrozenTeacher(encoder)
+        self.aligner = frozen_encoder(name_or_path, align_dim)
 
     def alignment(
         self, ids: torch.Tensor, padding: torch.Tensor, latent_padding: torch.Tensor, mean: torch.Tensor
     ) -> torch.Tensor:
-        """Mean over the batch of ``|normalise(head(pooled mu)) - f(text)|^2`` (Cola DLM-style alignment)."""
+        """The alignment loss of ``mean`` ``[B, N, d_z]`` against the frozen encoder's features of the texts."""
         if self.aligner is None or self.aligner.objective is None:
             raise ValueError(
                 f"objective.align={self.align_path!r} is set but no encoder is attached "
                 "(cdlm.load does not read it; train through the config)"
             )
         texts = [self.tokenizer.decode(row[keep].tolist()) for row, keep in zip(ids, padding)]
-        target = self.aligner.on(ids.device)(texts)  # [B, F]
-        w = latent_padding[..., None].float()  # [B, N, 1]
-        pooled = (mean * w).sum(1) / w.sum(1).clamp_min(1)  # [B, d_z]
-        predicted = F.normalize(self.align_head(pooled).float(), dim=-1)
-        return (predicted - target).square().sum(-1).mean()
+        return alignment_loss(self.aligner.on(ids.device), self.align_head, texts, mean, latent_padding)
 
     def prior_parts(self) -> nn.ModuleList:
         """The prior's own modules (trained in stage ``prior``, frozen in stage ``vae``)."""
@@ -267,46 +260,6 @@ class LatentDiffusion(SigmaRange, nn.Module):
         """``v_hat`` ``[B, N, d_z]`` float32 for the native state ``z_t`` ``[B, N, d_z]`` at time ``t`` ``[B]``."""
         h = self.backbone(self.in_proj(z), self.time_embed(t.float()), padding)  # [B, N, W]
         return self.out_proj(h).float()
-
-    def block_velocity(
-        self, z: torch.Tensor, t: torch.Tensor, clean: torch.Tensor, padding: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Block-causal ``v_hat`` ``[B, N, d_z]`` for noisy latents ``z`` at per-latent times ``t`` ``[B, N]`` given
-        the clean latents ``clean`` ``[B, N, d_z]`` (one two-stream pass; the clean copy is conditioned on t = 0)."""
-        B, N, _ = z.shape
-        h = self.in_proj(torch.cat([z, clean.to(z.dtype)], 1))  # [B, 2N, W]
-        times = torch.cat([t, torch.zeros_like(t)], 1).float()  # [B, 2N]
-        c = self.time_embed(times.flatten()).view(B, 2 * N, -1)  # [B, 2N, C]
-        both = None if padding is None else torch.cat([padding, padding], 1)
-        return self.out_proj(self.backbone(h, c, both, two_stream=True)[:, :N]).float()
-
-    def cached_velocity(self, cache: KVCache, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``v_hat`` ``[B, K, d_z]`` of the next block ``z`` at time ``t`` ``[B]`` over the cached clean blocks; the
-        cache is left as it was."""
-        offset = cache.offset
-        h = self.backbone(self.in_proj(z), self.time_embed(t.float()), cache=cache)  # [B, K, W]
-        cache.truncate(offset)
-        return self.out_proj(h).float()
-
-    @torch.no_grad()
-    def sample_blocks(
-        self, run: Callable[[ConditionalPrior, torch.Tensor], torch.Tensor], x: torch.Tensor
-    ) -> torch.Tensor:
-        """Token ids ``[B, L]`` from the block-causal prior, one block after another.
-
-        ``x`` ``[B, N, d_z]`` is the draw at ``sigma_max``; ``run(view, x_block)`` is a continuous sampler on the
-        view of one block given the clean blocks before it, returning its clean latents. Each finished block is
-        then fed once at ``t = 0`` to extend the KV cache.
-        """
-        cache = KVCache(self.backbone.depth, capacity=x.shape[1])
-        view = ConditionalPrior(self, lambda z, t: self.cached_velocity(cache, z, t))
-        blocks = []
-        for start in range(0, x.shape[1], self.prior_block):
-            clean = run(view, x[:, start : start + self.prior_block]).to(x.dtype)  # [B, K, d_z]
-            zero = clean.new_zeros(clean.shape[0])
-            self.backbone(self.in_proj(clean), self.time_embed(zero), cache=cache)
-            blocks.append(clean)
-        return self.decode(torch.cat(blocks, 1))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """``sigma(t) = t / (1 - t)`` with ``t`` clamped to ``[t_min, t_max]``; float64, increasing."""
@@ -404,21 +357,7 @@ class LatentDiffusion(SigmaRange, nn.Module):
             (nll.sum() / all_tokens).float(), nll.float(), padding, {k: v.float() for k, v in logs.items()}
         )
 
-    def given_clean(self, clean: torch.Tensor, padding: torch.Tensor | None = None) -> ConditionalPrior:
-        """The block-causal prior's view over all latents at once, each block conditioned on ``clean`` ``[B, N, d_z]``
-        (the latents whose density the ODE bound measures)."""
-
-        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.block_velocity(z, t[:, None].expand(z.shape[:2]), clean, padding)
-
-        return ConditionalPrior(self, velocity)
-
     # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------
-    @property
-    def blockwise(self) -> bool:
-        """Whether sampling goes block by block through ``sample_blocks`` (the block-causal prior)."""
-        return self.stage == "prior" and self.prior_block is not None
-
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``x0_hat`` ``[B, N, d_z]`` for the VE state ``x`` at ``sigma`` ``[B]``; ``x0_prev`` is ignored.
 
