@@ -13,6 +13,7 @@ from cdlm.data import corpus
 from cdlm.data.corpus import corpus_checksum, load_corpus, load_titles
 from cdlm.data.datamodule import TextDataModule
 from cdlm.data.packing import chunk_documents, cut_blocks, pack_documents, row_chars
+from cdlm.data.sources import MissingDependencyError, SourceError, load_source, read_jsonl
 from cdlm.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from cdlm.data.tokenizers import bpe as bpe_module
 
@@ -293,8 +294,86 @@ def test_hf_source_without_datasets(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(ImportError, match=r"pip install cdlm\[hf\]"):
+    with pytest.raises(ValueError, match=r'needs the `datasets` package: pip install "cdlm\[hf\]"') as info:
         TextDataModule(source="hf:some/dataset").setup("fit")
+    assert isinstance(info.value, (MissingDependencyError, ImportError))  # still an ImportError for old callers
+
+
+# --- malformed sources: a ValueError naming the file (and line) -----------------------------------------------------
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "match"),
+    [
+        ("utf16.txt", b"\xff\xfe\x00abc", r"utf16\.txt is not UTF-8 text: invalid byte 0xff at byte offset 0 "),
+        ("latin1.txt", "line one\ncaf\xe9\n".encode("latin-1"), r"latin1\.txt .*offset 12 \(line 2\).*must be UTF-8"),
+        ("nul.txt", b"\x00\x00\x00", r"nul\.txt looks binary: NUL byte at offset 0; a source must be UTF-8 text"),
+        ("late_nul.txt", b"text\x00", r"late_nul\.txt looks binary: NUL byte at offset 4"),
+        ("image.txt", PNG_HEADER, r"image\.txt is not UTF-8 .*looks binary: NUL byte at offset 8"),
+        ("rows.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"rows\.jsonl is not UTF-8 .*\(line 2\)"),
+        ("nul.jsonl", b'{"text": "a\x00"}\n', r"nul\.jsonl looks binary: NUL byte at offset 11"),
+    ],
+)
+def test_non_text_files_name_the_file_and_offset(tmp_path, name, data, match):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(SourceError, match=match):
+        load_source(str(tmp_path / name))
+
+
+def test_non_utf8_file_in_a_folder_is_named(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bad.txt").write_bytes(b"ok\xff")
+    with pytest.raises(ValueError, match=r"sub/bad\.txt is not UTF-8 text: invalid byte 0xff at byte offset 2"):
+        load_source(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (['{"text": "a"}', "{not json"], r"bad\.jsonl:2 is not valid JSON \(Expecting property name .* column 2\)"),
+        (['{"text": "a"}', '{"text": "b"} trailing'], r"bad\.jsonl:2 is not valid JSON \(Extra data"),
+        (['["a", "b"]'], r"bad\.jsonl:1 has no text field 'text': the line is a JSON array, not an object"),
+        (['{"text": "a"}', '"just a string"'], r"bad\.jsonl:2 has no text field 'text': the line is a JSON string"),
+        (['{"body": "a"}'], r"bad\.jsonl:1 has no text field 'text' \(found \['body'\]\); set text_field"),
+        (['{"text": 12}'], r"bad\.jsonl:1: text field 'text' is a JSON number \('12'\), not a string"),
+        (['{"text": null}'], r"bad\.jsonl:1: text field 'text' is a JSON null"),
+        (['{"text": ["a"]}'], r"bad\.jsonl:1: text field 'text' is a JSON array"),
+        (['{"text": "a"}', "", '{"text": "b"}', "[" * 100_000], r"bad\.jsonl:4 is not valid JSON \(maximum recursion"),
+    ],
+)
+def test_malformed_jsonl_names_file_and_line(tmp_path, lines, match):
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=match):
+        load_source(str(tmp_path / "bad.jsonl"))
+
+
+def test_jsonl_line_numbers_ignore_unicode_line_breaks_inside_strings(tmp_path):
+    odd = "a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"  # all split by str.splitlines, none by a .jsonl reader
+    rows = [json.dumps({"text": odd}, ensure_ascii=False), json.dumps({"text": "second"}), "{broken"]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(rows), encoding="utf-8")
+    with pytest.raises(SourceError, match=r"odd\.jsonl:3 is not valid JSON"):
+        load_source(str(path))
+    path.write_text("\n".join(rows[:2]), encoding="utf-8")
+    assert read_jsonl(path, "text") == [odd, "second"]
+
+
+def test_jsonl_crlf_and_byte_order_mark(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n\r\n{"text": "two\\r\\n"}\r\n{oops}\r\n')
+    with pytest.raises(SourceError, match=r"windows\.jsonl:4 is not valid JSON"):
+        read_jsonl(path, "text")
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n\r\n{"text": "two\\r\\n"}\r\n')
+    assert read_jsonl(path, "text") == ["one", "two\r\n"]
+
+
+@pytest.mark.parametrize("source", ["", "   ", "hf:"])
+def test_empty_source_names_nothing(source):
+    with pytest.raises(SourceError, match=r"names nothing; valid sources are 'shakespeare'"):
+        load_source(source)
 
 
 def test_stateful_dataloader_resumes_batch_order(sample, tmp_path):

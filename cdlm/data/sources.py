@@ -11,27 +11,111 @@ Splits = dict[str, list[str]]  # split name -> documents
 VALID_SOURCES = "'shakespeare', a .txt or .jsonl file, a folder of .txt/.jsonl files, or 'hf:<name or local path>'"
 
 
+class SourceError(ValueError):
+    """A text source that cannot be read: the message names the file (and line) and what a valid source is."""
+
+
+class MissingDependencyError(ValueError, ImportError):
+    """An optional package a source needs is not installed; the message gives the ``pip install`` line.
+
+    A ``ValueError`` so that the CLI reports it as a usage error, and an ``ImportError`` for callers that catch those.
+    """
+
+
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+UTF8_BOM = "\ufeff"
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (``object``, ``array``, ``string``, ``number``, ``boolean``, ``null``)."""
+    return "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def looks_binary(data: bytes) -> str:
+    """``looks binary: NUL byte at offset N`` when ``data`` holds a NUL byte (no text file does), else ``""``."""
+    nul = data.find(b"\x00")
+    return "" if nul < 0 else f"looks binary: NUL byte at offset {nul}"
+
+
+def not_utf8(path: Path, data: bytes, error: UnicodeDecodeError) -> SourceError:
+    """The error for ``path``'s bytes ``data`` that fail UTF-8 decoding: the bad byte, its offset and line."""
+    line = data.count(b"\n", 0, error.start) + 1
+    notes = [looks_binary(data), "starts with a UTF-16 byte-order mark" if data.startswith(UTF16_BOMS) else ""]
+    hint = "".join(f"; it {note}" for note in notes if note)
+    return SourceError(
+        f"{path} is not UTF-8 text: invalid byte 0x{data[error.start]:02x} at byte offset {error.start} "
+        f"(line {line}){hint}; a source must be UTF-8 text (re-encode it, e.g. with iconv -t UTF-8)"
+    )
+
+
+def decode_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); a ``SourceError`` naming the file and the byte
+    offset for bytes that are not UTF-8, or for a NUL byte (a binary file)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, data, e) from None
+    if binary := looks_binary(data):
+        raise SourceError(f"{path} {binary}; a source must be UTF-8 text, not a binary file")
+    return text.removeprefix(UTF8_BOM)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a ``.jsonl`` text, split on ``\\n`` only (``\\r\\n`` too), so that line numbers are the file's
+    whatever other line-break characters (``\\x0b``, ``\\x85``, ``\\u2028`` ...) appear inside JSON strings."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def parse_line(path: Path, n: int, line: str) -> object:
+    """The JSON value of line ``n`` of ``path``; a ``SourceError`` with ``path:n`` if it is not valid JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        reason = f"{e.msg} at column {e.colno}"
+    except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit, or nesting too deep
+        reason = str(e)
+    raise SourceError(
+        f"{path}:{n} is not valid JSON ({reason}); each line of a .jsonl file must be one JSON object, "
+        'e.g. {"text": "..."}'
+    )
+
+
+def row_text(path: Path, n: int, row: object, text_field: str) -> str:
+    """The string ``text_field`` of the parsed line ``n`` of ``path``; a ``SourceError`` with ``path:n`` otherwise."""
+    if not isinstance(row, dict):
+        raise SourceError(
+            f"{path}:{n} has no text field {text_field!r}: the line is a JSON {json_type(row)}, not an object; "
+            f'each line of a .jsonl file must be an object such as {{"{text_field}": "..."}}'
+        )
+    if text_field not in row:
+        raise SourceError(f"{path}:{n} has no text field {text_field!r} (found {sorted(row)}); set text_field")
+    value = row[text_field]
+    if not isinstance(value, str):
+        raise SourceError(
+            f"{path}:{n}: text field {text_field!r} is a JSON {json_type(value)} ({str(value)[:40]!r}), "
+            "not a string; set text_field to a field that holds the text"
+        )
+    return value
+
+
 def read_jsonl(path: Path, text_field: str) -> list[str]:
-    """The ``text_field`` of every JSON line of ``path``."""
+    """The ``text_field`` of every JSON line of ``path`` (blank lines skipped); errors name ``path:line``."""
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or text_field not in row:
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{path}:{n} has no text field {text_field!r} (found {keys}); set text_field")
-        docs.append(str(row[text_field]))
+    for n, line in enumerate(jsonl_lines(decode_text(path)), start=1):
+        if line.strip():
+            docs.append(row_text(path, n, parse_line(path, n, line), text_field))
     return docs
 
 
 def read_file(path: Path, text_field: str) -> list[str]:
     """A ``.txt`` file is one document; a ``.jsonl`` file is one document per line."""
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [decode_text(path)]
     if path.suffix == ".jsonl":
         return read_jsonl(path, text_field)
-    raise ValueError(f"unsupported source file {path}: expected a .txt or .jsonl file")
+    raise SourceError(f"unsupported source file {path}: expected a .txt or .jsonl file")
 
 
 def read_folder(path: Path, text_field: str) -> list[str]:
@@ -47,7 +131,9 @@ def read_hf(name: str, text_field: str) -> Splits:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"source 'hf:{name}' needs the `datasets` package: pip install cdlm[hf]") from e
+        raise MissingDependencyError(
+            f"source 'hf:{name}' needs the `datasets` package: pip install \"cdlm[hf]\""
+        ) from e
     data = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name)
     if isinstance(data, datasets.Dataset):
         data = {"train": data}
@@ -78,6 +164,8 @@ def hold_out(docs: list[str], val_fraction: float) -> Splits:
 
 def load_source(source: str, text_field: str = "text", val_fraction: float = 0.05) -> Splits:
     """Documents per split ("train", "validation", and "test" when the source has one) of ``source``."""
+    if not source.strip() or source.strip() == "hf:":
+        raise SourceError(f"source {source!r} names nothing; valid sources are {VALID_SOURCES}")
     if source == "shakespeare":
         return {split: load_corpus(split) for split in ("train", "validation", "test")}
     if source.startswith("hf:"):

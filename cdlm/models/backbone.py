@@ -15,11 +15,34 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from cdlm import checks
 from cdlm.models.kv_cache import KVCache
 from cdlm.models.rotary import Rotary, apply_rotary
 
 MaskMode = Literal["bidirectional", "causal", "block_causal"]
 MASK_MODES = ("bidirectional", "causal", "block_causal")
+
+
+def check_heads(width: int, heads: int, width_name: str = "width", heads_name: str = "heads") -> None:
+    """``width`` and ``heads`` positive integers, ``width`` a multiple of ``heads`` and the head width even (the
+    rotary embedding rotates pairs of coordinates); the names are the caller's arguments, for the message."""
+    checks.positive_ints(**{width_name: width, heads_name: heads})
+    if width % heads:
+        raise checks.ArgumentError(f"{width_name}={width} must be divisible by {heads_name}={heads}")
+    if (width // heads) % 2:
+        raise checks.ArgumentError(
+            f"the head width {width_name} / {heads_name} = {width} / {heads} = {width // heads} must be even "
+            "(rotary positions rotate pairs of coordinates)"
+        )
+
+
+def check_backbone(
+    width: int, depth: int, heads: int, mlp_ratio: int, dropout: float, max_len: int, cond_width: int
+) -> None:
+    """A clear error for an out-of-range ``Backbone`` size (``mask_mode`` and ``block_size`` are checked apart)."""
+    checks.positive_ints(depth=depth, mlp_ratio=mlp_ratio, max_len=max_len, cond_width=cond_width)
+    check_heads(width, heads)
+    checks.in_interval("dropout", dropout, 0.0, 1.0, high_open=True)
 
 
 def per_position(v: torch.Tensor) -> torch.Tensor:
@@ -141,9 +164,12 @@ class Backbone(nn.Module):
         width, depth, heads, mlp_ratio, dropout: the usual sizes.
         max_len: longest sequence the rotary table covers.
         mask_mode: ``bidirectional`` (diffusion), ``causal`` (autoregressive) or ``block_causal``.
-        block_size: block length for ``block_causal``.
+        block_size: block length for ``block_causal`` (checked only in that mode).
         cond_width: width of the conditioning vector feeding adaLN (128 as in MDLM's DiT, not ``width``,
             so that unconditioned objectives carry few idle parameters).
+
+    Sizes are positive integers, ``width`` a multiple of ``heads`` with an even head width, ``dropout`` in [0, 1);
+    anything else is an ``ArgumentError`` (a ``ValueError``) naming the argument.
     """
 
     def __init__(
@@ -159,8 +185,11 @@ class Backbone(nn.Module):
         cond_width: int = 128,
     ) -> None:
         super().__init__()
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES}")
+        check_backbone(width, depth, heads, mlp_ratio, dropout, max_len, cond_width)
+        if not isinstance(mask_mode, str) or mask_mode not in MASK_MODES:
+            raise checks.ArgumentError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES}")
+        if mask_mode == "block_causal":
+            checks.positive_ints(block_size=block_size)
         self.width, self.depth, self.heads, self.cond_width = width, depth, heads, cond_width
         self.mask_mode, self.block_size = mask_mode, block_size
         self.rotary = Rotary(width // heads, max_len)

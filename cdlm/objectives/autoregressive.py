@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.kv_cache import KVCache
 from cdlm.types import Batch, LossOutput
@@ -33,6 +34,7 @@ class Autoregressive(nn.Module):
 
     def __init__(self, backbone: Backbone, vocab_size: int) -> None:
         super().__init__()
+        checks.positive_ints(vocab_size=vocab_size)
         backbone.mask_mode = "causal"
         self.backbone, self.vocab_size, self.bos_id = backbone, vocab_size, vocab_size
         width = backbone.width

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
@@ -63,7 +64,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         loc, scale: initial Gumbel schedule of ``gamma``; ``loc=None`` is ``default_loc(D)``.
         self_condition: probability of a self-conditioning pass per training batch (LangFlow: 0.5).
         ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
-        embed_dim: embedding width ``D`` (default: the backbone width; otherwise linear maps in and out).
+        embed_dim: embedding width ``D`` (None: the backbone width; otherwise linear maps in and out).
 
     The clean state ``x0 = E_n[ids]`` has norm ``sqrt(D)``: each coordinate has unit second moment on average
     over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``.
@@ -84,8 +85,15 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         embed_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= self_condition <= 1.0:
-            raise ValueError(f"self_condition is a probability in [0, 1], got {self_condition}")
+        if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
+            raise checks.ArgumentError(f"self_condition is a probability in [0, 1], got {self_condition}")
+        checks.at_least(2, vocab_size=vocab_size)  # log V is the schedule's initial amplitude
+        checks.positive(scale=scale)
+        checks.positive_ints(ode_steps=ode_steps)
+        if loc is not None:
+            checks.finite(loc=loc)
+        if embed_dim is not None:
+            checks.positive_ints(embed_dim=embed_dim)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.self_condition, self.ode_steps = self_condition, ode_steps
         width = backbone.width

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.ode_likelihood import ode_nll
@@ -35,6 +36,17 @@ from cdlm.types import Batch, LossOutput
 # log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's
 # sinusoids, the per-unit scale LangFlow uses (50 per unit of gamma = 2 log sigma), so a sigma means the same to both.
 LOG_SIGMA_EMBED_SCALE = 100.0
+
+
+def check_flow(vocab_size: int, soft_cap: float | None, t_min: float, t_max: float, ode_steps: int) -> None:
+    """A clear error for an out-of-range ``OneHotFlow`` setting."""
+    checks.at_least(2, vocab_size=vocab_size)  # the warp compares the true token with K - 1 others
+    checks.finite(t_min=t_min, t_max=t_max)
+    if not 0.0 < t_min < t_max < 1.0:
+        raise checks.ArgumentError(f"need 0 < t_min < t_max < 1 so that sigma stays finite, got {t_min}, {t_max}")
+    if soft_cap is not None and not (checks.is_real(soft_cap) and soft_cap > 0):
+        raise checks.ArgumentError(f"soft_cap must be positive or None, got {soft_cap}")
+    checks.positive_ints(ode_steps=ode_steps)
 
 
 class OneHotFlow(SigmaRange, nn.Module):
@@ -72,10 +84,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         matched_filter: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < t_min < t_max < 1.0:
-            raise ValueError(f"need 0 < t_min < t_max < 1 so that sigma stays finite, got {t_min}, {t_max}")
-        if soft_cap is not None and soft_cap <= 0:
-            raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
+        check_flow(vocab_size, soft_cap, t_min, t_max, ode_steps)
         self.backbone, self.vocab_size, self.soft_cap = backbone, vocab_size, soft_cap
         self.t_min, self.t_max, self.ode_steps, self.matched_filter = t_min, t_max, ode_steps, matched_filter
         self.data_mean = 1.0 / vocab_size

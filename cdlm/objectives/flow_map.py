@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from cdlm.checkpoint import LOADING
+from cdlm.checks import ArgumentError, is_real
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE, OneHotFlow
@@ -80,8 +81,9 @@ class FlowMap(OneHotFlow):
         boundary_fraction: float = 0.5 / 32,
     ) -> None:
         super().__init__(backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter)
-        if diagonal_fraction < 0 or boundary_fraction < 0 or diagonal_fraction + boundary_fraction > 1:
-            raise ValueError(
+        fractions = (diagonal_fraction, boundary_fraction)
+        if not (all(is_real(f) and f >= 0 for f in fractions) and sum(fractions) <= 1):
+            raise ArgumentError(
                 "need diagonal_fraction, boundary_fraction >= 0 with a sum <= 1, "
                 f"got {diagonal_fraction} and {boundary_fraction}"
             )

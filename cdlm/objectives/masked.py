@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.schedules import build_schedule
@@ -28,8 +29,8 @@ class MaskedDiffusion(nn.Module):
         backbone: the shared transformer (bidirectional mask).
         vocab_size: ``V``, the tokenizer's vocabulary; ``mask_id = V``.
         schedule: ``loglinear`` or ``cosine``.
-        eps: the schedule's ``eps`` (``alpha_1 = eps`` for log-linear).
-        t_min: training draws ``t = t_min + (1 - t_min) u``.
+        eps: the schedule's ``eps`` in [0, 1) (``alpha_1 = eps`` for log-linear).
+        t_min: training draws ``t = t_min + (1 - t_min) u``; in [0, 1).
         time_conditioning: feed ``t`` to the backbone; off by default (MDLM), which lets samplers reuse
             ``p_theta`` when no token changed.
     """
@@ -46,6 +47,8 @@ class MaskedDiffusion(nn.Module):
         time_conditioning: bool = False,
     ) -> None:
         super().__init__()
+        checks.positive_ints(vocab_size=vocab_size)
+        checks.in_interval("t_min", t_min, 0.0, 1.0, high_open=True)
         self.backbone, self.vocab_size, self.mask_id = backbone, vocab_size, vocab_size
         self.schedule = build_schedule(schedule, eps)
         self.t_min, self.time_conditioning = t_min, time_conditioning

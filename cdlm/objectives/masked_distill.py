@@ -41,6 +41,7 @@ student checkpoint loads and samples whether or not the teacher folder still exi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdlm.checkpoint import LOADING
+from cdlm.checks import is_real
 from cdlm.config import ConfigError
 from cdlm.models.backbone import Backbone
 from cdlm.objectives.masked import MaskedDiffusion
@@ -126,8 +128,8 @@ class MaskedDistill(nn.Module):
         backbone: Backbone,
         vocab_size: int,
         teacher: str | None = None,
-        student_ratio: tuple[float, float] = (0.4, 0.9),
-        teacher_keep: tuple[float, float] = (0.3, 0.7),
+        student_ratio: tuple[float, float] | list[float] = (0.4, 0.9),
+        teacher_keep: tuple[float, float] | list[float] = (0.3, 0.7),
         kl_weight: float = 0.5,
         temperature: float = 2.0,
         schedule: str = "loglinear",
@@ -137,9 +139,9 @@ class MaskedDistill(nn.Module):
         super().__init__()
         self.student_ratio = check_range("student_ratio", student_ratio)
         self.teacher_keep = check_range("teacher_keep", teacher_keep)
-        if not 0.0 <= kl_weight <= 1.0:
+        if not (is_real(kl_weight) and 0.0 <= kl_weight <= 1.0):
             raise ConfigError(f"kl_weight (lambda) must be in [0, 1], got {kl_weight}")
-        if temperature <= 0:
+        if not (is_real(temperature) and temperature > 0):
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.kl_weight, self.temperature, self.teacher_path = kl_weight, temperature, teacher
         self.student = MaskedDiffusion(backbone, vocab_size, schedule, eps, time_conditioning=time_conditioning)
@@ -231,10 +233,12 @@ def distill_terms(
 
 def check_range(name: str, bounds: tuple[float, float] | list[float]) -> tuple[float, float]:
     """``(lo, hi)`` with ``0 <= lo <= hi <= 1``, or a ConfigError that says so."""
-    lo, hi = (float(b) for b in bounds)
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ConfigError(f"{name} must be (lo, hi) with 0 <= lo <= hi <= 1, got {list(bounds)}")
-    return lo, hi
+    sequence = isinstance(bounds, Sequence) and not isinstance(bounds, str)
+    pair = sequence and len(bounds) == 2 and all(is_real(b) for b in bounds)
+    if not (pair and 0.0 <= bounds[0] <= bounds[1] <= 1.0):
+        shown = list(bounds) if sequence else bounds
+        raise ConfigError(f"{name} must be (lo, hi) with 0 <= lo <= hi <= 1, got {shown!r}")
+    return float(bounds[0]), float(bounds[1])
 
 
 def copy_teacher(student: MaskedDiffusion, teacher: MaskedDiffusion, source: str | Path) -> None:

@@ -11,11 +11,14 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from cdlm import checks
+
 
 class Schedule(ABC):
     """Base class: subclasses give ``alpha`` and its analytic derivative ``dalpha``."""
 
     def __init__(self, eps: float = 1e-3) -> None:
+        checks.in_interval("eps", eps, 0.0, 1.0, high_open=True)  # alpha(1) = eps: 1 would never mask a token
         self.eps = eps
 
     @abstractmethod
@@ -52,6 +55,7 @@ SCHEDULES: dict[str, type[Schedule]] = {"loglinear": LogLinear, "cosine": Cosine
 
 
 def build_schedule(name: str, eps: float = 1e-3) -> Schedule:
-    if name not in SCHEDULES:
+    """The schedule called ``name`` (``loglinear`` or ``cosine``) with ``eps`` in [0, 1)."""
+    if not isinstance(name, str) or name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid schedules: {sorted(SCHEDULES)}")
     return SCHEDULES[name](eps)

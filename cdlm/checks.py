@@ -1,0 +1,69 @@
+"""Range and choice checks of constructor arguments.
+
+Each check raises ``ArgumentError`` (a ``ValueError``, which the CLI reports as ``cdlm: error: ...``) naming the
+argument, its value and what is valid, e.g. ``depth must be an integer >= 1, got -1``. A value of the wrong kind (a
+string for a width, a bool for a rate) fails the same way, never deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+class ArgumentError(ValueError):
+    """A constructor argument outside its valid range or choices; the message names it and what is valid."""
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a finite real number (int or float, Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: int, **values: object) -> None:
+    """Each keyword value an integer ``>= low``."""
+    for name, value in values.items():
+        if not (is_int(value) and value >= low):
+            raise ArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def positive_ints(**values: object) -> None:
+    """Each keyword value an integer ``>= 1``."""
+    at_least(1, **values)
+
+
+def positive(**values: object) -> None:
+    """Each keyword value a finite number ``> 0``."""
+    for name, value in values.items():
+        if not (is_real(value) and value > 0):
+            raise ArgumentError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def non_negative(**values: object) -> None:
+    """Each keyword value a finite number ``>= 0``."""
+    for name, value in values.items():
+        if not (is_real(value) and value >= 0):
+            raise ArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def finite(**values: object) -> None:
+    """Each keyword value a finite number."""
+    for name, value in values.items():
+        if not is_real(value):
+            raise ArgumentError(f"{name} must be a finite number, got {value!r}")
+
+
+def in_interval(
+    name: str, value: object, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    """``value`` a number in the interval from ``low`` to ``high``, each end closed unless ``*_open``."""
+    above = is_real(value) and (value > low if low_open else value >= low)
+    below = is_real(value) and (value < high if high_open else value <= high)
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ArgumentError(f"{name} must be in {interval}, got {value!r}")
