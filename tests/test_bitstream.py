@@ -11,7 +11,7 @@ import cdlm
 from cdlm.cli import schedule_cmd
 from cdlm.objectives.bits import bit_width, bits_to_ids, code_table, decode_bits, ids_to_bits
 from cdlm.objectives.bitstream import Bitstream, matched_filter
-from cdlm.objectives.entropy_rate import EntropyRateSchedule, ScheduleNotFitted
+from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.samplers import get_sampler
 from tests.conftest import tiny_backbone
 from tests.runs import CrashAt, LossRecorder, fit
@@ -89,7 +89,7 @@ def test_refit_recovers_the_entropy_rate_density() -> None:
 
 
 def test_sampler_grid_is_the_inverse_cdf_of_the_learned_law() -> None:
-    schedule = EntropyRateSchedule(bins=32, fifo_size=4096, warmup_batches=0)
+    schedule = EntropyRateSchedule(bins=32, fifo_size=4096, warmup_batches=0, ramp_batches=0)  # q from the 1st fit
     observed(schedule)
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     sigma = schedule.sigma_of_t(t)
@@ -102,7 +102,8 @@ def test_sampler_grid_is_the_inverse_cdf_of_the_learned_law() -> None:
     cdf = torch.cat([mass.new_zeros(1), mass.cumsum(0)])[cell] + frac * mass[cell]
     torch.testing.assert_close(cdf, t, rtol=0, atol=1e-9)
     # the objective's sigma(t) is this map
-    objective = Bitstream(tiny_backbone(), 11, schedule={"bins": 32, "fifo_size": 4096, "warmup_batches": 0})
+    schedule_args = {"bins": 32, "fifo_size": 4096, "warmup_batches": 0, "ramp_batches": 0}
+    objective = Bitstream(tiny_backbone(), 11, schedule=schedule_args)
     observed(objective.schedule)
     torch.testing.assert_close(objective.sigma(t), sigma)
 
@@ -120,12 +121,62 @@ def test_warmup_law_ramp_and_refresh() -> None:
     assert int(schedule.fifo_filled) == 144 and int(schedule.fifo_next) == 144
 
 
-def test_sampling_without_a_table_is_an_error() -> None:
+def truncated_normal_cdf(schedule: EntropyRateSchedule, sigma: torch.Tensor) -> torch.Tensor:
+    """CDF at ``sigma`` of the warm-up law: ``log sigma ~ N(-1.2, 1.2^2)`` truncated to the schedule's range."""
+    normal = torch.distributions.Normal(torch.tensor(-1.2, dtype=torch.float64), 1.2)
+    lo, hi = normal.cdf(schedule.log_edges[0]), normal.cdf(schedule.log_edges[-1])
+    return (normal.cdf(sigma.log()) - lo) / (hi - lo)
+
+
+def test_an_unfitted_schedule_samples_the_warmup_law_it_was_trained_under() -> None:
+    schedule = EntropyRateSchedule()  # the defaults: 128 cells, warm-up law N(-1.2, 1.2^2)
+    assert not schedule.fitted and schedule.ramp() == 0.0
+    t = torch.linspace(0, 1, 257, dtype=torch.float64)
+    sigma = schedule.sigma_of_t(t)
+    assert sigma.dtype == torch.float64 and (sigma.diff() > 0).all()
+    assert sigma[0] == pytest.approx(schedule.sigma_min, rel=1e-12)
+    assert sigma[-1] == pytest.approx(schedule.sigma_max, rel=1e-12)
+    assert (sigma >= schedule.sigma_min * (1 - 1e-12)).all() and (sigma <= schedule.sigma_max * (1 + 1e-12)).all()
+    # the very law training draws from, and (up to the 0.08-wide cells) the truncated normal
+    assert torch.equal(sigma, schedule.sample_training_sigma(t))
+    torch.testing.assert_close(truncated_normal_cdf(schedule, sigma), t, rtol=0, atol=2e-3)
+    assert schedule.sigma_of_t(torch.tensor(0.5, dtype=torch.float64)).log() == pytest.approx(-1.2, abs=0.01)
+
+
+def test_an_unfitted_bitstream_model_samples_with_every_sampler() -> None:
     objective = Bitstream(tiny_backbone(), 11).eval()
-    spec = get_sampler("euler", objective)
-    x = objective.prior(2, 8, torch.device("cpu"))
-    with pytest.raises(ScheduleNotFitted, match="no entropy-rate table"):
-        spec.fn(objective, x, spec.grid(4, torch.device("cpu")))
+    assert objective.sigma_min == objective.schedule.sigma_min and objective.sigma_max == objective.schedule.sigma_max
+    for name in ("euler", "heun", "churn"):
+        spec = get_sampler(name, objective)
+        g = torch.Generator().manual_seed(0)
+        x = objective.prior(2, 8, torch.device("cpu"), generator=g)
+        ids = spec.fn(objective, x, spec.grid(4, torch.device("cpu")), generator=g)
+        assert ids.shape == (2, 8) and 0 <= int(ids.min()) and int(ids.max()) < 11, name
+
+
+def test_fitted_and_ramped_sigma_of_t_is_exactly_the_inverse_cdf_of_q() -> None:
+    """Committed results were sampled with ``sigma(t) = inverse_cdf(q, t)``: a ramped table must give it bit for bit."""
+    schedule = EntropyRateSchedule(bins=16, fifo_size=256, warmup_batches=3, ramp_batches=4, refresh_every=2)
+    sigma = torch.logspace(-2.5, 1.8, 64, dtype=torch.float64)
+    for _ in range(9):  # fitted at batch 3, ramp complete at batch 7
+        schedule.observe(sigma, 0.25 * sigma.square() / (1 + sigma.square()))
+    assert schedule.fitted and schedule.ramp() == 1.0
+    t = torch.cat([torch.linspace(0, 1, 1001, dtype=torch.float64), torch.rand(1000, dtype=torch.float64)])
+    assert torch.equal(schedule.sigma_of_t(t), schedule.inverse_cdf(schedule.mass, t))  # the old formula
+    assert torch.equal(schedule.training_mass(), (1 - 1.0) * schedule.warm_mass + 1.0 * schedule.mass)  # old training
+    assert not torch.equal(schedule.sigma_of_t(t), schedule.inverse_cdf(schedule.warm_mass, t))
+
+
+def test_mid_ramp_sigma_of_t_is_the_inverse_cdf_of_the_training_mixture() -> None:
+    schedule = EntropyRateSchedule(bins=16, fifo_size=256, warmup_batches=3, ramp_batches=4, refresh_every=2)
+    sigma = torch.logspace(-2.5, 1.8, 64, dtype=torch.float64)
+    for _ in range(5):
+        schedule.observe(sigma, 0.25 * sigma.square() / (1 + sigma.square()))
+    assert schedule.fitted and schedule.ramp() == 0.5
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    mixture = 0.5 * schedule.warm_mass + 0.5 * schedule.mass
+    torch.testing.assert_close(schedule.sigma_of_t(t), schedule.inverse_cdf(mixture, t), rtol=1e-12, atol=0)
+    assert torch.equal(schedule.sigma_of_t(t), schedule.sample_training_sigma(t))
 
 
 def test_ode_bound_at_init_is_about_k_bits_per_token() -> None:
@@ -181,9 +232,11 @@ def test_tiny_bitstream_run_learns_beyond_the_matched_filter(tmp_path) -> None:
 
 def test_schedule_plot(tmp_path) -> None:
     objective = Bitstream(tiny_backbone(), 11, schedule={"bins": 16, "fifo_size": 512, "warmup_batches": 0})
-    with pytest.raises(ScheduleNotFitted):
-        objective.schedule.plot(tmp_path / "none.png")
+    assert "warm-up law" in objective.schedule.law_name() and "not fitted" in objective.schedule.law_name()
+    unfitted = objective.schedule.plot(tmp_path / "none.png")  # the warm-up law, said so in the title
+    assert unfitted.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     observed(objective.schedule, n=512)
+    assert objective.schedule.ramp() < 1.0 and "ramp in progress" in objective.schedule.law_name()
     png = objective.schedule.plot(tmp_path / "schedule.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -194,3 +247,15 @@ def test_schedule_command_refuses_a_model_without_a_table_schedule(tiny_run) -> 
     run_dir, _ = tiny_run  # a masked model
     with pytest.raises(ConfigError, match="MaskedDiffusion has no learned table schedule"):
         schedule_cmd([f"path={run_dir / 'final'}"])
+
+
+def test_a_run_shorter_than_the_warmup_samples_under_its_training_law(tmp_path) -> None:
+    """The bug: a run that ends before ``warmup_batches`` could not be sampled (``sigma(t)`` raised)."""
+    module, _, _ = fit(tmp_path, "objective=bitstream", "sampler=churn", "trainer.max_steps=4", "objective.ode_steps=4")
+    schedule = module.objective.schedule
+    assert not schedule.fitted and int(schedule.batches) == 4 < schedule.warmup_batches
+    for sampler in ("churn", "euler"):
+        ids, texts = module.generate(2, 16, sampler, steps=8, seed=0)
+        assert ids.shape == (2, 16) and len(texts) == 2 and all(isinstance(text, str) for text in texts)
+    png = schedule_cmd([f"path={module.save_pretrained(tmp_path / 'pretrained')}", f"out={tmp_path / 's.png'}"])
+    assert png.is_file() and png.stat().st_size > 1000  # `cdlm schedule` plots the warm-up law

@@ -20,11 +20,13 @@ V = 11
 
 
 def fitted_bitstream() -> Bitstream:
-    """A tiny bitstream objective whose entropy-rate table has been fitted on synthetic observations."""
-    objective = Bitstream(tiny_backbone(), V, schedule={"warmup_batches": 1, "fifo_size": 512, "bins": 16})
+    """A tiny bitstream objective whose entropy-rate table has been fitted on synthetic observations (no ramp, so
+    its samplers use the learned table)."""
+    schedule = {"warmup_batches": 1, "ramp_batches": 0, "fifo_size": 512, "bins": 16}
+    objective = Bitstream(tiny_backbone(), V, schedule=schedule)
     sigma = torch.logspace(-2.5, 1.8, 512, dtype=torch.float64)
     objective.schedule.observe(sigma, 0.25 * sigma.square() / (1 + sigma.square()))  # refits at the 1st batch
-    assert objective.schedule.fitted
+    assert objective.schedule.fitted and objective.schedule.ramp() == 1.0
     return objective
 
 
@@ -34,6 +36,7 @@ OBJECTIVES = {
     "flow_map": lambda: FlowMap(tiny_backbone(), V),
     "langflow": lambda: EmbeddingFlow(tiny_backbone(), V),
     "bitstream": fitted_bitstream,
+    "bitstream_unfitted": lambda: Bitstream(tiny_backbone(), V),  # sampled under its warm-up law
 }
 CONTINUOUS = sorted(name for name, spec in SAMPLERS.items() if spec.space == "continuous")
 

@@ -19,12 +19,15 @@ The likelihood is the shared ODE bound (MATH.md section 6).
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
@@ -41,6 +44,17 @@ def matched_filter(x: torch.Tensor, sigma: torch.Tensor, clip: float = 30.0) -> 
     """
     s2 = sigma.float().square()[:, None, None]  # [B, 1, 1]
     return ((x.float() - 0.5) / s2).clamp(-clip, clip)
+
+
+def check_schedule_keys(schedule: dict | None) -> None:
+    """``schedule`` None or a mapping of ``EntropyRateSchedule``'s keyword arguments; the valid keys otherwise."""
+    if schedule is None:
+        return
+    valid = [name for name in inspect.signature(EntropyRateSchedule).parameters]
+    if not isinstance(schedule, Mapping):
+        raise checks.ArgumentError(f"schedule must be a mapping of {valid} (or null), got {schedule!r}")
+    if unknown := sorted(str(key) for key in schedule if key not in valid):
+        raise checks.ArgumentError(f"schedule has unknown keys {unknown}; valid keys: {valid}")
 
 
 class Bitstream(nn.Module):
@@ -75,8 +89,12 @@ class Bitstream(nn.Module):
         ode_steps: int = 32,
     ) -> None:
         super().__init__()
-        if not 0.0 <= self_condition <= 1.0:
-            raise ValueError(f"self_condition is a probability in [0, 1], got {self_condition}")
+        if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
+            raise checks.ArgumentError(f"self_condition is a probability in [0, 1], got {self_condition}")
+        checks.at_least(2, vocab_size=vocab_size)  # k = ceil(log2 V) >= 1 bits
+        checks.positive(sigma_data=sigma_data, clip=clip)
+        checks.positive_ints(ode_steps=ode_steps)
+        check_schedule_keys(schedule)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.sigma_data, self.self_condition, self.clip, self.ode_steps = sigma_data, self_condition, clip, ode_steps
         self.bits = k = bit_width(vocab_size)
@@ -156,7 +174,8 @@ class Bitstream(nn.Module):
 
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """``sigma(t)``: the inverse CDF of the learned entropy-rate law; an error if it was never fitted."""
+        """``sigma(t)``: the inverse CDF of the schedule's training law (``EntropyRateSchedule.sigma_of_t``): the
+        learned entropy-rate law once fitted and ramped in, the warm-up law of a model trained for less."""
         return self.schedule.sigma_of_t(t)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:

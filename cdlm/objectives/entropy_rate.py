@@ -13,8 +13,10 @@ where ``g`` suppresses the near-clean levels whose rate is dominated by the esti
 masses: log-uniform inside cells of 0.08 in ``log sigma`` at the defaults). The table is first fitted at the end of
 warm-up (or as soon as the FIFO holds ``bins`` observations) and refit every ``refresh_every`` batches after that;
 training draws from ``(1 - w) warm-up + w q`` with ``w`` ramping from 0 to 1 over ``ramp_batches``. Samplers use the
-inverse CDF of ``q``: ``sigma(t)``, uniform ``t`` = equal entropy per step. The FIFO and ``q`` are buffers, so they
-live in checkpoints and ``save_pretrained`` files; sampling a model that never fitted ``q`` is an error.
+inverse CDF of that same training law: ``sigma(t)``, so once the ramp is complete it is ``q`` (uniform ``t`` = equal
+entropy per step), and a model whose training ended earlier is sampled under the law it was trained on (the warm-up
+law before the first fit, the mixture during the ramp). The FIFO, ``q`` and the batch counter are buffers, so they
+live in checkpoints and ``save_pretrained`` files.
 """
 
 from __future__ import annotations
@@ -26,9 +28,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cdlm import checks
 
-class ScheduleNotFitted(RuntimeError):
-    """Raised when a sampler asks for ``sigma(t)`` of a schedule that has no fitted table."""
+
+def check_counts(bins: int, fifo_size: int, warmup_batches: int, ramp_batches: int, refresh_every: int) -> None:
+    """A clear error unless the table and FIFO sizes and the batch counts of ``EntropyRateSchedule`` fit."""
+    counts = (bins, fifo_size, warmup_batches, ramp_batches, refresh_every)
+    if not all(checks.is_int(n) for n in counts) or (
+        bins < 2 or fifo_size < bins or refresh_every < 1 or ramp_batches < 0 or warmup_batches < 0
+    ):
+        raise checks.ArgumentError(
+            f"need bins >= 2, fifo_size >= bins, refresh_every >= 1, ramp_batches >= 0, warmup_batches >= 0 "
+            f"(integers); got bins={bins!r}, fifo_size={fifo_size!r}, refresh_every={refresh_every!r}, "
+            f"ramp_batches={ramp_batches!r}, warmup_batches={warmup_batches!r}"
+        )
 
 
 class EntropyRateSchedule(nn.Module):
@@ -59,17 +72,16 @@ class EntropyRateSchedule(nn.Module):
         g_power: float = 3.0,
     ) -> None:
         super().__init__()
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        if bins < 2 or fifo_size < bins or refresh_every < 1 or ramp_batches < 0 or warmup_batches < 0:
-            raise ValueError(
-                f"need bins >= 2, fifo_size >= bins, refresh_every >= 1, ramp_batches >= 0, warmup_batches >= 0; "
-                f"got bins={bins}, fifo_size={fifo_size}, refresh_every={refresh_every}, "
-                f"ramp_batches={ramp_batches}, warmup_batches={warmup_batches}"
-            )
+        if not (checks.is_real(sigma_min) and checks.is_real(sigma_max) and 0 < sigma_min < sigma_max):
+            raise checks.ArgumentError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        check_counts(bins, fifo_size, warmup_batches, ramp_batches, refresh_every)
+        checks.finite(warmup_mean=warmup_mean)
+        checks.positive(warmup_std=warmup_std, g_sigma=g_sigma)
+        checks.non_negative(g_power=g_power)
         self.sigma_min, self.sigma_max, self.bins = sigma_min, sigma_max, bins
         self.warmup_batches, self.ramp_batches, self.refresh_every = warmup_batches, ramp_batches, refresh_every
         self.g_sigma, self.g_power = g_sigma, g_power
+        self.warmup_mean, self.warmup_std = warmup_mean, warmup_std
         log_edges = torch.linspace(math.log(sigma_min), math.log(sigma_max), bins + 1, dtype=torch.float64)
         self.register_buffer("log_edges", log_edges, persistent=False)  # [bins + 1]
         normal = torch.distributions.Normal(torch.tensor(warmup_mean, dtype=torch.float64), warmup_std)
@@ -87,6 +99,7 @@ class EntropyRateSchedule(nn.Module):
     # ---- the laws ---------------------------------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
+        """Whether the learned table ``q`` has been fitted (it is all zero before the first fit)."""
         return bool(self.mass.sum() > 0)
 
     def ramp(self) -> float:
@@ -97,9 +110,14 @@ class EntropyRateSchedule(nn.Module):
         return 1.0 if self.ramp_batches == 0 else min(max(done / self.ramp_batches, 0.0), 1.0)
 
     def training_mass(self) -> torch.Tensor:
-        """Cell masses ``[bins]`` float64 of the current training law ``(1 - w) warm-up + w q``."""
+        """Cell masses ``[bins]`` float64 of the current training law ``(1 - w) warm-up + w q``.
+
+        At the ends it is the laws themselves: the warm-up law at ``w = 0`` (before the first fit), ``q`` at ``w = 1``.
+        """
         w = self.ramp()
-        return self.warm_mass if w == 0.0 else (1 - w) * self.warm_mass + w * self.mass
+        if w == 0.0:
+            return self.warm_mass
+        return self.mass if w == 1.0 else (1 - w) * self.warm_mass + w * self.mass
 
     def inverse_cdf(self, mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``sigma`` (float64, ``u``'s shape) at quantiles ``u`` in [0, 1] of the histogram law ``mass`` ``[bins]``.
@@ -122,15 +140,23 @@ class EntropyRateSchedule(nn.Module):
         return self.inverse_cdf(self.training_mass(), u)
 
     def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
-        """The sampler's ``sigma(t)``: the inverse CDF of the learned ``q`` (uniform ``t`` = equal entropy steps)."""
+        """The sampler's ``sigma(t)`` (float64, ``t``'s shape): the inverse CDF of the law the network is trained under.
+
+        That is ``training_mass()``: the learned ``q`` once the ramp is complete (uniform ``t`` = equal entropy steps),
+        the warm-up law before the first fit, the ``(1 - w) warm-up + w q`` mixture in between. Increasing in ``t``,
+        ``sigma(0) = sigma_min`` and ``sigma(1) = sigma_max``.
+        """
+        return self.inverse_cdf(self.training_mass(), t)
+
+    def law_name(self) -> str:
+        """What ``sigma_of_t`` follows now, in words (for plots and messages)."""
         if not self.fitted:
-            raise ScheduleNotFitted(
-                "this bitstream model has no entropy-rate table: it was trained for fewer than warmup_batches="
-                f"{self.warmup_batches} batches (it has seen {int(self.batches)}), or its checkpoint predates the "
-                "table. Train longer or load a checkpoint whose schedule was fitted; cdlm does not fall back to the "
-                "warm-up law silently."
+            return (
+                f"warm-up law N({self.warmup_mean:g}, {self.warmup_std:g}²) on log σ, truncated (table not fitted: "
+                f"{int(self.batches)} of {self.warmup_batches} warm-up batches)"
             )
-        return self.inverse_cdf(self.mass, t)
+        w = self.ramp()
+        return "learned entropy-rate law q" if w == 1.0 else f"(1 - w) warm-up + w q, w = {w:.3g} (ramp in progress)"
 
     # ---- learning the table -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,29 +213,51 @@ class EntropyRateSchedule(nn.Module):
         return {"sched_ramp": torch.tensor(self.ramp()), "sched_median_sigma": median.float()}
 
     def plot(self, path: str | Path) -> Path:
-        """Write a PNG of the learned density over ``log sigma`` against the warm-up law and the rate ``r``."""
+        """Write a PNG of the sampling law ``sigma_of_t`` follows (density over ``log sigma``) and the rate ``r``.
+
+        A fitted table is drawn against the warm-up law; an unfitted one draws the warm-up law the model was trained
+        and is sampled under, and the title says so.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        if not self.fitted:
-            raise ScheduleNotFitted("nothing to plot: the entropy-rate table was never fitted")
         centres = (0.5 * (self.log_edges[1:] + self.log_edges[:-1])).exp().cpu()
-        width = float(self.log_edges[1] - self.log_edges[0])
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-        a.plot(centres, (self.mass / width).cpu(), label="learned q (entropy rate)")
-        a.plot(centres, (self.warm_mass / width).cpu(), "--", label="warm-up N(-1.2, 1.2²)")
-        a.set(xscale="log", xlabel="σ", ylabel="density per unit log σ", title="training / sampling law")
-        a.legend()
-        b.plot(centres, self.rate.cpu())
-        b.set(xscale="log", yscale="log", xlabel="σ", ylabel="mean mse / σ²", title="information rate r(σ)")
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+        self.plot_laws(a, centres)
+        self.plot_rate(b, centres)
+        fig.suptitle(f"sampling law σ(t): {self.law_name()}", fontsize=9)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+    def plot_laws(self, ax, centres: torch.Tensor) -> None:
+        """Densities per unit ``log sigma`` on ``ax``: the warm-up law, ``q`` if fitted, the mixture mid-ramp."""
+        width = float(self.log_edges[1] - self.log_edges[0])
+        warm = f"warm-up N({self.warmup_mean:g}, {self.warmup_std:g}²)"
+        if self.fitted:
+            ax.plot(centres, (self.mass / width).cpu(), label="learned q (entropy rate)")
+            if self.ramp() < 1.0:
+                ax.plot(centres, (self.training_mass() / width).cpu(), ":", label=f"mixture, w = {self.ramp():.3g}")
+        ax.plot(centres, (self.warm_mass / width).cpu(), "--" if self.fitted else "-", label=warm)
+        title = "training / sampling law" if self.fitted else "warm-up law (table not fitted)"
+        ax.set(xscale="log", xlabel="σ", ylabel="density per unit log σ", title=title)
+        ax.legend()
+
+    def plot_rate(self, ax, centres: torch.Tensor) -> None:
+        """The information rate ``r(sigma)`` of the last fit on ``ax``, or a note that there is none yet."""
+        ax.set(xscale="log", xlim=(self.sigma_min, self.sigma_max), xlabel="σ", ylabel="mean mse / σ²")
+        ax.set_title("information rate r(σ)")
+        if self.fitted:
+            ax.plot(centres, self.rate.cpu())
+            ax.set_yscale("log")
+        else:
+            note = f"not measured yet: the table is fitted\nafter warmup_batches = {self.warmup_batches}"
+            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
 
 def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
