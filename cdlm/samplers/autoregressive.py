@@ -15,7 +15,7 @@ import torch
 
 from cdlm.models.kv_cache import KVCache
 from cdlm.samplers.categorical import sample_categorical, top_p_filter
-from cdlm.samplers.registry import register_sampler
+from cdlm.samplers.registry import Range, register_sampler
 from cdlm.types import SamplerStep
 
 
@@ -63,7 +63,16 @@ def next_token(
     return sample_categorical(top_p_filter(top_k_filter(probs, top_k), top_p), generator)  # [B]
 
 
-@register_sampler("autoregressive", space="autoregressive", grid=position_grid)
+@register_sampler(
+    "autoregressive",
+    space="autoregressive",
+    grid=position_grid,
+    knobs={
+        "temperature": Range(0, note="0 = greedy"),
+        "top_p": Range(0, 1, low_open=True, note="1 = off"),
+        "top_k": Range(0, note="0 = off"),
+    },
+)
 @torch.no_grad()
 def sample_autoregressive(
     objective: AutoregressiveObjective,

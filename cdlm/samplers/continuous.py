@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from cdlm.samplers.registry import register_sampler
+from cdlm.samplers.registry import Ordered, Range, register_sampler
 from cdlm.types import ContinuousObjective, SamplerStep
 
 MAX_CHURN = math.sqrt(2.0) - 1.0  # EDM Alg. 2: gamma_i <= sqrt(2) - 1 keeps sigma_hat <= sqrt(2) sigma_i
@@ -142,7 +142,18 @@ def sample_heun(
     return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, True, self_cond)
 
 
-@register_sampler("churn", space="continuous", grid=continuous_grid)
+@register_sampler(
+    "churn",
+    space="continuous",
+    grid=continuous_grid,
+    knobs={
+        "gamma": Range(0, note="0 = no churn; capped at sqrt(2) - 1"),
+        "t_lo": Range(0, 1),
+        "t_hi": Range(0, 1),
+        "s_noise": Range(0, low_open=True),
+    },
+    rules=(Ordered("t_lo", "t_hi"),),
+)
 @torch.no_grad()
 def sample_churn(
     objective: ContinuousObjective,
@@ -166,8 +177,8 @@ def sample_churn(
     ``sigma_hat`` to ``sigma_{i+1}``. ``gamma = 0`` is exactly ``sample_euler`` (or ``sample_heun``). Published
     (CoBit): ``gamma`` 0.13-0.2, ``s_noise`` 1.003. Returns ids ``[B, L]``.
     """
-    if gamma < 0 or s_noise < 0:
-        raise ValueError(f"need gamma >= 0 and s_noise >= 0, got gamma={gamma}, s_noise={s_noise}")
+    if gamma < 0 or s_noise <= 0:
+        raise ValueError(f"need gamma >= 0 and s_noise > 0, got gamma={gamma}, s_noise={s_noise}")
     churn = min(gamma, MAX_CHURN)
     gammas = [churn if t_lo <= t <= t_hi else 0.0 for t in ts[:-1].tolist()]
     return _continuous_loop(objective, x, ts, generator, callback, gammas, s_noise, heun, self_cond)

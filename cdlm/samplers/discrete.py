@@ -17,7 +17,7 @@ import torch
 
 from cdlm.samplers.categorical import sample_categorical, top_p_filter
 from cdlm.samplers.grids import linear_grid
-from cdlm.samplers.registry import register_sampler
+from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import remask, remask_sigma
 from cdlm.types import DiscreteObjective, SamplerStep
 
@@ -30,7 +30,16 @@ def clean_probs(
     return top_p_filter(logp[where].double().exp(), top_p)  # [N, V]
 
 
-@register_sampler("ancestral", space="discrete", grid=linear_grid)
+@register_sampler(
+    "ancestral",
+    space="discrete",
+    grid=linear_grid,
+    knobs={
+        "top_p": Range(0, 1, low_open=True, note="1 = off"),
+        "final": Choice("argmax", "sample"),
+        "remask_eta": Range(0, 1, note="0 = no remasking"),
+    },
+)
 @torch.no_grad()
 def sample_ancestral(
     objective: DiscreteObjective,

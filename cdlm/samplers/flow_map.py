@@ -20,13 +20,20 @@ from collections.abc import Callable
 import torch
 
 from cdlm.samplers.continuous import continuous_grid, euler_step
-from cdlm.samplers.registry import SAMPLERS, register_sampler, unfit_message
+from cdlm.samplers.registry import SAMPLERS, Range, register_sampler, unfit_message
 from cdlm.types import FlowMapObjective, SamplerStep
 
 MAX_JUMPS = 32  # MATH.md section 2: the flow map is for 1-32 jumps; more steps is the ODE (euler/heun on the diagonal)
 
 
-@register_sampler("flowmap", space="continuous", grid=continuous_grid, requires=FlowMapObjective)
+@register_sampler(
+    "flowmap",
+    space="continuous",
+    grid=continuous_grid,
+    requires=FlowMapObjective,
+    knobs={"gamma": Range(0, 1, note="0 = deterministic")},
+    steps=Range(1, MAX_JUMPS, note="for more steps use euler or heun"),
+)
 @torch.no_grad()
 def sample_flowmap(
     objective: FlowMapObjective,

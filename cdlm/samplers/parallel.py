@@ -23,7 +23,7 @@ import torch
 
 from cdlm.samplers.categorical import sample_categorical, top_p_filter
 from cdlm.samplers.grids import linear_grid
-from cdlm.samplers.registry import register_sampler
+from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import (
     active_block,
     block_grid,
@@ -124,7 +124,19 @@ def parallel_step(
     return remask(x, remaskable & ~ready[:, None], sigma, mask_id, generator)
 
 
-@register_sampler("parallel", space="discrete", grid=linear_grid)
+@register_sampler(
+    "parallel",
+    space="discrete",
+    grid=linear_grid,
+    knobs={
+        "selector": Choice(*SELECTORS),
+        "tau": Range(0, 1, low_open=True),
+        "block_length": Range(1, note="None = one block"),
+        "remask_eta": Range(0, 1, note="0 = no remasking"),
+        "temperature": Range(0, note="0 = argmax"),
+        "top_p": Range(0, 1, low_open=True, note="1 = off"),
+    },
+)
 @torch.no_grad()
 def sample_parallel(
     objective: DiscreteObjective,
