@@ -8,16 +8,19 @@ read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
 from __future__ import annotations
 
 import inspect
+import pickle
 import tempfile
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
-from cdlm.config import instantiate, locate, save_config
+from cdlm.components import MODEL_SLOTS, RUN_SLOTS
+from cdlm.config import ConfigError, instantiate, is_base_name, locate, save_config, validate
 
 if TYPE_CHECKING:
     from cdlm.module import DiffusionLM
@@ -43,27 +46,37 @@ def tokenizer_state(tokenizer: Any) -> dict[str, torch.Tensor]:
 
 
 def tokenizer_from_state(state: dict[str, torch.Tensor]):
+    """The tokenizer stored in a checkpoint, written to a temporary folder and loaded from there.
+
+    The file names come from the checkpoint, so each must be a plain base name: an absolute name or ``../x``
+    would otherwise write outside the temporary folder.
+    """
     from cdlm.data.tokenizers import load_tokenizer
 
     if not state:
         return None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's tokenizer is a {type(state).__name__}, not a dict of files")
+    for name, data in state.items():
+        if not isinstance(name, str) or not is_base_name(name):
+            raise CheckpointError(f"the checkpoint's tokenizer names a file {name!r}; only plain file names are valid")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise CheckpointError(f"the checkpoint's tokenizer file {name!r} is not a 1-D uint8 tensor")
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in state.items():
-            path = Path(tmp) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data.numpy().tobytes())
+            (Path(tmp) / name).write_bytes(data.numpy().tobytes())
         return load_tokenizer(tmp)
 
 
 def build_module(config: dict, tokenizer: Any) -> DiffusionLM:
     """Build the module a config describes: backbone -> objective -> ``DiffusionLM``."""
     cfg = OmegaConf.create(config)
-    backbone = instantiate(cfg.model)
+    backbone = instantiate(cfg.model, "model")
     injected = {"backbone": backbone, "vocab_size": tokenizer.vocab_size}
     if "tokenizer" in inspect.signature(locate(cfg.objective._target_)).parameters:
         injected["tokenizer"] = tokenizer  # objectives that turn ids back into text (a latent VAE's alignment)
-    objective = instantiate(cfg.objective, **injected)
-    return instantiate(cfg.module, objective=objective, tokenizer=tokenizer, config=config)
+    objective = instantiate(cfg.objective, "objective", **injected)
+    return instantiate(cfg.module, "module", objective=objective, tokenizer=tokenizer, config=config)
 
 
 def save_pretrained(module: DiffusionLM, directory: str | Path) -> Path:
@@ -77,35 +90,80 @@ def save_pretrained(module: DiffusionLM, directory: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> DiffusionLM:
-    """Load a ``save_pretrained`` folder or a Lightning ``.ckpt`` (EMA weights when the run used EMA)."""
-    from cdlm.data.tokenizers import load_tokenizer
+    """Load a ``save_pretrained`` folder or a Lightning ``.ckpt`` (EMA weights when the run used EMA).
 
+    Nothing in the file decides what code runs: the stored config may name only cdlm's model classes
+    (``cdlm.components.MODEL_SLOTS``), tensors are read with safetensors or ``torch.load(weights_only=True)``, and
+    the tokenizer's file names must be plain base names (docs/security.md).
+    """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: give a save_pretrained folder or a .ckpt file")
-    if path.is_dir():
-        if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
-            raise CheckpointError(f"{path} is not a save_pretrained folder (config.yaml + model.safetensors)")
-        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
-        tokenizer = load_tokenizer(path / "tokenizer")
-        state = _read(lambda: load_file(str(path / "model.safetensors")), path)
-    else:
-        ckpt = _read(lambda: torch.load(path, map_location="cpu", weights_only=True), path)
-        if "cdlm" not in ckpt or "state_dict" not in ckpt:
-            raise CheckpointError(f"{path} is a torch file but not a cdlm checkpoint (no 'cdlm' config section)")
-        config, tokenizer = ckpt["cdlm"]["config"], tokenizer_from_state(ckpt["cdlm"]["tokenizer"])
-        state = ckpt["state_dict"]
+    config, tokenizer, state = read_checkpoint(path)
     token = LOADING.set(True)
     try:
         module = build_module(config, tokenizer)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its stored config cannot be built: {err}") from err
     finally:
         LOADING.reset(token)
     load_weights(module, state, path)
     return module.to(device).eval()
 
 
+def read_checkpoint(path: Path) -> tuple[dict, Any, dict[str, torch.Tensor]]:
+    """``(config, tokenizer, state_dict)`` of a ``save_pretrained`` folder or a ``.ckpt``; config checked."""
+    from cdlm.data.tokenizers import load_tokenizer
+
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: give a save_pretrained folder or a .ckpt file")
+    if path.is_dir():
+        if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path} is not a save_pretrained folder (config.yaml + model.safetensors)")
+        config = checked_config(_read(lambda: OmegaConf.load(path / "config.yaml"), path / "config.yaml"), path)
+        tokenizer = load_tokenizer(path / "tokenizer")
+        return config, tokenizer, _read(lambda: load_file(str(path / "model.safetensors")), path)
+    ckpt = read_ckpt(path)
+    return (
+        checked_config(ckpt["cdlm"]["config"], path),
+        tokenizer_from_state(ckpt["cdlm"]["tokenizer"]),
+        ckpt["state_dict"],
+    )
+
+
+def read_ckpt(path: Path) -> dict:
+    """A Lightning checkpoint of a cdlm run, read weights-only, its ``cdlm`` section and state dict checked."""
+    ckpt = _read(lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+    section = ckpt.get("cdlm") if isinstance(ckpt, dict) else None
+    if not isinstance(section, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is a torch file but not a cdlm checkpoint (no 'cdlm' config section)")
+    if not isinstance(section.get("config"), dict) or not isinstance(section.get("tokenizer", {}), dict):
+        raise CheckpointError(f"{path}: its 'cdlm' section must hold a config dict and a tokenizer dict")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
+        raise CheckpointError(f"{path}: its state_dict must map names to tensors")
+    section.setdefault("tokenizer", {})
+    return ckpt
+
+
+def checked_config(config: Any, source: Path) -> dict:
+    """A stored config as a plain dict, validated like a command-line config (allowed classes only, no
+    resolvers, typed arguments) and holding the model's three slots."""
+    node = OmegaConf.create(config) if isinstance(config, dict) else config
+    if not isinstance(node, DictConfig) or any(not isinstance(node.get(s), DictConfig) for s in MODEL_SLOTS):
+        raise CheckpointError(f"{source}: its stored config must be a mapping with {list(MODEL_SLOTS)} sections")
+    try:
+        validate(node, RUN_SLOTS, settings=False)
+        return OmegaConf.to_container(node, resolve=True)
+    except (ConfigError, OmegaConfBaseException) as err:
+        raise CheckpointError(f"{source}: its stored config is refused: {err}") from err
+
+
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """``load_state_dict`` with a message that says which tensors differ."""
+    check_weights(module, state, source)
+    module.load_state_dict(state)
+
+
+def check_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse a state dict whose names or shapes differ from ``module``'s, naming the first differences."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -119,11 +177,17 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
             f"{source} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {shapes[:5]}"
         )
-    module.load_state_dict(state)
 
 
 def _read(reader, path: Path):
+    """``reader()``, with any failure to read the file as a ``CheckpointError`` that says what kind of file it is."""
     try:
         return reader()
-    except Exception as err:  # torch and safetensors raise many types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it holds Python objects beyond tensors and plain containers, which cdlm "
+            "never unpickles (a weights-only load refused them); load it only if you trust it, in your own code"
+        ) from err
+    except Exception as err:  # torch, safetensors and yaml raise many types for truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {first[:300]}") from err

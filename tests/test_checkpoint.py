@@ -9,7 +9,7 @@ import yaml
 
 import cdlm
 from cdlm.checkpoint import CheckpointError
-from cdlm.cli import resolve_resume
+from cdlm.rundir import RunDirError, plan
 
 
 @pytest.fixture
@@ -81,6 +81,6 @@ def test_missing_paths_are_clear(tmp_path):
         cdlm.load(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="not a save_pretrained folder"):
         cdlm.load(tmp_path)
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        resolve_resume(str(tmp_path / "x.ckpt"), tmp_path)
-    assert resolve_resume("auto", tmp_path) is None
+    with pytest.raises(RunDirError, match="no such checkpoint file"):
+        plan(tmp_path, str(tmp_path / "x.ckpt"), overwrite=False)
+    assert plan(tmp_path, "auto", overwrite=False).ckpt is None

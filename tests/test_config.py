@@ -52,4 +52,6 @@ def test_instantiate_builds_allowed_target_and_rejects_unknown_argument():
     assert backbone.depth == 2
     with pytest.raises(ConfigError, match="takes no argument"):
         instantiate({"_target_": "cdlm.models.backbone.Backbone", "widht": 3})
-    assert locate("torch.nn.Linear").__name__ == "Linear"
+    assert locate("lightning.pytorch.callbacks.ModelCheckpoint").__name__ == "ModelCheckpoint"
+    with pytest.raises(ConfigError, match="not allowed"):
+        locate("torch.nn.Linear")  # a class, but not one a config may name

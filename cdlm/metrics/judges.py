@@ -61,6 +61,10 @@ def _gather(rows: list[list[int]], owners: list[int], n_texts: int, row_scores: 
     return [(float(s), int(n)) for s, n in totals]
 
 
+class JudgeError(ValueError):
+    """A judge that cannot be loaded; the message says what a judge may be."""
+
+
 class HFJudge:
     """Any ``transformers`` causal LM (hub name or local path) as a Gen PPL judge, float32 on CPU.
 
@@ -82,9 +86,16 @@ class HFJudge:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = str(name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.name)
+        try:  # never a model class of the folder's own (trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(self.name, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as err:
+            raise JudgeError(
+                f"judge={self.name!r} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); give "
+                "an autoregressive cdlm run (RUN_DIR/final or a .ckpt), a local transformers folder, or a hub name "
+                "(downloaded, so it needs the network)"
+            ) from err
         self.tokenizer_name = str(getattr(self.tokenizer, "name_or_path", "") or self.name)
-        model = AutoModelForCausalLM.from_pretrained(self.name)
         self.model = model.float().to("cpu").eval()  # float32 whatever dtype the weights were stored in
         self.batch_size = int(batch_size)
         self.eos_id: int | None = self.tokenizer.eos_token_id

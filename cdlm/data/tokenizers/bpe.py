@@ -107,4 +107,4 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_directory(cls, directory: Path, config: dict[str, Any]) -> BPETokenizer:
-        return cls(BackendTokenizer.from_file(str(directory / config.get("file", TOKENIZER_FILE))))
+        return cls(BackendTokenizer.from_file(str(directory / TOKENIZER_FILE)))

@@ -24,6 +24,10 @@ KINDS: dict[str, type[Tokenizer]] = {
 CACHE_VERSION = 1
 
 
+class TokenizerError(ValueError):
+    """A saved tokenizer folder that is missing, malformed or of an unknown kind."""
+
+
 def default_cache_dir() -> Path:
     """The cdlm cache root: ``$CDLM_CACHE`` if set, else ``~/.cache/cdlm``."""
     return Path(os.environ.get("CDLM_CACHE") or "~/.cache/cdlm").expanduser()
@@ -98,7 +102,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {directory}: {CONFIG_FILE} is missing (write one with tok.save)")
-    config = json.loads(path.read_text())
-    kind = config.pop("kind", None)
-    _check_kind(kind)
-    return KINDS[kind].from_directory(Path(directory), config)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"{CONFIG_FILE} must hold a JSON object")
+        kind = config.pop("kind", None)
+        _check_kind(kind)
+        return KINDS[kind].from_directory(Path(directory), config)
+    except Exception as err:  # json, tokenizers and transformers raise many types for a malformed folder
+        raise TokenizerError(f"the tokenizer at {directory} cannot be loaded: {type(err).__name__}: {err}") from err

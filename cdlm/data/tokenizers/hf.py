@@ -31,7 +31,7 @@ class HFTokenizer(Tokenizer):
     def from_pretrained(cls, name_or_path: str) -> HFTokenizer:
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(name_or_path), name=str(name_or_path))
+        return cls(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False), name=str(name_or_path))
 
     @property
     def vocab_size(self) -> int:
@@ -72,4 +72,6 @@ class HFTokenizer(Tokenizer):
     def from_directory(cls, directory: Path, config: dict[str, Any]) -> HFTokenizer:
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(directory)), name=config.get("name", str(directory)))
+        # a saved folder is data: local files only, and never a tokenizer class of its own (auto_map) to import
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        return cls(tok, name=str(config.get("name", directory)))
