@@ -1,8 +1,10 @@
-"""Training callbacks: token throughput (Lightning ships none), and Lightning's EMA with an exact update."""
+"""Training callbacks: token throughput (Lightning ships none), Lightning's EMA with an exact update, and a checkpoint
+when a training that has made progress is interrupted."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -66,3 +68,25 @@ class EMA(EMAWeightAveraging):
             update_starting_at_epoch=update_starting_at_epoch,
         )
         self._kwargs["avg_fn"] = exact_ema(decay)
+
+
+class InterruptCheckpoint(L.Callback):
+    """Saves ``on_exception.ckpt`` when training stops on an exception (Ctrl-C included) after taking steps.
+
+    Unlike Lightning's ``OnExceptionCheckpoint`` it does not make ``fit(ckpt_path=None)`` resume from the last
+    checkpoint behind the user's back, it writes nothing for a run that never trained (a failed start leaves the run
+    directory as it was) or that diverged (``NonFiniteLoss``: resuming that state diverges again), and under several
+    processes it saves only on Ctrl-C, which reaches every rank (saving waits for all ranks).
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "on_exception") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from cdlm.module import NonFiniteLoss
+
+        if trainer.global_step == 0 or isinstance(exception, NonFiniteLoss):
+            return
+        if trainer.world_size > 1 and not isinstance(exception, KeyboardInterrupt):
+            return
+        trainer.save_checkpoint(self.path)

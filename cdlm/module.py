@@ -10,11 +10,17 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
+from cdlm.checks import positive_ints
 from cdlm.metrics import LikelihoodMetric
-from cdlm.samplers import check_knobs, get_sampler
+from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.types import Batch
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training loss that is NaN or infinite on some rank; raised on every rank at the same step."""
 
 
 class DiffusionLM(L.LightningModule):
@@ -43,11 +49,13 @@ class DiffusionLM(L.LightningModule):
         config: dict | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.objective, self.tokenizer, self.config = objective, tokenizer, config or {}
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio, self.seed = warmup_steps, min_lr_ratio, seed
         self.val_metric = LikelihoodMetric()
         self.val_logs: dict[str, MeanMetric] = {}  # the objective's nll logs (e.g. a VAE's reconstruction accuracy)
+        self.step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked before the update
 
     # ---- randomness -------------------------------------------------------------------------------------------
     @contextmanager
@@ -74,17 +82,31 @@ class DiffusionLM(L.LightningModule):
         with self.seeded(step, micro):
             batch = {**batch, "u": self.stratified_u(batch["input_ids"].shape[0], step, micro)}
             out = self.objective.loss(batch)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({out.loss.item()}) at step {step}; the weights are still finite and "
-                "the last checkpoint is intact. Lower the learning rate, raise warm-up or clip gradients, then "
-                "resume with resume=auto."
-            )
+        self.step_losses.append(out.loss.detach())
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop every rank together, before the update, if any rank's loss of this step is not finite.
+
+        The micro-batch losses of all ranks are gathered (one small collective per optimizer step, after the
+        gradients' all-reduce), so all ranks raise at the same step and none waits for the others forever.
+        """
+        losses = self.all_gather(torch.stack(self.step_losses))  # [W, micro] ([micro] with one process)
+        self.step_losses = []
+        if bool(torch.isfinite(losses).all()):
+            return
+        losses = losses.reshape(-1, losses.shape[-1])  # [W, micro]
+        rank, micro = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
+        raise NonFiniteLoss(
+            f"non-finite training loss ({losses[rank, micro].item()}) at step {self.global_step} on rank {rank} "
+            f"(micro-batch {micro}); every rank stopped before the update, so the weights are still finite and the "
+            "last checkpoint is intact. Lower the learning rate, raise warm-up or clip gradients, then resume with "
+            "resume=auto."
+        )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         with self.seeded(-1, batch_idx):  # the same noise at every evaluation: comparable numbers
@@ -138,8 +160,9 @@ class DiffusionLM(L.LightningModule):
 
         ``dtype`` is the autocast dtype of the network (None = full precision); categorical draws are float64.
         """
+        positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
-        check_knobs(spec, knobs)
+        steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
         self.eval()
         chunks, batch_size = [], batch_size or n
@@ -160,6 +183,18 @@ class DiffusionLM(L.LightningModule):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory``."""
         return save_pretrained(self, directory)
+
+
+def check_optimizer(
+    lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """AdamW and its schedule's settings in range (``ArgumentError`` naming the argument)."""
+    checks.positive(lr=lr)
+    checks.non_negative(weight_decay=weight_decay)
+    for i, beta in enumerate(betas):
+        checks.in_interval(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    checks.at_least(0, warmup_steps=warmup_steps)
+    checks.in_interval("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

@@ -9,6 +9,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cdlm.data.corpus import corpus_checksum
 from cdlm.data.packing import cap_tokens, chunk_documents, cut_blocks, pack_documents, row_chars
+from cdlm.data.sampler import ResumableSampler
 from cdlm.data.sources import Splits, load_source
 from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
 
@@ -138,19 +139,32 @@ class TextDataModule(L.LightningDataModule):
             self._datasets[split] = self._build(split)
         return self._datasets[split]
 
+    def _ranks(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the attached trainer (``(0, 1)`` outside one)."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled training rows in batches of ``batch_size`` per rank (``ResumableSampler``: the order is a function
+        of the seed and the position, which the loader's checkpointed state carries)."""
+        rank, world = self._ranks()
+        sampler = ResumableSampler(
+            len(self.dataset("train")), self.batch_size, seed=self.seed, rank=rank, world_size=world
+        )
         return StatefulDataLoader(
             self.dataset("train"),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
         )
 
     def _eval_loader(self, split: str) -> StatefulDataLoader:
+        """Rows ``r::W`` of ``split`` on rank ``r``, in order: each row is scored once over all ranks."""
+        rank, world = self._ranks()
+        rows = range(rank, len(self.dataset(split)), world)
         return StatefulDataLoader(
-            self.dataset(split), batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers
+            self.dataset(split), batch_size=self.eval_batch_size, sampler=list(rows), num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> StatefulDataLoader:
