@@ -1,154 +1,40 @@
-"""Command line: ``cdlm train [overrides]`` and ``cdlm sample path=<ckpt|dir> [options]``."""
+"""Command line: ``cdlm train|sample|eval|sweep|schedule``; ``--help`` on each; one error path (docs/runs.md)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cdlm.callbacks import ThroughputLogger
-from cdlm.checkpoint import CheckpointError, build_module, load, tokenizer_from_state
-from cdlm.config import ConfigError, compose, instantiate, load_group, save_config, to_dict
-from cdlm.samplers import check_knobs, get_sampler
+from cdlm.checkpoint import load
+from cdlm.config import ConfigError, load_group, sampler_knobs
+from cdlm.help import command_help, main_help
+from cdlm.module import NonFiniteLoss
+from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options
+from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.sampling import draw, draw_sharded
+from cdlm.sweep import SweepError
+from cdlm.trace import render_html
+from cdlm.training import train
 
 for _pattern in (
     "'set_vital' is deprecated",
     ".*LeafSpec.*is deprecated",
-    ".*was called without a model.*",
-    ".*there is no last checkpoint available.*",
     r".*limit_val_batches=1.0\) was configured.*",
 ):
     warnings.filterwarnings("ignore", message=_pattern)
 
-USAGE = """usage:
-  cdlm train [experiment=NAME] [GROUP=NAME ...] [key.sub=value ...]
-  cdlm sample path=RUN_DIR/final|FILE.ckpt [n=4] [length=L] [seed=0] [sampler=NAME] [sampler.KEY=value]
-              [out=FILE.jsonl] [trace=FILE.html] [devices=2] [device=cpu|cuda]
-  cdlm eval path=CKPT [judge=AR_CKPT|HF_NAME_OR_PATH] [n=16] [seeds=3] [sampler=NAME] [sampler.KEY=value]
-            [out=FILE.json] [val_batches=N]
-  cdlm sweep configs/sweep/NAME.yaml [--print] [--skip-done]
-  cdlm schedule path=CKPT [out=FILE.png]   (plot a bitstream model's learned entropy-rate schedule)
-groups: data model objective sampler trainer; see configs/ and the README's config reference."""
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""Errors in what the user asked for (ConfigError, CheckpointError, RunDirError, data errors are ValueErrors):
+``cdlm: error: ...`` and exit status 2."""
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """``None``: fresh run; ``auto``: ``run_dir/checkpoints/last.ckpt`` if it exists; else an existing path."""
-    if resume in (None, "", "null"):
-        return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(resume).is_file():
-        raise CheckpointError(f"resume={resume!r}: no such checkpoint file (use a .ckpt path, 'auto' or null)")
-    return str(resume)
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    callbacks = [
-        instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints")),
-        OnExceptionCheckpoint(str(run_dir / "checkpoints"), filename="on_exception"),
-        ThroughputLogger(),
-    ]
-    if cfg.ema is not None:
-        callbacks.append(instantiate(cfg.ema))
-    logger = CSVLogger(str(run_dir), name="logs")
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
-
-
-def prepare(cfg: DictConfig):
-    """Data module, module and trainer for a run config (the tokenizer comes from the checkpoint on resume)."""
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    if ckpt_path is not None:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["cdlm"]["tokenizer"]
-        datamodule.set_tokenizer(tokenizer_from_state(state))
-    tokenizer = datamodule.prepare_tokenizer()
-    module = build_module(to_dict(cfg), tokenizer)
-    check_knobs(get_sampler(cfg.sampler.name, module.objective), sampler_knobs(cfg.sampler))
-    return datamodule, module, build_trainer(cfg, run_dir), ckpt_path
-
-
-def sampler_knobs(node: DictConfig | dict) -> dict:
-    return {k: v for k, v in dict(node).items() if k not in ("name", "steps")}
-
-
-def train(argv: list[str]) -> dict:
-    """Train a run; print validation BPC and samples; return the final validation metrics."""
-    cfg = compose(argv)
-    run_dir = Path(cfg.run_dir)
-    datamodule, module, trainer, ckpt_path = prepare(cfg)
-    if trainer.is_global_zero:
-        save_config(cfg, run_dir / "config.yaml")
-        params = sum(p.numel() for p in module.parameters())
-        print(f"cdlm: {type(module.objective).__name__}, {params / 1e6:.2f} M parameters, run dir {run_dir}")
-        if ckpt_path:
-            print(f"cdlm: resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = final_validation(module, trainer, datamodule)
-    if trainer.is_global_zero:
-        module.save_pretrained(run_dir / "final")
-        print(
-            f"cdlm: validation bound {metrics['val/bpc']:.4f} bits/char, PPL {metrics['val/ppl']:.2f} "
-            f"(NLL {metrics['val/nll']:.4f} nats/token); saved {run_dir / 'final'}"
-        )
-        print_samples(module, cfg)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
-
-
-def final_validation(module, trainer: L.Trainer, datamodule) -> dict[str, float]:
-    """The validation metrics of the final (EMA) weights: those of a validation that ran at the last step, if one
-    did (the same weights: EMA is updated before validation), else a fresh ``trainer.validate``."""
-    values, step = getattr(module, "validated_at", (None, None))
-    if values is not None and step == trainer.global_step:
-        return {f"val/{k}": v for k, v in values.items()}
-    results = trainer.validate(module, datamodule=datamodule, ckpt_path=None, verbose=False)
-    return {k: float(v) for k, v in results[0].items()}
-
-
-def print_samples(module, cfg: DictConfig) -> None:
-    s, node = cfg.sample, cfg.sampler
-    samples = draw(module, s.n, s.length, node.name, node.steps, s.seed, **sampler_knobs(node))
-    print(f"cdlm: {s.n} samples, sampler={node.name}, NFE {samples.nfe}, {samples.seconds_per_sample:.2f} s/sample")
-    for i, text in enumerate(samples.texts):
-        print(f"===== sample {i} =====\n{text}")
-
-
-SAMPLE_OPTIONS = {"path", "n", "length", "seed", "out", "device", "devices", "trace", "batch_size"}
-EVAL_OPTIONS = {"path", "judge", "n", "length", "seeds", "out", "device", "val_batches", "reference"}
-
-
-def parse_options(argv: list[str], valid: set[str], command: str) -> tuple[DictConfig, str | None]:
-    """``key=value`` options plus ``sampler=NAME`` and ``sampler.KEY=value``; unknown keys fail listing the valid."""
-    pairs = [_pair(a) for a in argv]
-    chosen = next((v for k, v in pairs if k == "sampler"), None)
-    opts = OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k != "sampler"])
-    if unknown := sorted(set(opts) - valid - {"sampler"}):
-        raise ConfigError(f"unknown {command} option(s) {unknown}; valid: {sorted(valid)}, sampler=NAME, sampler.K=v")
-    if "path" not in opts:
-        raise ConfigError(f"{command} needs path=<save_pretrained folder or .ckpt file>")
-    return opts, chosen
-
-
-def _pair(arg: str) -> tuple[str, str]:
-    if "=" not in arg:
-        raise ConfigError(f"option {arg!r} is not of the form key=value")
-    key, value = arg.split("=", 1)
-    return key, value
-
-
-def sampler_config(module, chosen: str | None, overrides: DictConfig | None) -> DictConfig:
+def sampler_config(module, chosen: str | None, overrides: dict | None) -> DictConfig:
     """The run's sampler config, or the named sampler's defaults, with ``sampler.KEY`` overrides; validated."""
     node = OmegaConf.create(module.config["sampler"])
     if chosen is not None and chosen != node.name:
@@ -157,37 +43,70 @@ def sampler_config(module, chosen: str | None, overrides: DictConfig | None) -> 
         if key not in node:
             raise ConfigError(f"unknown sampler option {key!r}; valid keys under sampler: {sorted(node)}")
         node[key] = value
-    check_knobs(get_sampler(node.name, module.objective), sampler_knobs(node))
+    spec = get_sampler(node.name, module.objective)
+    node.steps = check_steps(spec, node.steps)
+    node.merge_with(check_knobs(spec, sampler_knobs(node)))
     return node
+
+
+def check_length(module, length: int) -> int:
+    """``length`` within what the model's positions cover."""
+    max_len = module.config["model"].get("max_len")
+    if max_len is not None and length > max_len:
+        raise ConfigError(f"length={length} exceeds the model's max_len={max_len} positions; use length <= {max_len}")
+    return length
 
 
 def sample(argv: list[str]) -> list[dict]:
     """Load a checkpoint, draw samples (sharded over ``devices``), print them and write JSONL / an HTML trace."""
-    opts, chosen = parse_options(argv, SAMPLE_OPTIONS, "sample")
-    module = load(opts.path, device=opts.get("device", "cpu"))
-    node = sampler_config(module, chosen, opts.get("sampler"))
-    kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.get("seed", 0), **sampler_knobs(node))
-    n, length, devices = opts.get("n", 4), opts.get("length", module.config["data"]["seq_len"]), opts.get("devices", 1)
+    opts, chosen, overrides = parse_options(argv, SampleOptions, "sample")
+    module = load(opts.path, device=opts.device)
+    node = sampler_config(module, chosen, overrides)
+    length = check_length(module, opts.length or module.config["data"]["seq_len"])
+    kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.seed, **sampler_knobs(node))
     recorder = None
-    if "trace" in opts:
-        from cdlm.trace import TraceRecorder, write_html
+    if opts.trace is not None:
+        from cdlm.trace import TraceRecorder
 
         recorder = TraceRecorder(getattr(module.objective, "mask_id", None), sampler=node.name, steps=node.steps)
-    if devices > 1:
-        samples = draw_sharded(module, n, length, devices, opts.get("device", "cpu"), **kwargs)
+    if opts.devices > 1:
+        samples = draw_sharded(module, opts.n, length, opts.devices, opts.device, **kwargs)
     else:
-        samples = draw(module, n, length, callback=recorder, batch_size=opts.get("batch_size"), **kwargs)
+        samples = draw(module, opts.n, length, callback=recorder, batch_size=opts.batch_size, **kwargs)
     if samples_is_rank_zero():
         for i, text in enumerate(samples.texts):
             print(f"===== sample {i} (seed {samples.seeds[i]}) =====\n{text}")
-        print(f"cdlm: {n} samples, sampler={node.name}, NFE {samples.nfe}, {samples.seconds_per_sample:.3f} s/sample")
-        if "out" in opts:
-            Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(opts.out).write_text("".join(json.dumps(r) + "\n" for r in samples.rows()))
+        nfe, seconds = samples.nfe, samples.seconds_per_sample
+        print(f"cdlm: {opts.n} samples, sampler={node.name}, NFE {nfe}, {seconds:.3f} s/sample")
+        if opts.out is not None:
+            write_new(opts.out, "".join(json.dumps(r) + "\n" for r in samples.rows()), opts.overwrite)
         if recorder is not None:
             title = f"{type(module.objective).__name__} sampling trace"
-            write_html(recorder, module.tokenizer, opts.trace, title=title)
+            write_new(opts.trace, render_html(recorder, module.tokenizer, title), opts.overwrite)
     return samples.rows()
+
+
+def write_new(path: str | Path, text: str, overwrite: bool) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: through a temporary file in the same folder, linked into
+    place only if ``path`` does not exist yet (or replacing it with ``overwrite``), so two processes writing one
+    file never interleave their rows and neither silently replaces the other's file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError as err:
+                raise ConfigError(f"{path} was written by another process meanwhile; nothing was replaced") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def samples_is_rank_zero() -> bool:
@@ -198,28 +117,29 @@ def evaluate_cmd(argv: list[str]) -> dict:
     """``cdlm eval``: validation bound, Gen PPL + entropy over seeds, the reference row; one JSON file."""
     from cdlm.evaluate import evaluate, summary, write_result
 
-    opts, chosen = parse_options(argv, EVAL_OPTIONS, "eval")
-    module = load(opts.path, device=opts.get("device", "cpu"))
-    node = sampler_config(module, chosen, opts.get("sampler"))
+    opts, chosen, overrides = parse_options(argv, EvalOptions, "eval")
+    module = load(opts.path, device=opts.device)
+    node = sampler_config(module, chosen, overrides)
+    length = check_length(module, opts.length) if opts.length is not None else None
     result = evaluate(
         module,
-        opts.get("judge"),
+        opts.judge,
         OmegaConf.to_container(node),
-        n=opts.get("n", 16),
-        length=opts.get("length"),
-        seeds=opts.get("seeds", 3),
-        val_batches=opts.get("val_batches"),
-        reference=opts.get("reference", True),
+        n=opts.n,
+        length=length,
+        seeds=opts.seeds,
+        val_batches=opts.val_batches,
+        reference=opts.reference,
     )
     result["model"] = str(opts.path)
-    out = opts.get("out", str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json"))
+    out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")
     print(summary(result))
     print(f"cdlm: wrote {write_result(result, out)}")
     return result
 
 
 def sweep(argv: list[str]) -> list[dict]:
-    """``cdlm sweep configs/sweep/NAME.yaml [--print]``: run a grid of train or eval points and tabulate them."""
+    """``cdlm sweep configs/sweep/NAME.yaml [--print] [--skip-done]``: run a grid of train or eval points."""
     from cdlm.sweep import main_sweep
 
     return main_sweep(argv)
@@ -227,7 +147,7 @@ def sweep(argv: list[str]) -> list[dict]:
 
 def schedule_cmd(argv: list[str]) -> Path:
     """``cdlm schedule path=CKPT [out=FILE.png]``: plot the learned noise schedule of a model that has one."""
-    opts, _ = parse_options(argv, {"path", "out"}, "schedule")
+    opts, _, _ = parse_options(argv, ScheduleOptions, "schedule")
     module = load(opts.path)
     schedule = getattr(module.objective, "schedule", None)
     if not hasattr(schedule, "plot"):
@@ -235,19 +155,38 @@ def schedule_cmd(argv: list[str]) -> Path:
             f"{type(module.objective).__name__} has no learned table schedule to plot; "
             "`cdlm schedule` plots a bitstream model's entropy-rate schedule"
         )
-    out = schedule.plot(opts.get("out", str(Path(opts.path).parent / "schedule.png")))
+    out = schedule.plot(opts.out or str(Path(opts.path).parent / "schedule.png"))
     print(f"cdlm: wrote {out}")
     return out
 
 
+COMMANDS = {"train": train, "sample": sample, "eval": evaluate_cmd, "sweep": sweep, "schedule": schedule_cmd}
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``cdlm COMMAND [key=value ...]``; ``--help`` on any command. A user error prints ``cdlm: error: ...`` and
+    exits 2 before any work is done; a run that fails (a diverged loss, a failed sweep point) exits 1."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train, "sample": sample, "eval": evaluate_cmd, "sweep": sweep, "schedule": schedule_cmd}
-    if not argv or argv[0] not in commands:
-        print(USAGE)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(main_help())
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"cdlm: error: unknown command {command!r}; valid: {list(COMMANDS)}\n\n{main_help()}", file=sys.stderr)
         raise SystemExit(2)
+    if "-h" in rest or "--help" in rest:
+        print(command_help(command))
+        raise SystemExit(0)
     try:
-        commands[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors
-        print(f"cdlm: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        COMMANDS[command](rest)
+    except USER_ERRORS as err:  # ConfigError, CheckpointError, RunDirError, data errors are ValueErrors
+        fail(err, 2)
+    except ModuleNotFoundError as err:
+        fail(f"{err}; this needs an optional dependency (pip install 'cdlm[hf,plot]')", 2)
+    except (NonFiniteLoss, SweepError) as err:
+        fail(err, 1)
+
+
+def fail(err: BaseException | str, status: int) -> None:
+    print(f"cdlm: error: {err}", file=sys.stderr)
+    raise SystemExit(status)

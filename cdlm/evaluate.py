@@ -88,10 +88,10 @@ def evaluate(
 ) -> dict:
     """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars)."""
     length = length or int(module.config["data"].get("seq_len", 256))
+    scorer = build_judge(judge) if judge else None  # first: a judge that cannot be loaded fails before any work
     metrics = validation_bound(module, val_batches) if val_batches != 0 else {}  # val_batches=0: samples only
     result = {"metrics": metrics, "per_seed": [], "reference": {}}
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
-    scorer = build_judge(judge) if judge else None
     for seed in range(seeds):
         samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, **knobs)
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}

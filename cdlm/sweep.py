@@ -12,7 +12,6 @@ point for a cluster scheduler instead of running them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -35,11 +34,22 @@ LINESTYLES = ("-", "--", ":")
 COMMANDS = ("eval", "train")
 CONFIG_EXAMPLE = Path(__file__).parent / "configs" / "sweep" / "masked_steps.yaml"
 Runner = Callable[[str, list[str]], Any]
+FLAGS = {"--print", "--skip-done"}
+
+
+class SweepError(RuntimeError):
+    """A sweep point that failed while running (its own error was printed above)."""
 
 
 def load_sweep(path: str | Path) -> dict:
     """Read and validate a sweep YAML file (unknown keys raise ``ConfigError``, a ``ValueError``)."""
-    sweep = yaml.safe_load(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} not found; shipped sweeps are in {CONFIG_EXAMPLE.parent}")
+    try:
+        sweep = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {err}") from err
     if not isinstance(sweep, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping with keys {sorted(KEYS)}")
     if unknown := sorted(set(sweep) - KEYS):
@@ -137,12 +147,15 @@ def point_result(sweep: dict, point: dict[str, Any]) -> Path:
 
 
 def expand(sweep: dict) -> list[list[str]]:
-    """One argument list per point: base args, the point's ``key=value`` overrides (not its label), its output."""
+    """One argument list per point: base args, the point's ``key=value`` overrides (not its label), its output
+    (a train point resumes its own run directory, so a sweep cut short continues where it stopped)."""
     out, argv = Path(sweep["out"]) / "points", []
     for point in grid_points(sweep):
         name = point_name(point)
-        target = f"run_dir={out / name}" if sweep["command"] == "train" else f"out={out / name}.json"
-        argv.append([*base_args(sweep), *overrides(point), target])
+        targets = (
+            [f"run_dir={out / name}", "resume=auto"] if sweep["command"] == "train" else [f"out={out / name}.json"]
+        )
+        argv.append([*base_args(sweep), *overrides(point), *targets])
     return argv
 
 
@@ -174,6 +187,46 @@ def default_runner(command: str, args: list[str]) -> None:
     main([command, *args])
 
 
+def check_points(command: str, argvs: list[list[str]]) -> None:
+    """Check every point's arguments before the first point runs: a bad value fails the sweep before any work."""
+    from cdlm import rundir
+    from cdlm.config import compose
+    from cdlm.options import EvalOptions, parse_options
+
+    for args in argvs:
+        if command == "train":
+            cfg = compose(args)
+            rundir.plan(Path(cfg.run_dir), cfg.resume, cfg.overwrite)
+        else:
+            opts, chosen, knobs = parse_options(args, EvalOptions, "eval")
+            check_sampler_options(chosen or stored_sampler(Path(opts.path)), knobs)
+
+
+def stored_sampler(path: Path) -> str:
+    """The sampler name stored with a model (a ``save_pretrained`` folder or a ``.ckpt``), read without building it."""
+    from cdlm.checkpoint import read_ckpt
+
+    if path.is_dir():
+        config = (
+            yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+            if (path / "config.yaml").is_file()
+            else {}
+        )
+    else:
+        config = read_ckpt(path)["cdlm"]["config"]
+    return str((config.get("sampler") or {}).get("name", "ancestral"))
+
+
+def check_sampler_options(name: str, knobs: dict) -> None:
+    """``sampler.KEY=value`` options of one point, against the sampler they will reach."""
+    from cdlm.samplers import check_knobs, check_steps, get_sampler
+
+    spec = get_sampler(name)
+    if "steps" in knobs:
+        check_steps(spec, knobs["steps"])
+    check_knobs(spec, {k: v for k, v in knobs.items() if k != "steps"})
+
+
 def run_sweep(
     path: str | Path, execute: bool = True, runner: Runner | None = None, skip_done: bool = False
 ) -> list[dict[str, Any]]:
@@ -188,6 +241,8 @@ def run_sweep(
         for args in argvs:
             print(shlex.join(["cdlm", sweep["command"], *args]))
         return []
+    if runner is None:
+        check_points(sweep["command"], argvs)
     runner = runner or default_runner
     out = Path(sweep["out"])
     (out / "points").mkdir(parents=True, exist_ok=True)
@@ -200,7 +255,7 @@ def run_sweep(
             runner(sweep["command"], args)
         except SystemExit as err:
             if err.code not in (0, None):
-                raise RuntimeError(f"sweep point {point_name(point)} failed (exit status {err.code})") from err
+                raise SweepError(f"sweep point {point_name(point)} failed (exit status {err.code})") from err
     rows = [read_point(sweep, point) for point in points]
     write_csv(rows, out / "results.csv")
     write_markdown(rows, sweep, out / "results.md")
@@ -335,11 +390,10 @@ def draw_reference(ax: Any, rows: list[dict[str, Any]], y: str, annotate: str | 
 
 def main_sweep(argv: list[str]) -> list[dict[str, Any]]:
     """``cdlm sweep <sweep.yaml> [--print] [--skip-done]``: run the sweep or print its commands; returns the rows."""
-    parser = argparse.ArgumentParser(prog="cdlm sweep", description="Run cdlm eval/train over a grid.")
-    parser.add_argument("sweep", help="sweep YAML file (see cdlm/configs/sweep/)")
-    parser.add_argument(
-        "--print", action="store_true", help="print one command per point (labels left out) instead of running"
-    )
-    parser.add_argument("--skip-done", action="store_true", help="keep points whose result file exists")
-    opts = parser.parse_args(argv)
-    return run_sweep(opts.sweep, execute=not opts.print, skip_done=opts.skip_done)
+    flags = {a for a in argv if a.startswith("-")}
+    files = [a for a in argv if not a.startswith("-")]
+    if unknown := sorted(flags - FLAGS):
+        raise ConfigError(f"cdlm sweep: unknown flag(s) {unknown}; valid: {sorted(FLAGS)} (see cdlm sweep --help)")
+    if len(files) != 1:
+        raise ConfigError(f"cdlm sweep takes one sweep file (e.g. {CONFIG_EXAMPLE.name}), got {files or 'none'}")
+    return run_sweep(files[0], execute="--print" not in flags, skip_done="--skip-done" in flags)

@@ -163,7 +163,17 @@ def write_html(
     mask_id: int | None = None,
     title: str = "cdlm sampling trace",
 ) -> Path:
-    """Write the recorded trace to ``path`` as one self-contained HTML page; returns the path.
+    """Write the recorded trace to ``path`` as one self-contained HTML page (``render_html``); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(recorder, tokenizer, title, mask_id), encoding="utf-8")
+    return path
+
+
+def render_html(
+    recorder: TraceRecorder, tokenizer, title: str = "cdlm sampling trace", mask_id: int | None = None
+) -> str:
+    """The recorded trace as one self-contained HTML page.
 
     ``mask_id`` (default: the recorder's) marks positions shown as grey boxes; ``tokenizer.decode([id])``
     renders every other token (``tokenizer=None`` shows raw ids).
@@ -202,10 +212,7 @@ def write_html(
         f'<style>{CSS}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n<div class="info">{info}<br>'
         f"{legend}</div>\n{controls}\n{body}\n<script>{JS}</script>\n</body>\n</html>\n"
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return page
 
 
 def _remask(row: TraceRow, mask_id: int, previous: TraceRow | None) -> TraceRow:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lightning as L
 
-from cdlm.cli import prepare
 from cdlm.config import compose
+from cdlm.training import prepare
 
 TINY = [
     "model=tiny",
@@ -49,7 +49,7 @@ class CrashAt(L.Callback):
 def fit(run_dir: Path, *overrides: str, callbacks: tuple = ()):
     """Train with the tiny config plus ``overrides``; returns (module, trainer, datamodule)."""
     cfg = compose([*TINY, f"run_dir={run_dir}", *overrides])
-    datamodule, module, trainer, ckpt_path = prepare(cfg)
-    trainer.callbacks.extend(callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return module, trainer, datamodule
+    run = prepare(cfg)
+    run.trainer.callbacks.extend(callbacks)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
+    return run.module, run.trainer, run.datamodule

@@ -46,7 +46,7 @@ def test_sample_sharded_over_two_processes_writes_n_distinct(tiny_run, tmp_path)
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["n=2"], "needs path="),
+        (["n=2"], "path= is required"),
         (["path={final}", "temperature=3"], "unknown sample option"),
         (["path={final}", "sampler.temprature=3"], "unknown sampler option"),
         (["path={final}", "sampler=no-such"], "available"),

@@ -101,7 +101,10 @@ def test_train_sweep_reads_metrics_json(tmp_path):
         plot={"x": "model.depth", "y": "val/bpc"},
     )
     rows = run_sweep(path, runner=fake_train)
-    assert expand(load_sweep(path))[1][-1] == f"run_dir={tmp_path / 'sweep' / 'points' / 'model.depth-4'}"
+    assert expand(load_sweep(path))[1][-2:] == [
+        f"run_dir={tmp_path / 'sweep' / 'points' / 'model.depth-4'}",
+        "resume=auto",
+    ]
     assert [(r["model.depth"], r["val/bpc"]) for r in rows] == [(2, 2.8), (4, 2.6)]
     assert "| 4 | 2.600 |" in (tmp_path / "sweep" / "results.md").read_text()
     assert (tmp_path / "sweep" / "plot.png").is_file()

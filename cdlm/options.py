@@ -1,0 +1,144 @@
+"""The options of ``cdlm sample``, ``cdlm eval`` and ``cdlm schedule``: typed, range-checked, with their help.
+
+Each command reads ``key=value`` options (values read as YAML reads them: ``4`` is an int, ``null`` is None) plus
+``sampler=NAME`` and ``sampler.KEY=value``. An option's type and range are checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from cdlm.config import ConfigError, _parse_value, build_settings
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its help line."""
+    return field(default=default, metadata={"help": help})
+
+
+def check_device(device: str) -> None:
+    """A torch device string this machine has: ``cpu``, ``cuda``, ``cuda:N`` (or ``mps``)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"device={device!r} is not a device; valid: cpu, cuda, cuda:N") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: this machine has no CUDA device; use device=cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r} is not supported; valid: cpu, cuda, cuda:N, mps")
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """``cdlm sample`` / ``python sample.py``: draw samples from a trained model."""
+
+    path: str | None = option(None, "a save_pretrained folder (RUN_DIR/final) or a .ckpt file (required)")
+    n: int = option(4, "number of samples")
+    length: int | None = option(None, "tokens per sample (default: the run's data.seq_len)")
+    seed: int = option(0, "random seed of the draws")
+    batch_size: int | None = option(None, "samples per sampler call (default: all n at once)")
+    out: str | None = option(None, "write the samples as JSONL to this file")
+    trace: str | None = option(None, "write an HTML trace of the denoising steps to this file")
+    overwrite: bool = option(False, "replace an existing out / trace file")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    devices: int = option(1, "shard the samples over this many processes")
+
+    def __post_init__(self) -> None:
+        require_path(self.path)
+        for name in ("n", "length", "batch_size", "devices"):
+            positive(name, getattr(self, name))
+        check_device(self.device)
+        for name in ("out", "trace"):
+            check_new_file(name, getattr(self, name), self.overwrite)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``cdlm eval``: the validation bound, Gen PPL and entropy over seeds, and the reference row, as one JSON."""
+
+    path: str | None = option(None, "a save_pretrained folder or a .ckpt file (required)")
+    judge: str | None = option(None, "an AR run (folder or .ckpt) or a transformers causal LM name / local path")
+    n: int = option(16, "samples per seed")
+    length: int | None = option(None, "tokens per sample (default: the run's data.seq_len)")
+    seeds: int = option(3, "number of seeds")
+    val_batches: int | None = option(None, "validation batches for the bound (default: the whole split; 0: none)")
+    reference: bool = option(True, "also score real validation text (the reference row)")
+    out: str | None = option(None, "the result JSON (default: eval_<sampler>_<steps>.json beside the model)")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        require_path(self.path)
+        for name in ("n", "length", "seeds"):
+            positive(name, getattr(self, name))
+        if self.val_batches is not None and self.val_batches < 0:
+            raise ConfigError(f"val_batches must be >= 0 (0 skips the bound), got {self.val_batches}")
+        check_device(self.device)
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """``cdlm schedule``: plot a bitstream model's learned entropy-rate noise schedule."""
+
+    path: str | None = option(None, "a save_pretrained folder or a .ckpt file (required)")
+    out: str | None = option(None, "the PNG file (default: schedule.png beside the model)")
+
+    def __post_init__(self) -> None:
+        require_path(self.path)
+
+
+def require_path(path: str | None) -> None:
+    if path is None:
+        raise ConfigError("path= is required: a save_pretrained folder (RUN_DIR/final) or a .ckpt file")
+    if not Path(path).exists():
+        raise ConfigError(f"path={path!r}: no checkpoint at {path}; give a save_pretrained folder or a .ckpt file")
+
+
+def check_new_file(name: str, path: str | None, overwrite: bool) -> None:
+    """An output file that may be written: not a folder, and not an existing file unless ``overwrite``."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ConfigError(f"{name}={path!r} is a folder; give a file name")
+    if Path(path).exists() and not overwrite:
+        raise ConfigError(f"{name}={path!r} exists; choose another file or pass overwrite=true to replace it")
+
+
+def parse_options(argv: list[str], cls: type, command: str) -> tuple[Any, str | None, dict]:
+    """``(options, sampler name or None, sampler.KEY overrides)`` of a command's ``key=value`` arguments."""
+    given, chosen, sampler = {}, None, {}
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"{command}: argument {arg!r} is not of the form key=value; see cdlm {command} --help")
+        key, raw = arg.split("=", 1)
+        value = _parse_value(key, raw)
+        if key == "sampler":
+            chosen = str(value)
+        elif key.startswith("sampler."):
+            sampler[key.removeprefix("sampler.")] = value
+        else:
+            given[key] = value
+    valid = [f.name for f in dataclasses.fields(cls)]
+    if unknown := sorted(set(given) - set(valid)):
+        raise ConfigError(f"unknown {command} option(s) {unknown}; valid: {valid}, sampler=NAME, sampler.KEY=value")
+    return build_settings(cls, "", given), chosen, sampler
+
+
+def describe_options(cls: type) -> str:
+    """One line per option: ``name=default  help``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = OmegaConf.to_yaml({"v": f.default}).strip()[3:] if f.default is not None else "null"
+        lines.append(f"  {f.name + '=' + default:<24} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
