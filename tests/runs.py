@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 
+from cdlm.cli import main
 from cdlm.config import compose
 from cdlm.training import prepare
 
@@ -53,3 +55,13 @@ def fit(run_dir: Path, *overrides: str, callbacks: tuple = ()):
     run.trainer.callbacks.extend(callbacks)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
     return run.module, run.trainer, run.datamodule
+
+
+def refused(args: list[str], capsys) -> str:
+    """Run ``cdlm ARGS``; assert exit status 2, a ``cdlm: error:`` line and no traceback; return stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "cdlm: error:" in err and "Traceback" not in err
+    return err

@@ -11,7 +11,7 @@ import pytest
 
 from cdlm.cli import main
 from cdlm.rundir import RunLock
-from tests.runs import TINY
+from tests.runs import TINY, refused
 
 
 def snapshot(path: Path) -> dict[str, str] | None:
@@ -28,15 +28,6 @@ def fill(text: str, names: dict) -> str:
     for key, value in names.items():
         text = text.replace("{" + key + "}", str(value))
     return text
-
-
-def refused(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "cdlm: error:" in err and "Traceback" not in err
-    return err
 
 
 @pytest.fixture

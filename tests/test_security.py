@@ -19,9 +19,8 @@ import yaml
 
 import cdlm
 from cdlm.checkpoint import CheckpointError
-from cdlm.cli import main
 from cdlm.config import ConfigError, compose
-from tests.runs import TINY
+from tests.runs import TINY, refused
 
 
 def code_targets(marker: Path) -> dict[str, dict]:
@@ -63,16 +62,6 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def refused(args: list[str], capsys) -> str:
-    """Run ``cdlm ARGS``; assert exit status 2, a ``cdlm: error:`` line and no traceback; return stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "cdlm: error:" in err and "Traceback" not in err
-    return err
 
 
 def sample_args(path: Path) -> list[str]:
