@@ -67,3 +67,15 @@ def in_interval(
     if not (above and below):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ArgumentError(f"{name} must be in {interval}, got {value!r}")
+
+
+def adamw_settings(
+    lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """AdamW and its schedule's settings in range (``ArgumentError`` naming the argument)."""
+    positive(lr=lr)
+    non_negative(weight_decay=weight_decay)
+    for i, beta in enumerate(betas):
+        in_interval(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    at_least(0, warmup_steps=warmup_steps)
+    in_interval("min_lr_ratio", min_lr_ratio, 0.0, 1.0)

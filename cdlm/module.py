@@ -12,7 +12,6 @@ from torchmetrics.aggregation import MeanMetric
 
 from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
-from cdlm.checks import positive_ints
 from cdlm.metrics import LikelihoodMetric
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
@@ -49,7 +48,7 @@ class DiffusionLM(L.LightningModule):
         config: dict | None = None,
     ) -> None:
         super().__init__()
-        check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
+        checks.adamw_settings(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.objective, self.tokenizer, self.config = objective, tokenizer, config or {}
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio, self.seed = warmup_steps, min_lr_ratio, seed
@@ -160,7 +159,7 @@ class DiffusionLM(L.LightningModule):
 
         ``dtype`` is the autocast dtype of the network (None = full precision); categorical draws are float64.
         """
-        positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
+        checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
@@ -183,18 +182,6 @@ class DiffusionLM(L.LightningModule):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory``."""
         return save_pretrained(self, directory)
-
-
-def check_optimizer(
-    lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
-) -> None:
-    """AdamW and its schedule's settings in range (``ArgumentError`` naming the argument)."""
-    checks.positive(lr=lr)
-    checks.non_negative(weight_decay=weight_decay)
-    for i, beta in enumerate(betas):
-        checks.in_interval(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
-    checks.at_least(0, warmup_steps=warmup_steps)
-    checks.in_interval("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

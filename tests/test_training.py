@@ -157,3 +157,28 @@ def test_final_metrics_reuse_a_validation_at_the_last_step(tmp_path):
     assert set(reused) == {"val/nll", "val/ppl", "val/bpc"}
     for key, value in reused.items():
         assert value == pytest.approx(float(fresh[key]), rel=1e-6), key
+
+
+def test_resume_auto_says_it_starts_fresh_and_overwrite_discards_only_the_run(tmp_path, capsys):
+    from cdlm.cli import main
+
+    run_dir = tmp_path / "run"
+    args = [
+        "train",
+        *TINY,
+        f"run_dir={run_dir}",
+        "trainer.max_steps=2",
+        "sample.n=1",
+        "sample.length=8",
+        "sampler.steps=2",
+    ]
+    main([*args, "resume=auto"])
+    assert f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting a fresh run" in capsys.readouterr().out
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "logs" / "version_0" / "old.marker").write_text("")
+    main([*args, "overwrite=true"])
+    assert f"overwrite=true: discarding the previous run in {run_dir}" in capsys.readouterr().out
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert not (run_dir / "logs" / "version_0" / "old.marker").exists()
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["version_0"]
+    assert (run_dir / "final" / "model.safetensors").is_file()
