@@ -50,12 +50,16 @@ def draw(
     seed: int,
     callback=None,
     batch_size: int | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
     **knobs,
 ) -> Samples:
-    """Generate ``n`` samples in batches of ``batch_size`` (default: all at once) and time them."""
+    """Generate ``n`` samples in batches of ``batch_size`` (default: all at once) and time them; ``dtype`` is the
+    network's autocast dtype (None = full precision)."""
     counter = NFECounter(callback)
     start = time.perf_counter()
-    ids, texts = module.generate(n, length, sampler, steps, seed, batch_size=batch_size, callback=counter, **knobs)
+    ids, texts = module.generate(
+        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, **knobs
+    )
     seconds = (time.perf_counter() - start) / max(n, 1)
     return Samples(ids, texts, counter.nfe, seconds, [seed] * n)
 

@@ -181,8 +181,10 @@ def final_validation(module, trainer: L.Trainer, datamodule) -> dict[str, float]
 
 
 def print_samples(module, cfg: DictConfig) -> None:
+    """Print ``sample.n`` samples drawn in the training precision (bf16 autocast for bf16 runs, else float32)."""
     s, node = cfg.sample, cfg.sampler
-    samples = draw(module, s.n, s.length, node.name, node.steps, s.seed, **sampler_knobs(node))
+    dtype = torch.bfloat16 if "bf16" in str(cfg.trainer.precision) else None
+    samples = draw(module, s.n, s.length, node.name, node.steps, s.seed, dtype=dtype, **sampler_knobs(node))
     print(f"cdlm: {s.n} samples, sampler={node.name}, NFE {samples.nfe}, {samples.seconds_per_sample:.2f} s/sample")
     for i, text in enumerate(samples.texts):
         print(f"===== sample {i} =====\n{text}")
