@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from cdlm.models.backbone import Backbone
 from cdlm.objectives.masked import MaskedDiffusion
+
+# Tokenizers and token caches of the test session go to a temporary folder (subprocesses inherit it), not ~/.cache.
+os.environ.setdefault("CDLM_CACHE", tempfile.mkdtemp(prefix="cdlm-test-cache-"))
 
 
 def tiny_backbone(**kwargs) -> Backbone:

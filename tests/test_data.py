@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,6 +164,16 @@ def test_chunking_one_document_per_row():
 # --- datamodule ---------------------------------------------------------------------------------------------------
 
 
+def stacked(ds) -> SimpleNamespace:
+    """All rows of a dataset as ``ids`` / ``mask`` ``[R, L]`` and ``n_chars`` ``[R]``."""
+    rows = [ds[i] for i in range(len(ds))]
+    return SimpleNamespace(
+        ids=torch.stack([r["input_ids"] for r in rows]),
+        mask=torch.stack([r["attention_mask"] for r in rows]),
+        n_chars=torch.stack([r["n_chars"] for r in rows]),
+    )
+
+
 def batches_decode_to_their_n_chars(dm: TextDataModule) -> None:
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         batch = next(iter(loader))
@@ -178,7 +189,7 @@ def test_datamodule_text_file(sample, tmp_path, packing):
     dm = TextDataModule(source=str(path), seq_len=64, batch_size=4, packing=packing)
     dm.prepare_tokenizer()
     dm.setup("fit")
-    train, val = dm.dataset("train"), dm.dataset("validation")
+    train, val = stacked(dm.dataset("train")), stacked(dm.dataset("validation"))
     assert int(train.n_chars.sum()) + int(val.n_chars.sum()) == len(sample)  # one document: split by text
     tok = dm.tokenizer
     for ds in (train, val):
@@ -191,7 +202,7 @@ def test_datamodule_padding_mode_masks_padding(tmp_path):
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": "ab" * n}) for n in range(1, 41)))
     dm = TextDataModule(source=str(tmp_path / "docs.jsonl"), seq_len=16, batch_size=2, packing=False)
     dm.setup("fit")
-    ds, tok = dm.dataset("train"), dm.tokenizer
+    ds, tok = stacked(dm.dataset("train")), dm.tokenizer
     assert ds.ids.shape[1] == 16 and not ds.mask.all()
     assert torch.equal(ds.mask, ds.ids != tok.pad_id)
     assert torch.equal((ds.ids == tok.eos_id).sum(), torch.tensor(38))  # 40 documents, 2 held out
@@ -250,7 +261,7 @@ def test_set_tokenizer_overrides_building(sample, tmp_path):
     dm.set_tokenizer(load_tokenizer(tmp_path / "tok"))
     assert dm.prepare_tokenizer().name == "byte"
     dm.setup("fit")
-    assert dm.dataset("train").ids.max() < 258
+    assert stacked(dm.dataset("train")).ids.max() < 258
 
 
 def test_embedded_corpus_datamodule_shapes():

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
-import torch
-from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cdlm.data.corpus import corpus_checksum
-from cdlm.data.packing import cap_tokens, chunk_documents, cut_blocks, pack_documents, row_chars
+from cdlm.data.documents import Documents, open_source
+from cdlm.data.rows import DocumentRows, MappedRows, PackedRows
 from cdlm.data.sampler import ResumableSampler
-from cdlm.data.sources import Splits, load_source
+from cdlm.data.sources import Splits
+from cdlm.data.token_cache import TokenMap, prepare_cache
 from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
-
-
-class RowDataset(Dataset):
-    """Rows of ``input_ids`` / ``attention_mask`` ``[R, L]`` and ``n_chars`` ``[R]`` as per-row dicts."""
-
-    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, n_chars: torch.Tensor):
-        self.ids, self.mask, self.n_chars = ids, mask, n_chars
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "n_chars": self.n_chars[i]}
 
 
 class TextDataModule(L.LightningDataModule):
     """Batches ``{"input_ids": [B, L] int64, "attention_mask": [B, L] bool, "n_chars": [B] int64}``.
 
     ``source`` is "shakespeare" (the embedded corpus), a ``.txt``/``.jsonl`` file or a folder of them, or
-    ``hf:<name or path>``. With ``packing`` documents are joined with EOS after each one and cut into
-    ``seq_len`` blocks; without, each document (plus EOS) is split into its own padded ``seq_len`` chunks.
+    ``hf:<name or path>``. The source is tokenised once into a memory-mapped cache (``cdlm.data.token_cache``;
+    ``prepare_workers`` processes, None = one per core for large sources) that every later launch, rank and resume
+    only maps. With ``packing`` documents are joined with EOS after each one and cut into ``seq_len`` blocks;
+    without, each document (plus EOS) is split into its own padded ``seq_len`` chunks (docs/data.md).
     """
 
     def __init__(
@@ -51,6 +42,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        prepare_workers: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,19 +59,26 @@ class TextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.packing, self.val_fraction, self.max_val_tokens = packing, val_fraction, max_val_tokens
         self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
+        self.prepare_workers = prepare_workers
         self.tokenizer: Tokenizer | None = None
-        self._texts: Splits | None = None
-        self._datasets: dict[str, RowDataset] = {}
+        self._documents: Documents | None = None
+        self._cache: Path | None = None
+        self._datasets: dict[str, MappedRows] = {}
+
+    def documents(self) -> Documents:
+        """The source's documents (opened once; read only when a tokenizer is trained or a cache is built)."""
+        if self._documents is None:
+            self._documents = open_source(self.source, self.text_field, self.val_fraction)
+        return self._documents
 
     def texts(self) -> Splits:
-        """The source's documents per split (read once)."""
-        if self._texts is None:
-            self._texts = load_source(self.source, self.text_field, self.val_fraction)
-        return self._texts
+        """The source's documents per split, as lists (reads the whole source)."""
+        return {split: self.documents().texts(split) for split in self.documents().splits()}
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Use an existing tokenizer (e.g. the one saved with a checkpoint) instead of building one."""
         self.tokenizer = tokenizer
+        self._cache = None
         self._datasets.clear()
 
     def prepare_tokenizer(self) -> Tokenizer:
@@ -88,7 +87,7 @@ class TextDataModule(L.LightningDataModule):
             needs_texts = self.tokenizer_kind in ("char", "bpe")
             self.tokenizer = build_tokenizer(
                 self.tokenizer_kind,
-                texts=self.texts()["train"] if needs_texts else None,
+                texts=self.documents().texts("train") if needs_texts else None,
                 vocab_size=self.vocab_size,
                 name_or_path=self.tokenizer_name,
                 cache_dir=self.cache_dir,
@@ -97,34 +96,37 @@ class TextDataModule(L.LightningDataModule):
         return self.tokenizer
 
     def prepare_data(self) -> None:
-        self.prepare_tokenizer()
+        """The tokenizer and the token cache (Lightning calls this on one process per node)."""
+        self.token_cache()
+
+    def token_cache(self) -> Path:
+        """The token cache of this source and tokenizer, built on first use (under a lock: ranks build it once)."""
+        if self._cache is None:
+            tokenizer = self.prepare_tokenizer()
+            self._cache = prepare_cache(self.documents(), tokenizer, self.cache_dir, self.prepare_workers)
+        return self._cache
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
         for split in splits.get(stage or "fit", ("train", "validation")):
-            if split not in self._datasets:
-                self._datasets[split] = self._build(split)
+            self.dataset(split)
 
-    def _rows(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.prepare_tokenizer()
-        texts = self.texts()
-        if split not in texts:
-            raise ValueError(f"source {self.source!r} has no {split!r} split (it has {sorted(texts)})")
-        docs = tok.encode_batch(texts[split])
+    def _build(self, split: str) -> MappedRows:
+        """The rows of ``split`` over the mapped cache (the validation split capped at ``max_val_tokens``)."""
+        mapped = TokenMap.open(self.token_cache(), split)
+        tok, lengths = self.tokenizer, self.tokenizer.char_lengths()
         if self.packing:
-            return cut_blocks(pack_documents(docs, tok.eos_id), self.seq_len, tok.pad_id)  # [R, L] x2
-        return chunk_documents(docs, self.seq_len, tok.eos_id, tok.pad_id)  # [R, L] x2
-
-    def _build(self, split: str) -> RowDataset:
-        ids, mask = self._rows(split)
+            rows = PackedRows(mapped.tokens, self.seq_len, tok.pad_id, lengths)
+        else:
+            rows = DocumentRows(mapped.tokens, mapped.docs, self.seq_len, tok.pad_id, lengths)
         if split == "train":
-            self._check_train_size(ids, mask)
-        elif self.max_val_tokens is not None and ids.shape[0] > 0:
-            ids, mask = cap_tokens(ids, mask, self.max_val_tokens)
-        return RowDataset(ids, mask, row_chars(ids, mask, self.tokenizer.char_lengths()))
+            self._check_train_size(rows)
+        elif self.max_val_tokens is not None and len(rows) > 0:
+            rows.cap(self.max_val_tokens)
+        return rows
 
-    def _check_train_size(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        n_rows, n_tokens = ids.shape[0], int(mask.sum())
+    def _check_train_size(self, rows: MappedRows) -> None:
+        n_rows, n_tokens = len(rows), int(rows.row_lengths().sum())
         if n_rows >= self.batch_size and n_tokens >= self.seq_len:
             return
         raise ValueError(
@@ -133,7 +135,7 @@ class TextDataModule(L.LightningDataModule):
             f"use batch_size <= {max(n_rows, 1)} or seq_len <= {max(n_tokens // self.batch_size, 1)}, or more text"
         )
 
-    def dataset(self, split: str) -> RowDataset:
+    def dataset(self, split: str) -> MappedRows:
         """The dataset of ``split`` ("train", "validation" or "test"), built on first use."""
         if split not in self._datasets:
             self._datasets[split] = self._build(split)
