@@ -1,4 +1,5 @@
-"""Command line: ``cdlm train|sample|eval|sweep|schedule``; ``--help`` on each; one error path (docs/runs.md)."""
+"""Command line: ``cdlm train|prepare|sample|eval|sweep|schedule``; ``--help`` on each; one error path
+(docs/runs.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cdlm.checkpoint import load
-from cdlm.config import ConfigError, load_group, sampler_knobs
+from cdlm.config import ConfigError, compose, instantiate, load_group, sampler_knobs
 from cdlm.help import command_help, main_help
 from cdlm.module import NonFiniteLoss
 from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options
@@ -160,7 +161,30 @@ def schedule_cmd(argv: list[str]) -> Path:
     return out
 
 
-COMMANDS = {"train": train, "sample": sample, "eval": evaluate_cmd, "sweep": sweep, "schedule": schedule_cmd}
+def prepare_cmd(argv: list[str]) -> Path:
+    """``cdlm prepare [experiment=NAME] [data=NAME] [data.KEY=value ...]``: tokenise the run's source into its token
+    cache (what training would do on its first launch), and print what it holds."""
+    datamodule = instantiate(compose(argv).data, "data")
+    path = datamodule.token_cache()
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"cdlm: token cache {path} ({manifest['dtype']}, tokenizer {manifest['tokenizer']['name']})")
+    for split, sizes in manifest["splits"].items():
+        bytes_per_token = sum(f.stat().st_size for f in path.glob(f"{split}.*")) / max(sizes["tokens"], 1)
+        print(
+            f"cdlm:   {split}: {sizes['tokens']:,} tokens, {sizes['documents']:,} documents, {sizes['chars']:,} "
+            f"characters, {bytes_per_token:.3f} bytes/token"
+        )
+    return path
+
+
+COMMANDS = {
+    "train": train,
+    "prepare": prepare_cmd,
+    "sample": sample,
+    "eval": evaluate_cmd,
+    "sweep": sweep,
+    "schedule": schedule_cmd,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, describe_o
 
 COMMANDS = {
     "train": "train a model (python train.py ... is the same)",
+    "prepare": "tokenise a run's source once into its memory-mapped token cache",
     "sample": "draw samples from a trained model (python sample.py ... is the same)",
     "eval": "validation bound, Gen PPL and entropy over seeds, as one JSON",
     "sweep": "run cdlm eval or cdlm train over a grid from a YAML file; tabulate and plot",
@@ -97,6 +98,15 @@ def command_help(command: str) -> str:
     """The ``--help`` text of ``command``."""
     if command == "train":
         return train_help()
+    if command == "prepare":
+        return (
+            "usage: cdlm prepare [experiment=NAME] [data=NAME] [data.KEY=value ...]\n\n"
+            "Tokenise the source of a run's data config into its token cache (docs/data.md), as the first launch of\n"
+            "`train` would, and print its splits. Keys are those of `train` (see cdlm train --help), e.g.\n"
+            "  cdlm prepare data=owt data.prepare_workers=16\n"
+            "  cdlm prepare data=shakespeare_bpe data.source=my_corpus/ data.cache_dir=/scratch/cdlm\n"
+            f"\ndata configs: {', '.join(group_options('data'))}"
+        )
     if command == "sweep":
         return (
             "usage: cdlm sweep FILE.yaml [--print] [--skip-done]\n\n"

@@ -51,12 +51,12 @@ def test_sample_and_eval_help_list_options_and_every_sampler(capsys, command):
             assert knob in text, (name, knob)
 
 
-@pytest.mark.parametrize("command, fragment", [("sweep", "--skip-done"), ("schedule", "out=")])
+@pytest.mark.parametrize("command, fragment", [("sweep", "--skip-done"), ("schedule", "out="), ("prepare", "data=owt")])
 def test_sweep_and_schedule_help(capsys, command, fragment):
     assert fragment in help_of([command, "--help"], capsys)
 
 
 def test_cdlm_help_lists_commands(capsys):
     text = help_of(["--help"], capsys)
-    for command in ("train", "sample", "eval", "sweep", "schedule"):
+    for command in ("train", "prepare", "sample", "eval", "sweep", "schedule"):
         assert f"cdlm {command}" in text
