@@ -131,6 +131,8 @@ def evaluate_cmd(argv: list[str]) -> dict:
         seeds=opts.seeds,
         val_batches=opts.val_batches,
         reference=opts.reference,
+        zero_shot=opts.zero_shot,
+        zero_shot_tokens=opts.zero_shot_tokens,
     )
     result["model"] = str(opts.path)
     out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")

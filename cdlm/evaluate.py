@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,23 @@ def run_datamodule(module: DiffusionLM, **overrides):
 
 
 @torch.no_grad()
+def score_batches(
+    module: DiffusionLM, batches: Iterable[dict], max_batches: int | None = None, dtype=torch.bfloat16
+) -> LikelihoodMetric:
+    """The objective's ``nll`` summed over ``batches`` with the module's fixed evaluation noise (batch ``i`` under
+    ``module.seeded(-1, i)``, as ``DiffusionLM.validation_step``); ``dtype``: autocast dtype (None: full precision)."""
+    metric = LikelihoodMetric().to(module.device)
+    with torch.autocast(module.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(module.device) for k, v in batch.items()}
+            with module.seeded(-1, i):
+                out = module.objective.nll(batch)
+            metric.update(out.nll, out.mask, batch["n_chars"])
+    return metric
+
+
 def validation_bound(
     module: DiffusionLM, max_batches: int | None = None, dtype=torch.bfloat16, data: dict | None = None
 ) -> dict:
@@ -36,16 +54,8 @@ def validation_bound(
 
     ``data``: overrides of the run's data config (e.g. ``{"max_val_tokens": n}``).
     """
-    datamodule = run_datamodule(module, **(data or {}))
-    metric = LikelihoodMetric().to(module.device)
-    with torch.autocast(module.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for i, batch in enumerate(datamodule.val_dataloader()):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = {k: v.to(module.device) for k, v in batch.items()}
-            with module.seeded(-1, i):
-                out = module.objective.nll(batch)
-            metric.update(out.nll, out.mask, batch["n_chars"])
+    batches = run_datamodule(module, **(data or {})).val_dataloader()
+    metric = score_batches(module, batches, max_batches, dtype)
     return {f"val_{k}": float(v) for k, v in metric.compute().items()}
 
 
@@ -85,12 +95,24 @@ def evaluate(
     seeds: int = 3,
     val_batches: int | None = None,
     reference: bool = True,
+    zero_shot: list[str] | None = None,
+    zero_shot_tokens: int | None = None,
 ) -> dict:
-    """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars)."""
+    """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars).
+
+    ``zero_shot``: corpora (``cdlm.zero_shot.resolve`` specs: files, folders, ``hf:`` datasets, standard names) whose
+    likelihood bound is added as ``result["zero_shot"]``, one row each (at most ``zero_shot_tokens`` tokens each).
+    """
+    from cdlm.zero_shot import resolve, zero_shot_table
+
     length = length or int(module.config["data"].get("seq_len", 256))
     scorer = build_judge(judge) if judge else None  # first: a judge that cannot be loaded fails before any work
+    for corpus in zero_shot or []:
+        resolve(corpus)  # likewise a zero-shot corpus that cannot be found
     metrics = validation_bound(module, val_batches) if val_batches != 0 else {}  # val_batches=0: samples only
     result = {"metrics": metrics, "per_seed": [], "reference": {}}
+    if zero_shot:
+        result["zero_shot"] = zero_shot_table(module, zero_shot, max_tokens=zero_shot_tokens)
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
     for seed in range(seeds):
         samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, **knobs)
@@ -107,7 +129,16 @@ def evaluate(
         texts, ids = reference_texts(module, n, length)
         result["reference"] = generative_scores(scorer, texts, ids)
     result["protocol"] = protocol(module, scorer, sampler, n, length, seeds)
+    if zero_shot:
+        result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
     return result
+
+
+ZERO_SHOT_PROTOCOL = (
+    "objective.nll, fixed noise, EMA weights, over each corpus retokenised with the model's tokenizer (EOS after "
+    "each document), packed into data.seq_len blocks as the validation split; scored: a local file or folder whole, "
+    "an hf: dataset's named split, else its test split, else its validation split (cdlm/zero_shot.py)"
+)
 
 
 def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, seeds: int) -> dict:
@@ -145,6 +176,11 @@ def summary(result: dict) -> str:
         )
     if ref:
         lines.append(f"reference (real validation text): Gen PPL {ref['gen_ppl']:.2f}, entropy {ref['entropy']:.3f}")
+    for row in result.get("zero_shot", []):
+        lines.append(
+            f"zero-shot {row['corpus']} ({row['split']}): {row['nll']:.4f} nats/token, PPL {row['ppl']:.2f}, "
+            f"{row['bpc']:.4f} bits/char over {row['tokens']} tokens"
+        )
     return "\n".join(lines)
 
 

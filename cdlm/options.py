@@ -75,12 +75,18 @@ class EvalOptions:
     seeds: int = option(3, "number of seeds")
     val_batches: int | None = option(None, "validation batches for the bound (default: the whole split; 0: none)")
     reference: bool = option(True, "also score real validation text (the reference row)")
+    zero_shot: list[str] | None = option(
+        None,
+        "corpora for the zero-shot bound: [a.txt,dir/,hf:NAME[:CONFIG],wikitext2,wikitext103,ptb,lambada,ag_news,"
+        "pubmed,arxiv] (named ones download the first time)",
+    )
+    zero_shot_tokens: int | None = option(None, "tokens scored per zero-shot corpus (default: all)")
     out: str | None = option(None, "the result JSON (default: eval_<sampler>_<steps>.json beside the model)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         require_path(self.path)
-        for name in ("n", "length", "seeds"):
+        for name in ("n", "length", "seeds", "zero_shot_tokens"):
             positive(name, getattr(self, name))
         if self.val_batches is not None and self.val_batches < 0:
             raise ConfigError(f"val_batches must be >= 0 (0 skips the bound), got {self.val_batches}")

@@ -11,7 +11,7 @@ from cdlm.data.corpus import corpus_checksum
 from cdlm.data.documents import Documents, open_source
 from cdlm.data.rows import DocumentRows, MappedRows, PackedRows
 from cdlm.data.sampler import ResumableSampler
-from cdlm.data.sources import Splits
+from cdlm.data.sources import SourceOptions, Splits
 from cdlm.data.token_cache import TokenMap, prepare_cache
 from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
 
@@ -19,11 +19,13 @@ from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
 class TextDataModule(L.LightningDataModule):
     """Batches ``{"input_ids": [B, L] int64, "attention_mask": [B, L] bool, "n_chars": [B] int64}``.
 
-    ``source`` is "shakespeare" (the embedded corpus), a ``.txt``/``.jsonl`` file or a folder of them, or
-    ``hf:<name or path>``. The source is tokenised once into a memory-mapped cache (``cdlm.data.token_cache``;
-    ``prepare_workers`` processes, None = one per core for large sources) that every later launch, rank and resume
-    only maps. With ``packing`` documents are joined with EOS after each one and cut into ``seq_len`` blocks;
-    without, each document (plus EOS) is split into its own padded ``seq_len`` chunks (docs/data.md).
+    ``source`` is "shakespeare" (the embedded corpus), a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a folder of them,
+    or ``hf:<name or path>``; ``validation_docs``, ``split_chars``, ``hf_config``, ``hf_splits`` and ``data_files`` say
+    how it is read and split (``cdlm.data.sources.SourceOptions``). The source is tokenised once into a memory-mapped
+    cache (``cdlm.data.token_cache``; ``prepare_workers`` processes, None = one per core for large sources) that every
+    later launch, rank and resume only maps. With ``packing`` documents are joined with EOS after each one and cut
+    into ``seq_len`` blocks; without, each document (plus EOS) is split into its own padded ``seq_len`` chunks
+    (docs/data.md).
     """
 
     def __init__(
@@ -38,6 +40,11 @@ class TextDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         packing: bool = True,
         val_fraction: float = 0.05,
+        validation_docs: int | None = None,
+        split_chars: list[int] | None = None,
+        hf_config: str | None = None,
+        hf_splits: dict[str, str] | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
         max_val_tokens: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -57,6 +64,10 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_kind, self.tokenizer_name, self.vocab_size = tokenizer, tokenizer_name, vocab_size
         self.seq_len, self.batch_size = seq_len, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        self.source_options = SourceOptions(
+            text_field, val_fraction, validation_docs, split_chars, hf_config, hf_splits, data_files
+        )
+        self.source_options.check_source(source)
         self.packing, self.val_fraction, self.max_val_tokens = packing, val_fraction, max_val_tokens
         self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
         self.prepare_workers = prepare_workers
@@ -68,7 +79,17 @@ class TextDataModule(L.LightningDataModule):
     def documents(self) -> Documents:
         """The source's documents (opened once; read only when a tokenizer is trained or a cache is built)."""
         if self._documents is None:
-            self._documents = open_source(self.source, self.text_field, self.val_fraction)
+            options = self.source_options
+            self._documents = open_source(
+                self.source,
+                options.text_field,
+                options.val_fraction,
+                validation_docs=options.validation_docs,
+                split_chars=options.split_chars,
+                hf_config=options.hf_config,
+                hf_splits=options.hf_splits,
+                data_files=options.data_files,
+            )
         return self._documents
 
     def texts(self) -> Splits:

@@ -1,14 +1,28 @@
-"""Reading text sources into documents: the embedded corpus, ``.txt``/``.jsonl`` files or folders, ``hf:`` datasets."""
+"""Reading text sources into documents: the embedded corpus, ``.txt``/``.jsonl``/``.parquet`` files or folders,
+``hf:`` datasets; and the options that say how a source is split (docs/data.md)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cdlm.data.corpus import load_corpus
 
+if TYPE_CHECKING:
+    import datasets
+
 Splits = dict[str, list[str]]  # split name -> documents
-VALID_SOURCES = "'shakespeare', a .txt or .jsonl file, a folder of .txt/.jsonl files, or 'hf:<name or local path>'"
+SPLITS = ("train", "validation", "test")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+VALID_SOURCES = (
+    "'shakespeare', a .txt, .jsonl or .parquet file, a folder of .txt/.jsonl/.parquet files, "
+    "or 'hf:<name or local path>'"
+)
+DataFiles = str | list[str] | dict[str, str | list[str]]  # as ``datasets.load_dataset(data_files=...)`` takes them
 
 
 class SourceError(ValueError):
@@ -20,6 +34,118 @@ class MissingDependencyError(ValueError, ImportError):
 
     A ``ValueError`` so that the CLI reports it as a usage error, and an ``ImportError`` for callers that catch those.
     """
+
+
+def import_datasets(what: str) -> Any:
+    """The ``datasets`` module; a ``MissingDependencyError`` saying that ``what`` needs it when it is missing."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise MissingDependencyError(f'{what} needs the `datasets` package: pip install "cdlm[hf]"') from e
+    return datasets
+
+
+def import_parquet(what: str) -> Any:
+    """The ``pyarrow.parquet`` module (it comes with ``cdlm[hf]``); a ``MissingDependencyError`` when missing."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise MissingDependencyError(f'{what} needs the `pyarrow` package: pip install "cdlm[hf]"') from e
+    return pq
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every mapping made a ``dict`` and every non-string sequence a ``list`` (config containers)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [plain(v) for v in value]
+    return value
+
+
+def positive_int(value: object) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a source is read and split, besides its name (docs/data.md).
+
+    ``validation_docs``: hold out the last N train documents as validation instead of ``val_fraction`` of them;
+    ``split_chars``: cut a one-document file source into train, validation (and test) pieces of these many
+    characters (text8: 90M/5M/5M); ``hf_config``, ``hf_splits`` (cdlm split -> Hugging Face split, slices such as
+    ``train[:1%]`` allowed) and ``data_files`` are passed to ``datasets.load_dataset`` for ``hf:`` sources.
+    """
+
+    text_field: str = "text"
+    val_fraction: float = 0.05
+    validation_docs: int | None = None
+    split_chars: list[int] | None = None
+    hf_config: str | None = None
+    hf_splits: dict[str, str] | None = None
+    data_files: DataFiles | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("split_chars", "hf_splits", "data_files"):
+            object.__setattr__(self, name, plain(getattr(self, name)))
+        if self.validation_docs is not None and not positive_int(self.validation_docs):
+            raise ValueError(f"validation_docs must be a positive integer, got {self.validation_docs!r}")
+        self.check_split_chars()
+        self.check_hf_splits()
+        if self.data_files is not None and not isinstance(self.data_files, (str, list, dict)):
+            raise ValueError(
+                f"data_files must be a path, a list of paths or a split -> paths mapping, got {self.data_files!r}"
+            )
+
+    def check_split_chars(self) -> None:
+        """``split_chars`` is 2 or 3 positive integers (train, validation[, test]), not with ``validation_docs``."""
+        sizes = self.split_chars
+        if sizes is None:
+            return
+        if not isinstance(sizes, list) or len(sizes) not in (2, 3) or not all(map(positive_int, sizes)):
+            raise ValueError(f"split_chars must be 2 or 3 positive integers (train, validation[, test]), got {sizes!r}")
+        if self.validation_docs is not None:
+            raise ValueError(
+                "set split_chars or validation_docs, not both: split_chars already makes the validation split"
+            )
+
+    def check_hf_splits(self) -> None:
+        """``hf_splits`` maps some of train/validation/test (train among them) to non-empty split names."""
+        mapping = self.hf_splits
+        if mapping is None:
+            return
+        if not isinstance(mapping, dict) or "train" not in mapping or set(mapping) - set(SPLITS):
+            raise ValueError(
+                "hf_splits must map 'train' (and optionally 'validation', 'test') to Hugging Face splits, "
+                f"got {mapping!r}"
+            )
+        if not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+            raise ValueError(
+                f"hf_splits values must be split names such as 'train' or 'train[:-1000]', got {mapping!r}"
+            )
+
+    def check_source(self, source: str) -> None:
+        """Options that cannot apply to ``source``: the ``hf_*`` ones off ``hf:``, ``split_chars`` on ``hf:``."""
+        hf_only = [name for name in ("hf_config", "hf_splits", "data_files") if getattr(self, name) is not None]
+        if self.split_chars is not None and (source.startswith("hf:") or source == "shakespeare"):
+            raise ValueError(f"split_chars cuts a one-document file source (such as text8.txt), not {source!r}")
+        if not source.startswith("hf:") and hf_only:
+            raise ValueError(f"{', '.join(hf_only)} apply to 'hf:' sources only, not to {source!r}")
+
+    def extra(self) -> dict[str, Any]:
+        """The options set to something other than their default, besides ``text_field`` and ``val_fraction``."""
+        kept = ("text_field", "val_fraction")
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in kept and getattr(self, f.name) != f.default
+        }
+
+    def settings(self) -> tuple:
+        """What of these options a fingerprint includes (the same as before these options existed when unset)."""
+        extra = self.extra()
+        return (self.text_field, self.val_fraction, *([extra] if extra else []))
 
 
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -109,78 +235,218 @@ def read_jsonl(path: Path, text_field: str) -> list[str]:
     return docs
 
 
+def parquet_column(pq: Any, path: Path, text_field: str) -> Any:
+    """The ``text_field`` column (a ``pyarrow.ChunkedArray``) of the parquet file ``path``; a ``SourceError`` naming
+    the file for a file that is not parquet, a missing column or one that does not hold strings."""
+    import pyarrow as pa
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path} is not a readable .parquet file ({e})") from None
+    if text_field not in schema.names:
+        raise SourceError(f"{path} has no column {text_field!r} (columns: {schema.names}); set text_field")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"):
+        raise SourceError(
+            f"{path}: column {text_field!r} holds {kind}, not strings; set text_field to a column that holds the text"
+        )
+    return pq.read_table(path, columns=[text_field]).column(text_field)
+
+
+def read_parquet(path: Path, text_field: str) -> list[str]:
+    """The ``text_field`` column of a ``.parquet`` file, one document per row (nulls skipped); needs ``pyarrow``."""
+    pq = import_parquet(f"source file {path} (.parquet)")
+    return [doc for doc in parquet_column(pq, path, text_field).to_pylist() if doc is not None]
+
+
 def read_file(path: Path, text_field: str) -> list[str]:
-    """A ``.txt`` file is one document; a ``.jsonl`` file is one document per line."""
+    """A ``.txt`` file is one document; a ``.jsonl`` file is one document per line, a ``.parquet`` file per row."""
     if path.suffix == ".txt":
         return [decode_text(path)]
     if path.suffix == ".jsonl":
         return read_jsonl(path, text_field)
-    raise SourceError(f"unsupported source file {path}: expected a .txt or .jsonl file")
+    if path.suffix == ".parquet":
+        return read_parquet(path, text_field)
+    raise SourceError(f"unsupported source file {path}: expected a .txt or .jsonl file, or a .parquet file")
+
+
+def source_files(path: Path) -> list[Path]:
+    """The ``.txt``, ``.jsonl`` and ``.parquet`` files under the folder ``path`` (recursively, sorted by path)."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
 
 
 def read_folder(path: Path, text_field: str) -> list[str]:
-    """All ``.txt`` and ``.jsonl`` files under ``path`` (recursively, sorted by path)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+    """All ``.txt``, ``.jsonl`` and ``.parquet`` files under ``path`` (recursively, sorted by path)."""
+    files = source_files(path)
     if not files:
-        raise ValueError(f"source folder {path} contains no .txt or .jsonl files")
+        raise ValueError(f"source folder {path} contains no .txt or .jsonl files (nor .parquet files)")
     return [doc for f in files for doc in read_file(f, text_field)]
 
 
-def read_hf(name: str, text_field: str) -> Splits:
-    """A Hugging Face dataset: ``load_from_disk`` for a local saved dataset, else ``load_dataset(name)``."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"source 'hf:{name}' needs the `datasets` package: pip install \"cdlm[hf]\""
-        ) from e
-    data = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name)
-    if isinstance(data, datasets.Dataset):
-        data = {"train": data}
+# ---- Hugging Face datasets (docs/data.md) -------------------------------------------------------------------------
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def hf_load(datasets: Any, name: str, options: SourceOptions, split: str | None) -> Any:
+    """``datasets.load_dataset(name, hf_config, data_files=..., split=split)``: a hub dataset (downloaded once into
+    the Hugging Face cache), a builder such as ``json`` or ``parquet`` over ``data_files``, or a local folder."""
+    return datasets.load_dataset(name, options.hf_config, data_files=options.data_files, split=split)
+
+
+def as_splits(datasets: Any, data: Any) -> dict[str, Any]:
+    """A ``Dataset`` as ``{"train": it}``, a ``DatasetDict`` as a plain dict."""
+    return {"train": data} if isinstance(data, datasets.Dataset) else dict(data)
+
+
+def hf_open(name: str, options: SourceOptions) -> dict[str, datasets.Dataset]:
+    """The dataset of each split the source has, by cdlm split name (``hf_splits`` maps them, else the dataset's own
+    ``train``/``validation``/``test``); a saved dataset (``save_to_disk``) is mapped from disk, never copied."""
+    datasets = import_datasets(f"source 'hf:{name}'")
+    mapping = options.hf_splits
+    if is_saved_dataset(Path(name)):
+        data = as_splits(datasets, datasets.load_from_disk(name))
+        missing = sorted(set((mapping or {}).values()) - set(data))
+        if missing:
+            raise SourceError(f"hf dataset {name!r} has no split(s) {missing} (found {sorted(data)}); set hf_splits")
+        own = {split: data[spec] for split, spec in mapping.items()} if mapping else data
+    elif mapping is None:
+        own = as_splits(datasets, hf_load(datasets, name, options, None))
+    else:
+        own = {split: hf_load(datasets, name, options, spec) for split, spec in mapping.items()}
+    return checked_splits(name, own, options.text_field)
+
+
+def checked_splits(name: str, data: dict[str, Any], text_field: str) -> dict[str, Any]:
+    """The train/validation/test datasets of ``data``, in that order, each reduced to its ``text_field`` column; an
+    error for a missing ``train`` split or column."""
     if "train" not in data:
         raise ValueError(f"hf dataset {name!r} has no 'train' split (found {sorted(data)})")
-    splits: Splits = {}
-    for split in ("train", "validation", "test"):
-        if split in data:
-            if text_field not in data[split].column_names:
-                raise ValueError(
-                    f"hf dataset {name!r} split {split!r} has no column {text_field!r} "
-                    f"(columns: {data[split].column_names}); set text_field"
-                )
-            splits[split] = [str(t) for t in data[split][text_field]]
-    return splits
+    kept = {split: data[split] for split in SPLITS if split in data}
+    for split, ds in kept.items():
+        if text_field not in ds.column_names:
+            raise ValueError(
+                f"hf dataset {name!r} split {split!r} has no column {text_field!r} "
+                f"(columns: {ds.column_names}); set text_field"
+            )
+    return {split: ds.select_columns([text_field]) for split, ds in kept.items()}
 
 
-def hold_out(docs: list[str], val_fraction: float) -> Splits:
-    """Split off validation: the last documents (at least one), or with one document the last part of its text."""
+def hf_texts(ds: datasets.Dataset, text_field: str, start: int = 0, stop: int | None = None) -> list[str]:
+    """The documents of rows ``start:stop`` of ``ds`` (a slice of its memory-mapped table; null values skipped)."""
+    stop = len(ds) if stop is None else stop
+    return [str(t) for t in ds[start:stop][text_field] if t is not None]
+
+
+def hold_out_rows(train: datasets.Dataset, options: SourceOptions) -> dict[str, datasets.Dataset]:
+    """Validation held out of a train dataset: its last ``validation_docs`` rows, else its last ``val_fraction``
+    (at least one) as ``hold_out`` does, by ``select(range(...))`` (no copy); a one-row dataset is cut by text."""
+    check_fraction(options.val_fraction)
+    if len(train) == 1 and options.validation_docs is None:
+        import datasets
+
+        parts = hold_out(hf_texts(train, options.text_field), options.val_fraction)
+        return {k: datasets.Dataset.from_dict({options.text_field: v}) for k, v in parts.items()}
+    n_val = held_out_count(len(train), options.val_fraction, options.validation_docs)
+    cut = len(train) - n_val
+    return {"train": train.select(range(cut)), "validation": train.select(range(cut, len(train)))}
+
+
+def with_validation(data: dict[str, Any], held_out: Any) -> dict[str, Any]:
+    """``data`` with a validation split: its own, else its test split, else ``held_out(train)`` (a split dict)."""
+    if data.get("validation") is not None and len(data["validation"]):
+        merged = data
+    elif data.get("test") is not None and len(data["test"]):
+        merged = {**data, "validation": data["test"]}
+    else:
+        merged = {**data, **held_out(data["train"])}
+    return {split: merged[split] for split in SPLITS if split in merged}
+
+
+def read_hf(name: str, text_field: str, options: SourceOptions | None = None) -> Splits:
+    """A Hugging Face dataset's documents per split, as lists (``hf_open``; reads every row: for small datasets)."""
+    options = options or SourceOptions(text_field)
+    return {split: hf_texts(ds, text_field) for split, ds in hf_open(name, options).items()}
+
+
+# ---- splitting ----------------------------------------------------------------------------------------------------
+def check_fraction(val_fraction: float) -> None:
+    """A ``ValueError`` unless ``0 < val_fraction < 1``."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if len(docs) == 1:
+
+
+def held_out_count(n_docs: int, val_fraction: float, validation_docs: int | None = None) -> int:
+    """How many of ``n_docs`` train documents are held out: ``validation_docs``, else ``val_fraction`` of them
+    (at least one, and never all)."""
+    if validation_docs is None:
+        return min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+    if validation_docs >= n_docs:
+        raise SourceError(
+            f"validation_docs={validation_docs} would hold out every train document (the source has {n_docs}); "
+            "use a smaller validation_docs"
+        )
+    return validation_docs
+
+
+def hold_out(docs: list[str], val_fraction: float, validation_docs: int | None = None) -> Splits:
+    """Split off validation: the last documents (``validation_docs`` of them, else ``val_fraction``, at least one),
+    or with one document and no ``validation_docs`` the last ``val_fraction`` of its text."""
+    check_fraction(val_fraction)
+    if len(docs) == 1 and validation_docs is None:
         cut = int(len(docs[0]) * (1.0 - val_fraction))
         return {"train": [docs[0][:cut]], "validation": [docs[0][cut:]]}
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    n_val = held_out_count(len(docs), val_fraction, validation_docs)
     return {"train": docs[:-n_val], "validation": docs[-n_val:]}
 
 
-def load_source(source: str, text_field: str = "text", val_fraction: float = 0.05) -> Splits:
-    """Documents per split ("train", "validation", and "test" when the source has one) of ``source``."""
-    if not source.strip() or source.strip() == "hf:":
-        raise SourceError(f"source {source!r} names nothing; valid sources are {VALID_SOURCES}")
+def split_by_chars(source: str, docs: list[str], sizes: Sequence[int]) -> Splits:
+    """The one document of ``source`` cut into consecutive pieces of ``sizes`` characters: train, validation and,
+    with three sizes, test (D3PM's and MDLM's text8 split: 90M/5M/5M); characters after their sum are not used."""
+    if len(docs) != 1:
+        raise SourceError(f"split_chars cuts a one-document source (such as text8), but {source!r} has {len(docs)}")
+    text = docs[0]
+    if len(text) < sum(sizes):
+        raise SourceError(
+            f"source {source!r} has {len(text):,} characters, fewer than split_chars {list(sizes)} "
+            f"(sum {sum(sizes):,}); use smaller split_chars"
+        )
+    ends = list(itertools.accumulate(sizes))
+    return {split: [text[end - size : end]] for split, size, end in zip(SPLITS, sizes, ends)}
+
+
+def read_source(source: str, options: SourceOptions) -> Splits:
+    """Documents per split of ``source`` read as lists (``load_source``; the options already checked)."""
     if source == "shakespeare":
-        return {split: load_corpus(split) for split in ("train", "validation", "test")}
+        return {split: load_corpus(split) for split in SPLITS}
     if source.startswith("hf:"):
-        splits = read_hf(source[3:], text_field)
+        splits = read_hf(source[3:], options.text_field, options)
     else:
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"source {source!r} not found; valid sources are {VALID_SOURCES}")
+        text_field = options.text_field
         splits = {"train": read_folder(path, text_field) if path.is_dir() else read_file(path, text_field)}
     splits = {name: [d for d in docs if d.strip()] for name, docs in splits.items()}
     if not splits["train"]:
         raise ValueError(f"source {source!r} contains no text (no documents, or only whitespace)")
-    if not splits.get("validation"):
-        if splits.get("test"):
-            splits["validation"] = splits["test"]
-        else:
-            splits.update(hold_out(splits["train"], val_fraction))
-    return splits
+    if options.split_chars is not None:
+        return split_by_chars(source, splits["train"], options.split_chars)
+    return with_validation(splits, lambda train: hold_out(train, options.val_fraction, options.validation_docs))
+
+
+def check_named(source: str) -> None:
+    """A ``SourceError`` for a source that names nothing (blank, or ``hf:`` alone)."""
+    if not source.strip() or source.strip() == "hf:":
+        raise SourceError(f"source {source!r} names nothing; valid sources are {VALID_SOURCES}")
+
+
+def load_source(source: str, text_field: str = "text", val_fraction: float = 0.05, **options: Any) -> Splits:
+    """Documents per split ("train", "validation", and "test" when the source has one) of ``source``, as lists;
+    ``options`` are the other fields of ``SourceOptions`` (docs/data.md)."""
+    check_named(source)
+    settings = SourceOptions(text_field, val_fraction, **options)
+    settings.check_source(source)
+    return read_source(source, settings)
