@@ -155,3 +155,20 @@ def test_cdlm_prepare_builds_and_reports_the_cache(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"token cache {tmp_path / 'corpora'}" in out and "uint16" in out
     assert "train: " in out and "validation: " in out and "bytes/token" in out
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_launch_on_a_prepared_source_reads_no_text(corpus, tmp_path, monkeypatch, tokenizer):
+    """Tokenizer and token cache both come from the cache: a second data module never reads the documents."""
+    from cdlm.data.documents import LoadedDocuments
+
+    settings = dict(
+        source=str(corpus), tokenizer=tokenizer, vocab_size=300, seq_len=16, batch_size=4, cache_dir=str(tmp_path)
+    )
+    first = TextDataModule(**settings)
+    first.setup("fit")
+    monkeypatch.setattr(LoadedDocuments, "loaded", lambda self: pytest.fail("the source was read again"))
+    second = TextDataModule(**settings)
+    second.setup("fit")
+    assert second.tokenizer.vocab_size == first.tokenizer.vocab_size
+    assert second.dataset("train")[3]["input_ids"].tolist() == first.dataset("train")[3]["input_ids"].tolist()

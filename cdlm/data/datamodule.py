@@ -108,13 +108,20 @@ class TextDataModule(L.LightningDataModule):
             needs_texts = self.tokenizer_kind in ("char", "bpe")
             self.tokenizer = build_tokenizer(
                 self.tokenizer_kind,
-                texts=self.documents().texts("train") if needs_texts else None,
+                texts=(lambda: self.documents().texts("train")) if needs_texts else None,
                 vocab_size=self.vocab_size,
                 name_or_path=self.tokenizer_name,
                 cache_dir=self.cache_dir,
-                cache_key=f"shakespeare-{corpus_checksum()}" if self.source == "shakespeare" else None,
+                cache_key=self.tokenizer_key(),
             )
         return self.tokenizer
+
+    def tokenizer_key(self) -> str:
+        """What a trained (char / bpe) tokenizer is cached under: the source's fingerprint (so a launch on a prepared
+        source reads no text)."""
+        if self.source == "shakespeare":
+            return f"shakespeare-{corpus_checksum()}"  # the key of the embedded corpus's cached BPE since its start
+        return f"{self.documents().fingerprint()}"
 
     def prepare_data(self) -> None:
         """The tokenizer and the token cache (Lightning calls this on one process per node)."""

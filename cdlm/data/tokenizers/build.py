@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cdlm.data.tokenizers.base import CONFIG_FILE, Tokenizer
@@ -48,14 +49,16 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds are {sorted(KINDS)}")
 
 
-def _cached_bpe(texts: list[str], vocab_size: int, cache_dir: Path, cache_key: str | None) -> Tokenizer:
-    key_src = json.dumps(
-        {"kind": "bpe", "vocab_size": vocab_size, "data": cache_key or texts_hash(texts), "v": CACHE_VERSION}
-    )
-    path = cache_dir / "tokenizers" / f"bpe-{vocab_size}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
+def _cached(kind: str, train: Callable[[], Tokenizer], data_key: str, vocab_size: int | None, root: Path) -> Tokenizer:
+    """The ``kind`` tokenizer of ``data_key`` from the cache, or ``train()`` it and store it (atomically)."""
+    fields = {"kind": kind, "vocab_size": vocab_size, "data": data_key, "v": CACHE_VERSION}
+    if kind == "char":
+        fields.pop("vocab_size")
+    digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+    path = root / "tokenizers" / (f"bpe-{vocab_size}-{digest}" if kind == "bpe" else f"{kind}-{digest}")
     if (path / CONFIG_FILE).is_file():
         return load_tokenizer(path)
-    tok = BPETokenizer.train(texts, vocab_size)
+    tok = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
     tok.save(tmp)
@@ -68,7 +71,7 @@ def _cached_bpe(texts: list[str], vocab_size: int, cache_dir: Path, cache_key: s
 
 def build_tokenizer(
     kind: str,
-    texts: list[str] | None = None,
+    texts: list[str] | Callable[[], list[str]] | None = None,
     vocab_size: int | None = None,
     name_or_path: str | None = None,
     cache_dir: str | Path | None = None,
@@ -76,9 +79,10 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Build a tokenizer of ``kind`` ("char", "byte", "bpe" or "hf").
 
-    ``char`` and ``bpe`` are trained on ``texts``; ``bpe`` needs ``vocab_size`` and is cached under
-    ``<cache_dir or $CDLM_CACHE or ~/.cache/cdlm>/tokenizers`` keyed by (``cache_key`` or a hash of ``texts``,
-    ``vocab_size``); ``hf`` loads ``name_or_path`` with ``transformers.AutoTokenizer``.
+    ``char`` and ``bpe`` are trained on ``texts`` (a list, or a function returning it: called only when the
+    tokenizer is not in the cache) and cached under ``<cache_dir or $CDLM_CACHE or ~/.cache/cdlm>/tokenizers`` keyed
+    by (``cache_key`` or a hash of ``texts``, ``vocab_size``); ``bpe`` needs ``vocab_size``; ``hf`` loads
+    ``name_or_path`` with ``transformers.AutoTokenizer``.
     """
     _check_kind(kind)
     if kind == "byte":
@@ -87,14 +91,23 @@ def build_tokenizer(
         if not name_or_path:
             raise ValueError("tokenizer kind 'hf' needs name_or_path (a Hugging Face tokenizer name or local path)")
         return HFTokenizer.from_pretrained(name_or_path)
-    if not texts or not any(texts):
-        raise ValueError(f"tokenizer kind {kind!r} is trained on texts; got no (non-empty) training texts")
-    if kind == "char":
-        return CharTokenizer.train(texts)
-    if vocab_size is None:
+    if kind == "bpe" and vocab_size is None:
         raise ValueError("tokenizer kind 'bpe' needs vocab_size (e.g. 2048)")
+    loaded: list[list[str]] = []
+
+    def training_texts() -> list[str]:
+        if not loaded:
+            loaded.append(texts() if callable(texts) else texts)
+            if not loaded[0] or not any(loaded[0]):
+                raise ValueError(f"tokenizer kind {kind!r} is trained on texts; got no (non-empty) training texts")
+        return loaded[0]
+
+    if kind == "char":
+        train = lambda: CharTokenizer.train(training_texts())  # noqa: E731
+    else:
+        train = lambda: BPETokenizer.train(training_texts(), int(vocab_size))  # noqa: E731
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return _cached_bpe(texts, int(vocab_size), root, cache_key)
+    return _cached(kind, train, cache_key or texts_hash(training_texts()), vocab_size, root)
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
