@@ -45,7 +45,7 @@ def test_map_equals_a_direct_tokenisation(corpus, tmp_path):
     assert manifest["dtype"] == "uint16" and manifest["source_fingerprint"] == documents.fingerprint()
     for split in ("train", "validation"):
         mapped = TokenMap.open(path, split)
-        assert isinstance(mapped.tokens, np.memmap)
+        assert isinstance(mapped.tokens, token_cache.TokenFile)
         assert np.array_equal(np.asarray(mapped.tokens, dtype=np.int64), direct(documents, tokenizer, split))
         texts = documents.texts(split)
         assert mapped.chars.tolist() == [len(t) for t in texts]
@@ -144,7 +144,7 @@ def test_rows_read_from_the_map(corpus, tmp_path):
 def test_datamodule_rows_hold_no_copy_of_the_corpus(corpus, tmp_path):
     dm = TextDataModule(source=str(corpus), tokenizer="byte", seq_len=16, batch_size=4, cache_dir=str(tmp_path))
     dm.setup("fit")
-    assert isinstance(dm.dataset("train").tokens, np.memmap)
+    assert isinstance(dm.dataset("train").tokens, token_cache.TokenFile)
     assert (dm.token_cache() / MANIFEST).is_file() and dm.token_cache().parent == tmp_path / "corpora"
 
 

@@ -54,12 +54,49 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+class TokenFile:
+    """A split's token stream ``[N]``, sliced like an array and read with ``pread``.
+
+    Rows come through the page cache without being mapped into the process: a memory map would count every page a
+    random row touched (and the pages the kernel maps around it) in the process's resident memory, which would then
+    grow with the corpus and the number of steps. Safe across ``fork`` (``pread`` has no shared file position).
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, n: int) -> None:
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), n
+        self._fd, self._pid = -1, -1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self.n)
+        if step != 1:
+            raise ValueError("a token file is read in contiguous slices")
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self.fd(), (stop - start) * size, start * size), dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def fd(self) -> int:
+        """This process's descriptor of the file (reopened after a fork)."""
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": -1, "_pid": -1}
+
+
 @dataclass(frozen=True)
 class TokenMap:
-    """One split of a cache, mapped: ``tokens`` ``[N]`` (read-only memmap), ``docs`` offsets ``[D + 1]``, ``chars``
-    ``[D]``."""
+    """One split of a cache: ``tokens`` ``[N]`` (a ``TokenFile``), ``docs`` offsets ``[D + 1]`` and ``chars`` ``[D]``
+    (read-only memory maps: 8 bytes per document)."""
 
-    tokens: np.ndarray
+    tokens: TokenFile
     docs: np.ndarray
     chars: np.ndarray
 
@@ -72,7 +109,7 @@ class TokenMap:
             )
         dtype = np.dtype(manifest["dtype"])
         n = manifest["splits"][split]["tokens"]
-        tokens = np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        tokens = TokenFile(directory / f"{split}.bin", dtype, n)
         docs = np.load(directory / f"{split}.docs.npy", mmap_mode="r")
         return cls(tokens, docs, np.load(directory / f"{split}.chars.npy", mmap_mode="r"))
 
