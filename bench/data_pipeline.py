@@ -6,7 +6,7 @@ word frequencies, ``.jsonl`` files), with the quickstart's data config (a BPE-20
 1. prepare: what ``cdlm prepare`` does, with ``--workers`` tokenising processes: tokens/s (tokenizer training timed
    apart) and the cache's bytes per token;
 2. launch: ``python train.py`` on the prepared cache (a fresh process, tiny model, float32): seconds from launch to
-   the first training step, and the process's peak resident memory (its own ``ru_maxrss``); ``--launches``
+   the first training step, and the process's peak resident memory (its ``VmHWM``); ``--launches``
    repetitions, median;
 3. the same on a small (``--small-tokens``) and a large (``--tokens``) corpus: peak memory must not grow with the
    corpus (each process maps its cache; nothing is held per token).
@@ -139,9 +139,9 @@ LAUNCH = textwrap.dedent(
     training.build_trainer = build_trainer
     try:
         main(["train", *sys.argv[1:]])
-    finally:
-        import resource
-        print(f"PEAK_RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)  # KiB on Linux
+    finally:  # VmHWM: this process image's peak (ru_maxrss would also count the forked parent's memory before exec)
+        status = open("/proc/self/status").read()
+        print("PEAK_RSS", next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM")), flush=True)
     """
 )
 
@@ -218,7 +218,7 @@ def main() -> None:
         "tokenizer": "bpe-2048 trained on each corpus (tokenizer_training_s, not in prepare's tokens/s)",
         "note": "prepare: reading the .jsonl files in the parent + tokenising processes (spawned); launch: python "
         "train.py (experiment=quickstart, model=tiny, float32) on the prepared cache: seconds from Popen to the "
-        "first training step, peak RSS (getrusage RUSAGE_SELF ru_maxrss) of that process",
+        "first training step, peak RSS (VmHWM of /proc/self/status, read at its exit) of that process",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)

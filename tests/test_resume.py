@@ -4,7 +4,9 @@ per-step losses bit for bit, across epoch boundaries, in one process and under 2
 from __future__ import annotations
 
 import csv
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -133,3 +135,67 @@ def test_resume_after_kill_9_under_ddp_is_exact(tmp_path, objective):
     full, resumed = logged_losses(tmp_path / "full", 0), logged_losses(tmp_path / "killed", 1)
     assert len(resumed) >= 4 and min(resumed) <= 8 + 1  # the resumed launch logged steps 9.. onwards
     assert resumed == {s: full[s] for s in resumed}
+
+
+ROWS_DRIVER = textwrap.dedent(
+    """
+    # Records every row each rank reads (as the hash of its tokens), one file per rank.
+    import hashlib, json, sys
+    import lightning as L
+    from cdlm import cli, training
+
+    class Rows(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            ids = batch["input_ids"].cpu().numpy()
+            self.rows.append([trainer.global_step, [hashlib.md5(r.tobytes()).hexdigest() for r in ids]])
+
+        def on_train_end(self, trainer, pl_module):
+            with open(f"{trainer.default_root_dir}/rows_{trainer.global_rank}.json", "w") as f:
+                json.dump(self.rows, f)
+
+    build = training.build_trainer
+    def build_trainer(cfg, run_dir):
+        trainer = build(cfg, run_dir)
+        trainer.callbacks.append(Rows())
+        return trainer
+    training.build_trainer = build_trainer
+    cli.main(["train", *sys.argv[1:]])
+    """
+)
+
+
+def test_ddp_ranks_read_disjoint_rows_that_make_up_the_one_process_batches(tmp_path):
+    corpus = tmp_path / "random.txt"  # random letters: every 32-character row is distinct
+    corpus.write_text("".join(random.Random(0).choice("abcdefghij ") for _ in range(1100)))
+    args = [*overrides(tmp_path, "masked"), f"data.source={corpus}", "trainer.max_steps=8"]
+    driver = tmp_path / "rows.py"
+    driver.write_text(ROWS_DRIVER)
+    train_ddp(driver, tmp_path / "ddp", args)
+    ranks = [json.loads((tmp_path / "ddp" / f"rows_{r}.json").read_text()) for r in (0, 1)]
+    single = tmp_path / "single"
+    cmd = [
+        sys.executable,
+        str(driver),
+        *TINY,
+        *args,
+        f"run_dir={single}",
+        "data.batch_size=8",
+        "sample.n=1",
+        "sample.length=8",
+        "sampler.steps=2",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    one = json.loads((single / "rows_0.json").read_text())
+    for (step, a), (_, b), (_, both) in zip(ranks[0], ranks[1], one):
+        assert not set(a) & set(b), step  # disjoint rows on the two ranks
+        assert sorted(a + b) == sorted(both), step  # together: the one-process batch of the same step
+    for epoch in range(2):  # 4 steps per epoch: every row of an epoch read once over both ranks
+        seen = [
+            h
+            for step_rows in ranks[0][4 * epoch : 4 * epoch + 4] + ranks[1][4 * epoch : 4 * epoch + 4]
+            for h in step_rows[1]
+        ]
+        assert len(seen) == len(set(seen)) == 32
