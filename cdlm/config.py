@@ -36,12 +36,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The run's top-level keys: ``seed``, ``run_dir``, ``resume`` (null | auto | a .ckpt path), ``overwrite``."""
+    """The run's top-level keys: ``seed``, ``run_dir``, ``resume`` (null | auto | a .ckpt path), ``overwrite``,
+    ``release_freed_memory`` (``cdlm/allocator.py``)."""
 
     seed: int = 0
     run_dir: str = "runs/default"
     resume: str | None = None
     overwrite: bool = False
+    release_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():

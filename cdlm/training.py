@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from cdlm import rundir
+from cdlm.allocator import release_freed_memory
 from cdlm.callbacks import InterruptCheckpoint, ThroughputLogger
 from cdlm.checkpoint import (
     CheckpointError,
@@ -67,6 +68,8 @@ def prepare(cfg: DictConfig) -> Run:
     too short fails here), the module, the resume checkpoint's compatibility, the sampler, the trainer."""
     run_dir = Path(cfg.run_dir)
     plan = rundir.plan(run_dir, cfg.resume, cfg.overwrite)
+    if cfg.get("release_freed_memory", True):
+        release_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "data")
     stored = read_ckpt(Path(plan.ckpt)) if plan.ckpt else None

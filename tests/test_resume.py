@@ -169,7 +169,8 @@ ROWS_DRIVER = textwrap.dedent(
 
 def test_ddp_ranks_read_disjoint_rows_that_make_up_the_one_process_batches(tmp_path):
     corpus = tmp_path / "random.txt"  # random letters: every 32-character row is distinct
-    corpus.write_text("".join(random.Random(0).choice("abcdefghij ") for _ in range(1100)))
+    rng = random.Random(0)
+    corpus.write_text("".join(rng.choice("abcdefghij ") for _ in range(1100)))
     args = [*overrides(tmp_path, "masked"), f"data.source={corpus}", "trainer.max_steps=8"]
     driver = tmp_path / "rows.py"
     driver.write_text(ROWS_DRIVER)

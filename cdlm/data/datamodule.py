@@ -12,6 +12,7 @@ from cdlm.data.documents import Documents, open_source
 from cdlm.data.rows import DocumentRows, MappedRows, PackedRows
 from cdlm.data.sampler import ResumableSampler
 from cdlm.data.sources import SourceOptions, Splits
+from cdlm.data.streaming import StreamedRows, StreamSource, check_streamable, read_tokens
 from cdlm.data.token_cache import TokenMap, prepare_cache
 from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
 
@@ -25,7 +26,8 @@ class TextDataModule(L.LightningDataModule):
     cache (``cdlm.data.token_cache``; ``prepare_workers`` processes, None = one per core for large sources) that every
     later launch, rank and resume only maps. With ``packing`` documents are joined with EOS after each one and cut
     into ``seq_len`` blocks; without, each document (plus EOS) is split into its own padded ``seq_len`` chunks
-    (docs/data.md).
+    (docs/data.md). ``streaming`` reads an ``hf:`` dataset by name as a stream tokenised on the fly on every rank,
+    with no cache (``cdlm.data.streaming``).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         prepare_workers: int | None = None,
+        streaming: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -70,11 +73,14 @@ class TextDataModule(L.LightningDataModule):
         self.source_options.check_source(source)
         self.packing, self.val_fraction, self.max_val_tokens = packing, val_fraction, max_val_tokens
         self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
-        self.prepare_workers = prepare_workers
+        self.prepare_workers, self.streaming = prepare_workers, streaming
+        if streaming:
+            check_streamable(source, tokenizer, num_workers)
         self.tokenizer: Tokenizer | None = None
         self._documents: Documents | None = None
         self._cache: Path | None = None
-        self._datasets: dict[str, MappedRows] = {}
+        self._datasets: dict[str, MappedRows | StreamedRows] = {}
+        self._stream: StreamSource | None = None
 
     def documents(self) -> Documents:
         """The source's documents (opened once; read only when a tokenizer is trained or a cache is built)."""
@@ -112,7 +118,7 @@ class TextDataModule(L.LightningDataModule):
                 vocab_size=self.vocab_size,
                 name_or_path=self.tokenizer_name,
                 cache_dir=self.cache_dir,
-                cache_key=self.tokenizer_key(),
+                cache_key=self.tokenizer_key() if needs_texts else None,
             )
         return self.tokenizer
 
@@ -124,11 +130,19 @@ class TextDataModule(L.LightningDataModule):
         return f"{self.documents().fingerprint()}"
 
     def prepare_data(self) -> None:
-        """The tokenizer and the token cache (Lightning calls this on one process per node)."""
-        self.token_cache()
+        """The tokenizer and the token cache (Lightning calls this on one process per node); a stream has no cache."""
+        if self.streaming:
+            self.prepare_tokenizer()
+        else:
+            self.token_cache()
 
     def token_cache(self) -> Path:
         """The token cache of this source and tokenizer, built on first use (under a lock: ranks build it once)."""
+        if self.streaming:
+            raise ValueError(
+                f"data.streaming=true: source {self.source!r} is tokenised while training and has no token cache; "
+                "set data.streaming=false to prepare one"
+            )
         if self._cache is None:
             tokenizer = self.prepare_tokenizer()
             self._cache = prepare_cache(self.documents(), tokenizer, self.cache_dir, self.prepare_workers)
@@ -163,11 +177,40 @@ class TextDataModule(L.LightningDataModule):
             f"use batch_size <= {max(n_rows, 1)} or seq_len <= {max(n_tokens // self.batch_size, 1)}, or more text"
         )
 
-    def dataset(self, split: str) -> MappedRows:
+    def dataset(self, split: str) -> MappedRows | StreamedRows:
         """The dataset of ``split`` ("train", "validation" or "test"), built on first use."""
         if split not in self._datasets:
-            self._datasets[split] = self._build(split)
+            self._datasets[split] = self._build_streamed(split) if self.streaming else self._build(split)
         return self._datasets[split]
+
+    def stream(self) -> StreamSource:
+        if self._stream is None:
+            self._stream = StreamSource(self.source[3:], self.source_options)
+        return self._stream
+
+    def _build_streamed(self, split: str) -> MappedRows | StreamedRows:
+        """Training: this rank's rows of the stream (its first row read now, so a bad source fails at the start).
+        Evaluation: the split's first ``max_val_tokens`` tokens, read into memory once."""
+        tok = self.prepare_tokenizer()
+        if split == "train":
+            rank, world = self._ranks()
+            rows = StreamedRows(self.stream(), tok, self.seq_len, self.packing, rank, world)
+            next(iter(rows))
+            return rows
+        if split == "test" and "test" not in self.stream().splits():
+            raise ValueError(f"streamed source {self.source!r} has no test split")
+        docs = self.stream().documents(self.stream().texts(split))
+        tokens, offsets = read_tokens(docs, lambda d: [*tok.encode(d), tok.eos_id], self.max_val_tokens)
+        if len(tokens) == 0:
+            raise ValueError(f"streamed source {self.source!r} has no {split} documents")
+        lengths = tok.char_lengths()
+        if self.packing:
+            rows = PackedRows(tokens, self.seq_len, tok.pad_id, lengths)
+        else:
+            rows = DocumentRows(tokens, offsets, self.seq_len, tok.pad_id, lengths)
+        if self.max_val_tokens is not None:
+            rows.cap(self.max_val_tokens)
+        return rows
 
     def _ranks(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the attached trainer (``(0, 1)`` outside one)."""
@@ -178,6 +221,9 @@ class TextDataModule(L.LightningDataModule):
         """Shuffled training rows in batches of ``batch_size`` per rank (``ResumableSampler``: the order is a function
         of the seed and the position, which the loader's checkpointed state carries)."""
         rank, world = self._ranks()
+        if self.streaming:  # this rank's part of the stream; the position is the loader's state (RowStream)
+            rows = StreamedRows(self.stream(), self.prepare_tokenizer(), self.seq_len, self.packing, rank, world)
+            return StatefulDataLoader(rows, batch_size=self.batch_size, num_workers=self.num_workers)
         sampler = ResumableSampler(
             len(self.dataset("train")), self.batch_size, seed=self.seed, rank=rank, world_size=world
         )
