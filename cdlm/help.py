@@ -68,6 +68,8 @@ def train_help() -> str:
         "                           run_dir/checkpoints/last.ckpt if present; or a path/to/file.ckpt",
         "  overwrite=false          true: discard run_dir's previous run (checkpoints, logs, final/) first",
         "  seed=0                   the run's seed (data order, noise, initial weights)",
+        "  release_freed_memory=true  freed CPU tensors of 4 MB or more go back to the system: flat resident",
+        "                           memory; false: faster CPU steps, a growing heap (docs/runs.md)",
         "  sample.n=4 sample.length=256 sample.seed=0   the samples printed after training",
         "",
         f"experiments (experiment=NAME): {', '.join(group_options('experiment'))}",

@@ -47,3 +47,12 @@ def gained_mb(mode: str) -> int:
 def test_freed_step_memory_goes_back_to_the_system():
     assert gained_mb("keep") > 100  # glibc's default: the heap keeps the freed activations (the symptom)
     assert gained_mb("release") < 32
+
+
+def test_the_setting_is_a_checked_run_key():
+    from cdlm.config import ConfigError, compose
+
+    assert compose([]).release_freed_memory is True
+    assert compose(["release_freed_memory=false"]).release_freed_memory is False
+    with pytest.raises(ConfigError, match="release_freed_memory"):
+        compose(["release_freed_memory=sometimes"])
