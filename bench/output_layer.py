@@ -1,20 +1,20 @@
 """Memory and time of the output layer alone: a ``k``-bit head (bitstream) against a ``V``-way softmax head.
 
-CoBit's bit patches remove the O(V) output layer (MATH.md section 4): a token id is written with
+CoBit's bit patches remove the O(V) output layer (docs/math.md §4): a token id is written with
 ``k = ceil(log2 V)`` bits, so the head is ``Linear(W, k)`` with a per-bit loss instead of ``Linear(W, V)`` with a
 softmax cross-entropy. This script times and measures both heads on the same hidden states ``h`` ``[N, W]``
 (``N = B * L`` tokens), forward + backward (``dW``, ``db`` and ``dh``), in one process:
 
 - softmax: ``F.cross_entropy(Linear(W, V)(h), ids)`` against random ids;
 - bits: ``Linear(W, k)`` and the EDM-weighted squared error ``lambda(sigma) (sigmoid(logit) - b)^2`` of
-  MATH.md section 4 against the bits of the same ids (``--bits-loss bce`` for the per-bit cross-entropy instead).
+  docs/math.md §4 against the bits of the same ids (``--bits-loss bce`` for the per-bit cross-entropy instead).
 
 The two heads are timed in alternating rounds (one softmax step, then bits steps for as long), so both see the same
 background load. Per configuration it reports the head's parameters, analytic FLOPs ``6 N W out``, the median (and
 minimum) step time, tokens/s, the analytic bytes of the logit-sized tensors saved for backward, the measured bytes
 held after the forward and the measured peak of forward + backward above the inputs (CUDA:
 ``torch.cuda.max_memory_allocated``; CPU: the allocation events of ``torch.profiler`` with ``profile_memory=True``),
-and the softmax / bits ratios. The matched-filter residual of MATH.md section 4 is ``O(N k)`` elementwise work and
+and the softmax / bits ratios. The matched-filter residual of docs/math.md §4 is ``O(N k)`` elementwise work and
 is left out. Writes one JSON file.
 
     python bench/output_layer.py [--batch 16] [--length 256] [--width 256 768] [--vocab 4096 50257]
@@ -45,7 +45,7 @@ from cdlm.device import device_name
 from cdlm.device import synchronize as sync
 from cdlm.objectives.bits import bit_width, ids_to_bits
 
-SIGMA_DATA = 0.5  # EDM's sigma_d (MATH.md section 4)
+SIGMA_DATA = 0.5  # EDM's sigma_d (docs/math.md §4)
 LOG_SIGMA_MEAN, LOG_SIGMA_STD = -1.2, 1.2  # the warm-up noise law, log sigma ~ N(-1.2, 1.2^2)
 FLOPS_FORMULA = "6 * N * W * out (forward 2, dW 2, dh 2; biases, softmax and loss elementwise work not counted)"
 

@@ -1,4 +1,4 @@
-"""What a result was measured on: the device's name, recorded beside every speed figure (MATH.md section 8)."""
+"""What a result was measured on: the device's name, recorded beside every speed figure (docs/math.md §8)."""
 
 from __future__ import annotations
 

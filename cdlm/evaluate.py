@@ -1,4 +1,4 @@
-"""``cdlm eval``: the fixed evaluation protocol of MATH.md section 8, one JSON file per evaluation.
+"""``cdlm eval``: the fixed evaluation protocol of docs/math.md §8, one JSON file per evaluation.
 
 Reports the validation bound (BPC, PPL; full time range, the checkpoint's EMA weights), Gen PPL under a judge
 with the mean per-sample unigram entropy and distinct-n beside it, mean +- std over seeds, NFE and seconds per
@@ -142,7 +142,7 @@ ZERO_SHOT_PROTOCOL = (
 
 
 def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, seeds: int) -> dict:
-    """What a number means: recorded beside every result (MATH.md section 8)."""
+    """What a number means: recorded beside every result (docs/math.md §8)."""
     return {
         "judge": getattr(judge, "name", None),
         "judge_tokenizer": getattr(judge, "tokenizer_name", None),

@@ -1,4 +1,4 @@
-"""The contracts between objectives, samplers and the Lightning module (DESIGN.md, "The contracts")."""
+"""The contracts between objectives, samplers and the Lightning module (docs/math.md §0)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Objective(Protocol):
 
 @runtime_checkable
 class DiscreteObjective(Objective, Protocol):
-    """Discrete sampling view (MATH.md section 0): ``denoise(z_t, t) -> log p(x0 | z_t)`` ``[B, L, V]``."""
+    """Discrete sampling view (docs/math.md §0): ``denoise(z_t, t) -> log p(x0 | z_t)`` ``[B, L, V]``."""
 
     mask_id: int
     vocab_size: int
@@ -52,7 +52,7 @@ class DiscreteObjective(Objective, Protocol):
 
 @runtime_checkable
 class ContinuousObjective(Objective, Protocol):
-    """Continuous sampling view in VE coordinates (MATH.md section 0): ``x~ = z / a = x0 + sigma * eps``.
+    """Continuous sampling view in VE coordinates (docs/math.md §0): ``x~ = z / a = x0 + sigma * eps``.
 
     - ``sigma(t)``: sampler time ``t`` in [0, 1] (1 = noise) -> noise level, increasing, float64 in and out;
       ``sigma_min = sigma(0)``, ``sigma_max = sigma(1)``; the information-uniform warp lives in this map.
@@ -89,7 +89,7 @@ class ContinuousObjective(Objective, Protocol):
 class FlowMapObjective(ContinuousObjective, Protocol):
     """A two-time denoiser ``flow_denoise(x, sigma_s, sigma_t)``, as FMLM's ``FlowMap`` has (``objective=flow_map``).
 
-    FMLM (Lee et al. 2026, "Flow map language models"), MATH.md section 2: ``x`` ``[B, L, D]`` is the VE state at
+    FMLM (Lee et al. 2026, "Flow map language models"), docs/math.md §2: ``x`` ``[B, L, D]`` is the VE state at
     ``sigma_s`` ``[B]``; the result ``D_{s,t}`` ``[B, L, D]`` at the target level ``sigma_t <= sigma_s`` ``[B]`` makes
     the flow map a DDIM step, ``x_t = D_{s,t} + (sigma_t / sigma_s) (x - D_{s,t})``; ``sigma_t = sigma_s`` gives the
     ordinary denoiser.

@@ -6,8 +6,8 @@
 
 Every model is scored on the leading rows of its own tokenisation of the validation split that cover the first
 ``--chars`` characters (one row more at most), so a character-level and a BPE model see the same text and BPC
-(MATH.md section 0) compares them. Each objective reports its own bound: the NELBO (masked), the exact NLL
-(autoregressive), the ODE bound of MATH.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
+(docs/math.md section 0) compares them. Each objective reports its own bound: the NELBO (masked), the exact NLL
+(autoregressive), the ODE bound of docs/math.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
 (continuous ones), and for latent runs the bound of section 5 (the prior's ODE density in the same way).
 """
 

@@ -1,4 +1,4 @@
-"""Bitstream diffusion (CoBit, MATH.md section 4): bits, the matched filter, the entropy-rate schedule, training."""
+"""Bitstream diffusion (CoBit, docs/math.md §4): bits, the matched filter, the entropy-rate schedule, training."""
 
 from __future__ import annotations
 

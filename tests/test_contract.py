@@ -1,4 +1,4 @@
-"""The sampler contract: every continuous sampler runs on every continuous objective it fits (MATH.md section 0).
+"""The sampler contract: every continuous sampler runs on every continuous objective it fits (docs/math.md §0).
 
 A sampler with a ``requires`` protocol (``flowmap``: a two-time denoiser) must refuse the objectives without it."""
 

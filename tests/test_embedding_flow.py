@@ -1,4 +1,4 @@
-"""LangFlow (Chen et al. 2026): embedding-space VP diffusion with the learnable Gumbel schedule (MATH.md section 3)."""
+"""LangFlow (Chen et al. 2026): embedding-space VP diffusion with the learnable Gumbel schedule (docs/math.md §3)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_denoise_prior_and_decoding_shapes() -> None:
 
 def test_ode_bound_of_the_exact_posterior_denoiser_is_log_v() -> None:
     # At init the head and W_sc are zero, so denoise is the exact posterior mean for iid uniform tokens: the ODE
-    # bound (MATH.md section 6) of such data must come out at log V nats per token, up to the dequantisation gap.
+    # bound (docs/math.md §6) of such data must come out at log V nats per token, up to the dequantisation gap.
     objective = langflow(ode_steps=16).eval()
     ids = torch.randint(11, (16, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

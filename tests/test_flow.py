@@ -1,4 +1,4 @@
-"""FLM (Lee et al. 2026, "Flow map language models"): one-hot flow matching and its time warp (MATH.md section 2)."""
+"""FLM (Lee et al. 2026, "Flow map language models"): one-hot flow matching and its time warp (docs/math.md §2)."""
 
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def test_matched_filter_with_a_silent_network_is_the_exact_posterior_and_its_bou
         x = x0 + sigma * torch.randn_like(x0)
         exact = torch.distributions.Normal(x[..., None, :], sigma).log_prob(torch.eye(11)).sum(-1).softmax(-1)
         torch.testing.assert_close(objective.denoise(x, torch.full((16,), sigma)), exact.float(), rtol=1e-4, atol=1e-5)
-    # iid uniform tokens under the exact posterior: the ODE bound (MATH.md section 6) is log V up to its slack
+    # iid uniform tokens under the exact posterior: the ODE bound (docs/math.md §6) is log V up to its slack
     out = objective.nll({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert abs(out.loss.item() - math.log(11)) < 0.3, out.loss.item()
 

@@ -1,4 +1,4 @@
-"""FMLM (Lee et al. 2026, "Flow map language models"): the flow map objective and sampler (MATH.md section 2)."""
+"""FMLM (Lee et al. 2026, "Flow map language models"): the flow map objective and sampler (docs/math.md §2)."""
 
 from __future__ import annotations
 

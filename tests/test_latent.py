@@ -1,4 +1,4 @@
-"""Latent diffusion through a text VAE (MATH.md section 5): the VAE, the staged objective, the bound and sampling."""
+"""Latent diffusion through a text VAE (docs/math.md §5): the VAE, the staged objective, the bound and sampling."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The block-causal latent prior (Cola DLM; MATH.md section 5): the two-stream mask, what each block may see, the
+"""The block-causal latent prior (Cola DLM; docs/math.md §5): the two-stream mask, what each block may see, the
 cached block-by-block sampler against an uncached reference, and a staged run with it."""
 
 from __future__ import annotations

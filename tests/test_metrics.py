@@ -1,4 +1,4 @@
-"""Gen PPL judges and generation metrics (MATH.md section 8), and their DDP (gloo) sync."""
+"""Gen PPL judges and generation metrics (docs/math.md §8), and their DDP (gloo) sync."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ODE likelihood bound (MATH.md section 6) on the exact Gaussian toy, where ``p_sigma`` is known in closed form."""
+"""The ODE likelihood bound (docs/math.md §6) on the exact Gaussian toy, where ``p_sigma`` is known in closed form."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Parallel-decoding selectors (MATH.md section 7) and the `parallel` sampler built on them."""
+"""Parallel-decoding selectors (docs/math.md §7) and the `parallel` sampler built on them."""
 
 import inspect
 

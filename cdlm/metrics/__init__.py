@@ -1,4 +1,4 @@
-"""torchmetrics metrics for likelihood and generation quality, and the Gen PPL judges (MATH.md section 8)."""
+"""torchmetrics metrics for likelihood and generation quality, and the Gen PPL judges (docs/math.md §8)."""
 
 from cdlm.metrics.generative import DistinctN, GenPPL, UnigramEntropy
 from cdlm.metrics.judges import CdlmJudge, HFJudge, Judge, build_judge

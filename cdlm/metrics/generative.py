@@ -1,4 +1,4 @@
-"""Generation-quality metrics (MATH.md section 8): Gen PPL, unigram entropy and distinct-n of samples.
+"""Generation-quality metrics (docs/math.md §8): Gen PPL, unigram entropy and distinct-n of samples.
 
 Every state is a float64 sum (``dist_reduce_fx="sum"``), so the metrics give the same value on N ranks as on
 one process holding all the samples. Per-sample figures are averaged over samples; Gen PPL is token-weighted.
@@ -50,7 +50,7 @@ def distinct_n(tokens: Sequence[int], n: int) -> float | None:
 
 
 class GenPPL(Metric):
-    """Generative perplexity: ``exp(sum NLL / sum tokens)`` of decoded samples under a judge (MATH.md section 8).
+    """Generative perplexity: ``exp(sum NLL / sum tokens)`` of decoded samples under a judge (docs/math.md §8).
 
     Token-weighted over all samples. ``compute()`` returns Gen PPL; ``summary()`` adds the per-token mean NLL
     (nats), the token and sample counts. The judge is a plain attribute, not metric state.
@@ -94,7 +94,7 @@ class GenPPL(Metric):
 class UnigramEntropy(Metric):
     """Mean over samples of the entropy (nats) of each sample's empirical unigram distribution of token ids.
 
-    The Duo / MDLM "entropy" of generated samples, on the model's own token ids (MATH.md section 8); low values
+    The Duo / MDLM "entropy" of generated samples, on the model's own token ids (docs/math.md §8); low values
     flag repetitive samples. ``compute()`` returns nats; ``summary()`` adds bits and the sample count. Samples
     with no token (all masked) are skipped.
     """

@@ -1,4 +1,4 @@
-"""Gen PPL judges: causal LMs that score decoded samples (MATH.md section 8, "Gen PPL").
+"""Gen PPL judges: causal LMs that score decoded samples (docs/math.md §8, "Gen PPL").
 
 The fixed protocol, shared by every judge here:
 
@@ -27,7 +27,7 @@ DEFAULT_CONTEXT = 1024  # when neither the model config nor the tokenizer states
 
 @runtime_checkable
 class Judge(Protocol):
-    """A causal LM that scores texts for Gen PPL (MATH.md section 8)."""
+    """A causal LM that scores texts for Gen PPL (docs/math.md §8)."""
 
     name: str
     eos_rule: str
@@ -68,7 +68,7 @@ class JudgeError(ValueError):
 class HFJudge:
     """Any ``transformers`` causal LM (hub name or local path) as a Gen PPL judge, float32 on CPU.
 
-    Protocol (MATH.md section 8): the text is retokenised with the judge's tokenizer, cut after its first EOS
+    Protocol (docs/math.md §8): the text is retokenised with the judge's tokenizer, cut after its first EOS
     (kept), split into windows of ``context - 1`` tokens, and each window is scored as ``[BOS] + window``
     where BOS is the tokenizer's ``bos_token`` or, when it has none, its ``eos_token``. Rows are batched with
     right padding and an attention mask; the result equals scoring each text alone.
@@ -163,7 +163,7 @@ class HFJudge:
 class CdlmJudge:
     """A cdlm autoregressive checkpoint (``save_pretrained`` folder or ``.ckpt``) as a Gen PPL judge.
 
-    Protocol (MATH.md section 8): texts are encoded with the model's own tokenizer, cut after the first EOS
+    Protocol (docs/math.md §8): texts are encoded with the model's own tokenizer, cut after the first EOS
     (kept), split into windows of ``max_length`` tokens, and each window is scored with the objective's exact
     per-token NLL (``objective.nll``), which scores every token, the first one through the model's own BOS.
 
@@ -240,7 +240,7 @@ def is_cdlm_checkpoint(spec: str | Path) -> bool:
 
 
 def build_judge(spec: str, max_length: int | None = None, batch_size: int = 8) -> Judge:
-    """The judge ``spec`` names (MATH.md section 8): a cdlm checkpoint -> ``CdlmJudge``, else ``HFJudge``.
+    """The judge ``spec`` names (docs/math.md §8): a cdlm checkpoint -> ``CdlmJudge``, else ``HFJudge``.
 
     ``max_length`` is the judge's context (``CdlmJudge`` defaults to 256, ``HFJudge`` to the model's own).
     """

@@ -1,4 +1,4 @@
-"""Likelihood metrics accumulated in float64 and synced across ranks (MATH.md section 0, "Likelihood units")."""
+"""Likelihood metrics accumulated in float64 and synced across ranks (docs/math.md §0, "Likelihood units")."""
 
 from __future__ import annotations
 

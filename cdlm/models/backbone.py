@@ -3,7 +3,7 @@
 A DiT-style stack (Peebles & Xie, 2023): pre-norm blocks whose LayerNorm shift/scale and residual gates come
 from the conditioning vector through a zero-initialised linear map (adaLN-Zero), rotary positions
 (Su et al., 2021) and attention through ``scaled_dot_product_attention``. The backbone maps hidden states to
-hidden states; input adapters and output heads belong to the objectives (DESIGN.md, "The contracts").
+hidden states; input adapters and output heads belong to the objectives (the contracts: cdlm/types.py).
 """
 
 from __future__ import annotations

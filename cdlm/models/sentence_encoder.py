@@ -1,4 +1,4 @@
-"""A frozen pretrained sentence encoder: the target of the text VAE's optional alignment loss (MATH.md section 5).
+"""A frozen pretrained sentence encoder: the target of the text VAE's optional alignment loss (docs/math.md §5).
 
 Any local ``transformers`` encoder folder (``AutoTokenizer`` + ``AutoModel``) works; mean pooling over its last hidden
 states and L2 normalisation give one feature vector per text, as sentence-transformers' MiniLM does. The name

@@ -1,4 +1,4 @@
-"""A transformer text VAE with length compression, for latent diffusion (Cosmos, Cola DLM), MATH.md section 5.
+"""A transformer text VAE with length compression, for latent diffusion (Cosmos, Cola DLM), docs/math.md §5.
 
 The encoder reads ``L`` tokens with a bidirectional transformer, then folds every ``r`` consecutive positions into one
 latent: ``[B, L, W] -> [B, L/r, r W] -> [B, L/r, 2 d_z]`` (posterior mean and log-variance). The decoder unfolds a

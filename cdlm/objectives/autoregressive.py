@@ -1,4 +1,4 @@
-"""The autoregressive reference: a left-to-right LM on the same backbone (Radford et al., 2019; MATH.md section 0).
+"""The autoregressive reference: a left-to-right LM on the same backbone (Radford et al., 2019; docs/math.md §0).
 
 The chain rule ``log p(x) = sum_l log p_theta(x^l | x^{<l})`` is exact, so the per-token NLL is directly
 comparable with the diffusion bounds. The input is ``[BOS, x^0 .. x^{L-2}]`` and the targets ``x^0 .. x^{L-1}``,

@@ -1,4 +1,4 @@
-"""Token ids as analog bits (Chen et al. 2023, "Analog bits"; CoBit), MATH.md section 4.
+"""Token ids as analog bits (Chen et al. 2023, "Analog bits"; CoBit), docs/math.md §4.
 
 A vocabulary of ``V`` ids is written with ``k = ceil(log2 V)`` bits, most significant first, so one backbone
 position carries one token's ``k`` bits (a bit patch). The ``2^k - V`` codes above ``V - 1`` are invalid ids; a

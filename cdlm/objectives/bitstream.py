@@ -1,8 +1,8 @@
-"""Bitstream (analog-bits) diffusion with a matched-filter residual: CoBit, MATH.md section 4.
+"""Bitstream (analog-bits) diffusion with a matched-filter residual: CoBit, docs/math.md §4.
 
 Each token id becomes ``k = ceil(log2 V)`` bits ``b`` (``cdlm.objectives.bits``) and one backbone position carries
 one token's bits (a bit patch), so the output layer has ``k`` logits per token instead of ``V``. The path is
-variance exploding, ``x = b + sigma eps`` (already VE coordinates, MATH.md section 0), ``sigma`` in [0.002, 80].
+variance exploding, ``x = b + sigma eps`` (already VE coordinates, docs/math.md §0), ``sigma`` in [0.002, 80].
 
 The network follows EDM's preconditioning (Karras et al. 2022): input ``c_in (x - 1/2)``,
 ``c_in = (sigma^2 + sigma_d^2)^(-1/2)``, ``sigma_d = 1/2``, with a self-conditioning channel. Its output is a
@@ -14,7 +14,7 @@ because ``log N(x; 1, sigma^2) - log N(x; 0, sigma^2) = (x - 1/2) / sigma^2``: a
 the right answer and ``f_theta`` (zero at initialisation) learns the context. The loss is EDM-weighted,
 ``lambda(sigma) (x0_hat - b)^2`` with ``lambda = (sigma^2 + sigma_d^2) / (sigma^2 sigma_d^2)``, and ``sigma`` is drawn
 from the learned entropy-rate schedule (``cdlm.objectives.entropy_rate``), which the sampler reads as ``sigma(t)``.
-The likelihood is the shared ODE bound (MATH.md section 6).
+The likelihood is the shared ODE bound (docs/math.md §6).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Bitstream(nn.Module):
         schedule: keyword arguments of ``EntropyRateSchedule`` (range, bins, FIFO, warm-up, ramp, refresh).
         ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
 
-    The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not MATH.md's
+    The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not docs/math.md's
     ``c_in (x0_hat - 1/2)``: the estimate is a clean quantity, and scaling it by ``c_in ~ 1/sigma`` would silence
     it at high noise, where self-conditioning helps most.
     """
@@ -169,7 +169,7 @@ class Bitstream(nn.Module):
         return LossOutput(loss, per_token.detach(), padding, logs)
 
     def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (MATH.md section 6) with ``ode_steps`` Heun steps."""
+        """The ODE likelihood bound (docs/math.md §6) with ``ode_steps`` Heun steps."""
         return ode_nll(self, batch, steps=self.ode_steps)
 
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------

@@ -1,12 +1,12 @@
 """Embedding-space VP diffusion: LangFlow (Chen et al. 2026), after Plaid and CDCD (Dieleman et al. 2022).
 
-MATH.md section 3, handled by samplers in the VE coordinates of section 0. Tokens are embeddings ``e_v`` of norm
+docs/math.md §3, handled by samplers in the VE coordinates of section 0. Tokens are embeddings ``e_v`` of norm
 ``sqrt(D)``; the path is variance preserving in ``gamma = log(s^2 / alpha^2)``:
 
     z = alpha * e_x + s * eps,   alpha^2 = sigmoid(-gamma),   s^2 = sigmoid(gamma),
     x~ = z / alpha = e_x + sigma * eps,   sigma = s / alpha = exp(gamma / 2).
 
-The network predicts token logits with the analytic posterior skip (MATH.md section 3)
+The network predicts token logits with the analytic posterior skip (docs/math.md §3)
 
     logits = f_theta(z, gamma, x_sc) + c_skip * z @ E^T,   c_skip = alpha / s^2 = exp((softplus(-gamma) - gamma) / 2),
 
@@ -14,7 +14,7 @@ which, all ``||e_v||`` being equal, is the exact log-posterior ``log p(v | z)`` 
 uniform token prior, up to a per-position constant; ``f_theta`` learns the contextual residual. The loss is CE,
 ``x0_hat = softmax(logits) @ E``, and ``gamma`` is drawn from the learnable Gumbel schedule
 (``cdlm.objectives.gumbel_schedule``), fitted by CDCD's recipe on the side. The likelihood is the ODE bound of
-MATH.md section 6 (LangFlow's bound).
+docs/math.md §6 (LangFlow's bound).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ GAMMA_EMBED_SCALE = 50.0
 
 
 def c_skip(gamma: torch.Tensor) -> torch.Tensor:
-    """Posterior skip gain ``alpha / s^2 = exp((softplus(-gamma) - gamma) / 2)`` (MATH.md section 3), ``[B]``."""
+    """Posterior skip gain ``alpha / s^2 = exp((softplus(-gamma) - gamma) / 2)`` (docs/math.md §3), ``[B]``."""
     return torch.exp((F.softplus(-gamma) - gamma) / 2)
 
 
@@ -146,7 +146,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         return alpha * x0 + s * torch.randn_like(x0)
 
     def loss(self, batch: Batch) -> LossOutput:
-        """CE per valid token plus the schedule's fit on the per-sequence mean CE (MATH.md section 3).
+        """CE per valid token plus the schedule's fit on the per-sequence mean CE (docs/math.md §3).
 
         ``gamma = gamma(u)`` with ``u`` from ``batch["u"]`` (low-discrepancy) and the schedule's parameters detached,
         so ``loc, scale, A`` learn only through ``fit_loss``. With probability ``self_condition`` per batch (global
@@ -172,7 +172,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         return LossOutput(mean_ce + fit, ce, padding, logs)
 
     def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (MATH.md section 6) with ``ode_steps`` Heun steps."""
+        """The ODE likelihood bound (docs/math.md §6) with ``ode_steps`` Heun steps."""
         return ode_nll(self, batch, steps=self.ode_steps)
 
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The learned entropy-rate (information-uniform) noise schedule of bitstream diffusion: CoBit, MATH.md section 4.
+"""The learned entropy-rate (information-uniform) noise schedule of bitstream diffusion: CoBit, docs/math.md §4.
 
 The law of ``log sigma`` is a histogram over ``bins`` equal cells of ``[log sigma_min, log sigma_max]``, log-uniform
 inside each cell. Training observes, per sequence, the noise level ``sigma`` and the denoising error
@@ -48,7 +48,7 @@ class EntropyRateSchedule(nn.Module):
     """Histogram law of ``log sigma`` learned from the denoising error (CoBit's entropy-rate schedule).
 
     Args:
-        sigma_min, sigma_max: the noise range (MATH.md section 4: 0.002 and 80).
+        sigma_min, sigma_max: the noise range (docs/math.md §4: 0.002 and 80).
         bins: log-spaced cells (128).
         fifo_size: how many recent ``(sigma, m)`` observations the fit uses.
         warmup_batches, ramp_batches, refresh_every: training batches before the first fit, of the ramp from the

@@ -1,10 +1,10 @@
-"""One-hot flow matching: FLM (Lee et al. 2026, "Flow map language models"), MATH.md section 2.
+"""One-hot flow matching: FLM (Lee et al. 2026, "Flow map language models"), docs/math.md §2.
 
 The state is the one-hot ``x0 = e_x`` in ``R^V`` per position on the linear path (FLM's interpolant)
 
     z = c x0 + (1 - c) eps,    c = 0 noise, c = 1 data,
 
-handled by the shared samplers in the VE coordinates of MATH.md section 0 (``a = c``, ``b = 1 - c``):
+handled by the shared samplers in the VE coordinates of docs/math.md §0 (``a = c``, ``b = 1 - c``):
 
     x~ = z / c = x0 + sigma eps,    sigma = (1 - c) / c.
 
@@ -14,7 +14,7 @@ cross-entropy form), ``x0_hat = softmax(f)``, optionally with the soft cap ``cap
 goes through the discrete-equivalent time ``c(t) = alpha^{-1}(1 - t)`` (``cdlm.objectives.time_warps``), so a
 uniform ``t`` grid reveals tokens at the masked schedule's rate. FLM's native Euler step
 ``z <- z + (c' - c)(x0_hat - z)/(1 - c)`` is the VE Euler step of section 0. The likelihood is the ODE bound of
-MATH.md section 6 (FLM's own code has none).
+docs/math.md §6 (FLM's own code has none).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class OneHotFlow(SigmaRange, nn.Module):
             ``c`` in (0, 1) and ``sigma`` finite. For ``V = 2048``: ``sigma_min = 0.124`` (``c = 0.890``,
             ``1 - alpha = 1e-5``) and ``sigma_max = 170.2`` (``c = 0.0058``, ``alpha = 1e-5``).
         ode_steps: Heun steps of the ODE bound in ``nll``; 32 keeps validation fast, 128 is the published default
-            (MATH.md section 6) for reported numbers.
+            (docs/math.md §6) for reported numbers.
         matched_filter: add the exact Gaussian log-likelihood of each token, ``x~_v / sigma^2`` in VE coordinates,
             to the logits (off = FLM as published). With ``W < V`` the input map ``z @ E`` cannot carry a token's
             identity at low noise (the projected noise swamps it), so FLM's denoiser stays unsure where the exact
@@ -181,7 +181,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
 
     def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (MATH.md section 6) with ``ode_steps`` Heun steps."""
+        """The ODE likelihood bound (docs/math.md §6) with ``ode_steps`` Heun steps."""
         return ode_nll(self, batch, steps=self.ode_steps)
 
     # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------

@@ -1,13 +1,13 @@
 """FMLM: the flow map of a one-hot flow, distilled from an FLM teacher (Lee et al. 2026, "Flow map language models").
 
-MATH.md section 2. Times here are FMLM's ``c`` units (``c = 0`` noise, ``c = 1`` data) with ``s <= t``; each is the
+docs/math.md §2. Times here are FMLM's ``c`` units (``c = 0`` noise, ``c = 1`` data) with ``s <= t``; each is the
 image ``c = c(tau)`` of a sampler time ``tau`` (1 = noise, 0 = data) under FLM's information-uniform warp
 (``OneHotFlow.c_of_t``), so ``tau_s >= tau_t``. The two-time denoiser ``D_{s,t}(z)`` is the FLM network with a second
 time embedding, of the target time ``t``, added to its adaLN conditioning, and the flow map is
 
     X_{s->t}(z) = ((1 - t) / (1 - s)) z + ((t - s) / (1 - s)) D_{s,t}(z),
 
-which in the VE coordinates of MATH.md section 0 (``x~ = z / c``, ``sigma = (1 - c) / c``) is exactly the DDIM step
+which in the VE coordinates of docs/math.md §0 (``x~ = z / c``, ``sigma = (1 - c) / c``) is exactly the DDIM step
 ``x~_t = D + (sigma_t / sigma_s)(x~_s - D)`` with ``D = D_{s,t}`` (``cdlm.samplers.continuous.euler_step``).
 
 The second embedding enters as ``g(log sigma_t) - g(log sigma_s)``: the conditioning is
@@ -50,7 +50,7 @@ BACKBONE_SETTINGS = ("width", "depth", "heads", "cond_width", "mask_mode", "bloc
 
 
 class FlowMap(OneHotFlow):
-    """FMLM objective: FLM's network and warp plus a zero-initialised target-time embedding ``g``; MATH.md section 2.
+    """FMLM objective: FLM's network and warp plus a zero-initialised target-time embedding ``g``; docs/math.md §2.
 
     Args:
         backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter: as ``OneHotFlow``; they must equal
@@ -235,7 +235,7 @@ def log_sigma_of_c(c: torch.Tensor) -> torch.Tensor:
 
 
 def flow_map(z: torch.Tensor, d: torch.Tensor, c_s: torch.Tensor, c_t: torch.Tensor) -> torch.Tensor:
-    """``X_{s->t}(z) = ((1 - t)/(1 - s)) z + ((t - s)/(1 - s)) D`` in ``c`` units (FMLM; MATH.md section 2).
+    """``X_{s->t}(z) = ((1 - t)/(1 - s)) z + ((t - s)/(1 - s)) D`` in ``c`` units (FMLM; docs/math.md §2).
 
     ``z``, ``d`` ``[B, L, V]``; ``c_s <= c_t`` ``[B]`` (float64, ``c_s < 1``); returns ``[B, L, V]`` in ``z``'s dtype.
     """
@@ -247,7 +247,7 @@ def jump_weight(c_s: torch.Tensor, c_u: torch.Tensor, c_t: torch.Tensor) -> torc
     """``lambda = (1 - t)(u - s) / ((1 - u)(t - s))`` ``[B]`` in [0, 1] for ``s <= u <= t < 1`` in ``c`` units.
 
     The weight that makes ``X_{u->t}(X_{s->u}(z))`` a flow-map step from ``s`` with
-    ``D = lambda D_{s,u} + (1 - lambda) D_{u,t}`` (MATH.md section 2); 1/2 where ``t = s``, where any value works.
+    ``D = lambda D_{s,u} + (1 - lambda) D_{u,t}`` (docs/math.md §2); 1/2 where ``t = s``, where any value works.
     """
     num, den = (1 - c_t) * (c_u - c_s), (1 - c_u) * (c_t - c_s)
     return torch.where(den > 0, num / den.clamp_min(1e-300), 0.5).clamp(0.0, 1.0)

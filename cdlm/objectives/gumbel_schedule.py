@@ -1,4 +1,4 @@
-"""LangFlow's learnable information-uniform noise schedule (Chen et al. 2026; MATH.md section 3).
+"""LangFlow's learnable information-uniform noise schedule (Chen et al. 2026; docs/math.md §3).
 
 The log noise-to-signal ratio ``gamma = log(s^2 / alpha^2)`` is drawn through the Gumbel inverse CDF
 
@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-U_CLAMP = 1e-5  # gamma(u) is clamped at the 1e-5 and 1 - 1e-5 quantiles (MATH.md section 3)
+U_CLAMP = 1e-5  # gamma(u) is clamped at the 1e-5 and 1 - 1e-5 quantiles (docs/math.md §3)
 
 
 class GumbelSchedule(nn.Module):

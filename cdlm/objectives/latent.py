@@ -1,4 +1,4 @@
-"""Latent diffusion through a text VAE: Cosmos / Cola DLM (LD4LG as ancestor), MATH.md section 5.
+"""Latent diffusion through a text VAE: Cosmos / Cola DLM (LD4LG as ancestor), docs/math.md §5.
 
 Training is staged, one objective with a ``stage`` switch:
 
@@ -13,7 +13,7 @@ Training is staged, one objective with a ``stage`` switch:
 
       z_t = (1 - t) z_n + t eps,   v = eps - z_n,   loss = |v_hat - v|^2,   t = sigmoid(mu_t + s_t N(0, 1)).
 
-  In the VE coordinates of MATH.md section 0 (``a = 1 - t``, ``b = t``): ``x~ = z_t / (1 - t) = z_n + sigma eps``,
+  In the VE coordinates of docs/math.md §0 (``a = 1 - t``, ``b = t``): ``x~ = z_t / (1 - t) = z_n + sigma eps``,
   ``sigma = t / (1 - t)``, and ``x0_hat = z_t - t v_hat``; every continuous sampler and the corrector run unchanged,
   and ``decode`` maps the final latents through the frozen decoder to token ids. The bound (section 5) is
 
@@ -56,7 +56,7 @@ Stage = Literal["vae", "prior"]
 
 
 class LatentDiffusion(SigmaRange, BlockCausalPrior, nn.Module):
-    """Text VAE (stage ``vae``) and rectified-flow latent prior (stage ``prior``); MATH.md section 5.
+    """Text VAE (stage ``vae``) and rectified-flow latent prior (stage ``prior``); docs/math.md §5.
 
     Args:
         backbone: the prior's transformer (bidirectional); ``vocab_size``: the tokenizer's ``V``.
@@ -302,7 +302,7 @@ class LatentDiffusion(SigmaRange, BlockCausalPrior, nn.Module):
     # ---- the bound ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def nll(self, batch: Batch) -> LossOutput:
-        """The bound of MATH.md section 5 per token (each sequence's total spread over its real tokens).
+        """The bound of docs/math.md §5 per token (each sequence's total spread over its real tokens).
 
         One posterior draw ``z ~ q(z | x)`` per sequence: ``-log p(x | z) + log q(z | x) - log p(z)`` with the
         standard normal ``p`` in stage ``vae`` (the ELBO, ``log q - log p`` in closed form as the KL) and the flow

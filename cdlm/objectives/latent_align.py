@@ -1,4 +1,4 @@
-"""The text VAE's optional alignment to a frozen sentence encoder (Cola DLM; MATH.md section 5).
+"""The text VAE's optional alignment to a frozen sentence encoder (Cola DLM; docs/math.md §5).
 
 The pooled posterior mean of each training text, through a linear head and L2 normalisation, regresses the frozen
 encoder's unit-norm feature of the same text: ``|normalise(head(mean_n mu)) - f(text)|^2``, averaged over the batch.

@@ -1,4 +1,4 @@
-"""The block-causal latent prior (Cola DLM; MATH.md section 5): its network passes, sampling and bound view.
+"""The block-causal latent prior (Cola DLM; docs/math.md §5): its network passes, sampling and bound view.
 
 Latents form blocks of ``prior_block``; block ``b`` is denoised given the clean blocks before it. Training runs a
 noisy and a clean copy in one pass under ``two_stream_mask`` (BD3-LM's vectorised form); sampling goes block after
@@ -23,7 +23,7 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [B, N, d
 def x0_from_velocity(x: torch.Tensor, sigma: torch.Tensor, velocity: Velocity) -> torch.Tensor:
     """``x0_hat`` ``[B, N, d]`` of the VE state ``x`` at ``sigma`` (scalar or ``[B]``) for a rectified flow.
 
-    ``z_t = x / (1 + sigma)`` and ``t = sigma / (1 + sigma)`` map VE to the flow's coordinates (MATH.md section 0
+    ``z_t = x / (1 + sigma)`` and ``t = sigma / (1 + sigma)`` map VE to the flow's coordinates (docs/math.md §0
     with ``a = 1 - t``, ``b = t``), and ``x0_hat = z_t - t v_hat(z_t, t)``.
     """
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])  # [B]

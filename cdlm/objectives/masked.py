@@ -1,4 +1,4 @@
-"""Masked (absorbing-state) discrete diffusion: MDLM (Sahoo et al., 2024), MATH.md section 1.
+"""Masked (absorbing-state) discrete diffusion: MDLM (Sahoo et al., 2024), docs/math.md §1.
 
 Tokens are replaced by ``[MASK]`` with probability ``1 - alpha_t``; the network predicts the clean token at
 masked positions under the SUBS parameterisation (the mask token gets zero probability and visible tokens

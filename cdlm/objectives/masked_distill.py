@@ -1,7 +1,7 @@
-"""Consistency distillation of a masked (MDLM) checkpoint with nested masks: CD4LM's DSCD (MATH.md sections 1, 7).
+"""Consistency distillation of a masked (MDLM) checkpoint with nested masks: CD4LM's DSCD (docs/math.md §1, 7).
 
 Liang et al., 2026, "CD4LM: Consistency Distillation and aDaptive Decoding for Diffusion Language Models"
-(arXiv:2601.02236), Discrete-Space Consistency Distillation; MATH.md section 7, "Few-step training for discrete
+(arXiv:2601.02236), Discrete-Space Consistency Distillation; docs/math.md §7, "Few-step training for discrete
 models". A student, initialised as a copy of a frozen MDLM teacher, learns to predict from a heavily masked state
 what the teacher predicts from a less masked state of the *same* forward trajectory, so that one network call
 from a noisy state lands where several teacher steps would: the property few-step samplers need.
@@ -9,20 +9,20 @@ from a noisy state lands where several teacher steps would: the property few-ste
 Per sequence with ``n`` valid (non-padding) tokens:
 
 - the student masks ``n_S = round(r_S n)`` positions chosen uniformly, ``r_S ~ U(0.4, 0.9)`` (from the batch's
-  low-discrepancy ``u`` when given; MATH.md section 0);
+  low-discrepancy ``u`` when given; docs/math.md §0);
 - the teacher masks the first ``n_T = floor(k n_S)`` of them (in the same random order), ``k ~ U(0.3, 0.7)``:
   teacher-masked ⊆ student-masked, i.e. the teacher's state is a less noisy point of the same forward trajectory;
 - on the student-masked positions ``M_S`` (mean over them):
 
       loss = λ T² KL(softmax(ℓ_T / T) || softmax(ℓ_S / T)) + (1 - λ) CE(softmax(ℓ_S), x),   T = 2, λ = 0.5,
 
-  with ``ℓ_T`` the teacher's SUBS log-probabilities ``log p_T(x0 | z_T)`` (MATH.md section 1): at the positions the
+  with ``ℓ_T`` the teacher's SUBS log-probabilities ``log p_T(x0 | z_T)`` (docs/math.md §1): at the positions the
   teacher sees, its distribution is the one-hot of the visible token and the KL term is a softened CE; at the ones
   it does not see, it is the teacher's prediction with more context than the student had.
 
 CD4LM's reference code draws ``r_T = clip(r_S k, 0.1, 0.6)``; ``r_S k`` already lies in [0.12, 0.63], so the clip is
 dropped here. Its loss clamps each term at 5 nats; not done here (the non-finite guard of ``DiffusionLM`` stays). Its
-optional λ schedule (0.9 -> 0.5, cosine) is not implemented: λ is fixed, as in MATH.md.
+optional λ schedule (0.9 -> 0.5, cosine) is not implemented: λ is fixed, as in docs/math.md.
 
 Why CD4LM rather than Duo's DCD (Sahoo et al., 2025, "The Diffusion Duality", arXiv:2506.10892, sec. 4): DCD rests
 on the duality between *uniform-state* diffusion and Gaussian diffusion, which gives deterministic (DDIM) trajectories
@@ -105,7 +105,7 @@ class MaskedDistill(nn.Module):
     """CD4LM consistency distillation of an MDLM teacher into a student ``MaskedDiffusion`` of the same shape.
 
     The sampling view (``denoise``, ``prior``, ``mask_id``, ``vocab_size``, ``schedule``, ``time_conditioning``)
-    and ``nll`` (the NELBO, MATH.md section 1) are the student's, so every discrete sampler and the validation bound
+    and ``nll`` (the NELBO, docs/math.md §1) are the student's, so every discrete sampler and the validation bound
     work unchanged.
 
     Args:
@@ -151,7 +151,7 @@ class MaskedDistill(nn.Module):
             self.teacher = FrozenTeacher(load_teacher(teacher))
             copy_teacher(self.student, self.teacher.objective, teacher)
 
-    # ---- the student's sampling view (MATH.md section 0, discrete) ---------------------------------------------
+    # ---- the student's sampling view (docs/math.md §0, discrete) ---------------------------------------------
     @property
     def schedule(self) -> Schedule:
         return self.student.schedule
@@ -171,7 +171,7 @@ class MaskedDistill(nn.Module):
         return self.student.prior(n, length, device, generator)
 
     def nll(self, batch: Batch) -> LossOutput:
-        """The student's NELBO over ``t ∈ (0, 1]`` (MATH.md section 1): the bound validation reports."""
+        """The student's NELBO over ``t ∈ (0, 1]`` (docs/math.md §1): the bound validation reports."""
         return self.student.nll(batch)
 
     # ---- training ----------------------------------------------------------------------------------------------

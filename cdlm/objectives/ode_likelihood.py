@@ -1,4 +1,4 @@
-"""One likelihood bound for every continuous objective (MATH.md section 6).
+"""One likelihood bound for every continuous objective (docs/math.md §6).
 
 Variational dequantisation with ``q(x~0 | x) = N(x0, sigma_min^2 I)`` plus the probability-flow ODE (Song et al.
 2021) in VE coordinates:
@@ -83,7 +83,7 @@ def ode_log_density(
                                + integral_{sigma_min}^{sigma_max} div f dsigma.
 
     Sign: along ``dx/dsigma = f``, ``d log p_sigma(x(sigma)) / dsigma = -div f``; integrating from ``sigma_min`` to
-    ``sigma_max`` gives the PLUS sign above (MATH.md section 6 prints a minus). Check in 1-D: ``p_sigma =
+    ``sigma_max`` gives the PLUS sign above (docs/math.md §6 prints a minus). Check in 1-D: ``p_sigma =
     N(0, s^2 + sigma^2)``, ``x0_hat = s^2 x / (s^2 + sigma^2)``, ``div f = sigma / (s^2 + sigma^2) > 0``, and the
     plus sign recovers ``log N(x; 0, s^2 + sigma_min^2)`` exactly. Integration in float64, the denoiser in float32
     with autocast disabled.
@@ -113,7 +113,7 @@ def ode_log_density(
 def ode_nll(
     objective: ContinuousObjective, batch: Batch, steps: int = 128, generator: torch.Generator | None = None
 ) -> LossOutput:
-    """The bound of MATH.md section 6 for any continuous objective, as a per-token ``nll`` ``[B, L]`` in nats.
+    """The bound of docs/math.md §6 for any continuous objective, as a per-token ``nll`` ``[B, L]`` in nats.
 
     One dequantisation draw ``x~0 = clean_state(ids) + sigma_min eps`` per sequence; per sequence the bound is
     ``sum decoder_nll(x~0, ids) - log p_{sigma_min}(x~0) + log q(x~0 | ids)`` over valid tokens, with

@@ -1,4 +1,4 @@
-"""Masking schedules for absorbing diffusion (MDLM, Sahoo et al. 2024, sec. 3; MATH.md section 1).
+"""Masking schedules for absorbing diffusion (MDLM, Sahoo et al. 2024, sec. 3; docs/math.md §1).
 
 ``alpha(t)`` is the probability that a token is still visible at time ``t`` in [0, 1]; ``t = 1`` is the
 noisiest. ``weight(t) = -alpha'(t) / (1 - alpha(t))`` is the NELBO weight of a masked token's CE (MDLM eq. 10).
@@ -42,7 +42,7 @@ class LogLinear(Schedule):
 
 
 class Cosine(Schedule):
-    """``alpha_t = 1 - cos(pi/2 (1 - (1 - eps) t))`` (MATH.md section 1)."""
+    """``alpha_t = 1 - cos(pi/2 (1 - (1 - eps) t))`` (docs/math.md §1)."""
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1 - torch.cos(math.pi / 2 * (1 - (1 - self.eps) * t))

@@ -1,4 +1,4 @@
-"""The noise range every continuous objective exposes, read off its own ``sigma(t)`` (MATH.md section 0)."""
+"""The noise range every continuous objective exposes, read off its own ``sigma(t)`` (docs/math.md §0)."""
 
 from __future__ import annotations
 

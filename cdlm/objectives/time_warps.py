@@ -1,6 +1,6 @@
 """The discrete-equivalent time of the one-hot linear flow: FLM (Lee et al. 2026, "Flow map language models").
 
-On the path ``z = c e_x + (1 - c) eps`` over ``K`` tokens (MATH.md section 2), ``argmax z`` is the true token
+On the path ``z = c e_x + (1 - c) eps`` over ``K`` tokens (docs/math.md §2), ``argmax z`` is the true token
 with probability ``P(c) = E_zeta[Phi(zeta + c/(1-c))^(K-1)]``; above chance, rescaled to [0, 1],
 
     alpha(c) = K/(K-1) * (P(c) - 1/K)                                                  (FLM, discrete-equivalent time)
@@ -27,7 +27,7 @@ LOG_SIGMA_RANGE = (-4.0, 14.0)  # table grid: log sigma = -logit(c), uniform; co
 
 
 def alpha_onehot(c: torch.Tensor, K: int, nodes: int = GH_NODES) -> torch.Tensor:
-    """``alpha(c)`` ``[N]`` float64 for ``c`` ``[N]`` in [0, 1] (FLM discrete-equivalent time, MATH.md section 2)."""
+    """``alpha(c)`` ``[N]`` float64 for ``c`` ``[N]`` in [0, 1] (FLM discrete-equivalent time, docs/math.md §2)."""
     if K < 2:
         raise ValueError(f"alpha(c) needs K >= 2 tokens, got K={K}")
     x, w = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(-x^2/2), sum(w) = sqrt(2 pi)

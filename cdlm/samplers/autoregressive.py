@@ -1,4 +1,4 @@
-"""Left-to-right ancestral sampling for the autoregressive reference (MATH.md section 0).
+"""Left-to-right ancestral sampling for the autoregressive reference (docs/math.md §0).
 
 Position ``l`` draws ``x^l ~ p_theta(. | x^{<l})`` with temperature, top-k (Fan et al., 2018) and nucleus
 (Holtzman et al., 2020) filtering, in float64 through the exponential race. A causal model's keys and values at

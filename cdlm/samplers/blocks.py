@@ -1,4 +1,4 @@
-"""Running one sampler over block after block (the block-causal latent prior, Cola DLM; MATH.md section 5).
+"""Running one sampler over block after block (the block-causal latent prior, Cola DLM; docs/math.md §5).
 
 The objective's ``sample_blocks`` calls a runner once per block; the runner calls the sampler with the run's grid,
 generator and options, and renumbers the steps it reports so that ``nfe`` counts network evaluations over all the

@@ -1,4 +1,4 @@
-"""Categorical draws in float64 and nucleus filtering (MATH.md section 0, "Categorical sampling in float64")."""
+"""Categorical draws in float64 and nucleus filtering (docs/math.md §0, "Categorical sampling in float64")."""
 
 from __future__ import annotations
 

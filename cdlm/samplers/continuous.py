@@ -1,14 +1,14 @@
-"""Samplers shared by every continuous objective, in VE coordinates ``x~ = x0 + sigma eps`` (MATH.md section 0).
+"""Samplers shared by every continuous objective, in VE coordinates ``x~ = x0 + sigma eps`` (docs/math.md §0).
 
 - ``euler``: the probability-flow ODE ``dx/dsigma = (x - x0_hat) / sigma`` (Song et al. 2021) by Euler steps, which
-  is deterministic DDIM on any of the paths of MATH.md section 0 (``euler_step``).
+  is deterministic DDIM on any of the paths of docs/math.md §0 (``euler_step``).
 - ``heun``: Karras et al. 2022 ("EDM"), Algorithm 1: a second-order correction on every step but the last.
-- ``churn``: EDM Algorithm 2 (stochastic "churn") as the entropy-gated corrector of MATH.md section 4, made
+- ``churn``: EDM Algorithm 2 (stochastic "churn") as the entropy-gated corrector of docs/math.md §4, made
   generic: noise is added only while the grid time lies in the window ``[t_lo, t_hi]`` of the objective's
   information-uniform sampler time.
 
 Each sampler keeps its state in float64 and calls ``objective.denoise`` in float32; the last step takes the clean
-estimate, which ``objective.decode`` turns into token ids (MATH.md section 2).
+estimate, which ``objective.decode`` turns into token ids (docs/math.md §2).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _per_row(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | flo
 def euler_step(
     x: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float
 ) -> torch.Tensor:
-    """One Euler step of ``dx/dsigma = (x - x0_hat) / sigma`` from ``sigma`` to ``sigma_next`` (MATH.md section 0).
+    """One Euler step of ``dx/dsigma = (x - x0_hat) / sigma`` from ``sigma`` to ``sigma_next`` (docs/math.md §0).
 
     ``x0_hat + (sigma_next / sigma) (x - x0_hat)``: exactly deterministic DDIM (Song et al. 2021) on the linear, VP
     and VE paths. ``sigma`` and ``sigma_next`` are scalars, 0-d tensors or ``[B]``; ``x``, ``x0_hat`` ``[B, ...]``.
@@ -169,7 +169,7 @@ def sample_churn(
     heun: bool = False,
     self_cond: bool = True,
 ) -> torch.Tensor:
-    """The entropy-gated churn corrector (MATH.md section 4; Karras et al. 2022, Algorithm 2) over ``ts`` ``[T + 1]``.
+    """The entropy-gated churn corrector (docs/math.md §4; Karras et al. 2022, Algorithm 2) over ``ts`` ``[T + 1]``.
 
     At grid time ``t_i`` in ``[t_lo, t_hi]`` (the objective's information-uniform sampler time, so the window is a
     range of the entropy CDF), ``gamma_i = min(gamma, sqrt(2) - 1)``, else 0; ``sigma_hat = sigma_i (1 + gamma_i)``,

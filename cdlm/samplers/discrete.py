@@ -1,4 +1,4 @@
-"""Ancestral sampling for absorbing (masked) diffusion: MDLM (Sahoo et al., 2024), MATH.md section 1.
+"""Ancestral sampling for absorbing (masked) diffusion: MDLM (Sahoo et al., 2024), docs/math.md §1.
 
 A masked position at step ``t -> s`` draws from ``[(a_s - a_t) p_theta + (1 - a_s) e_mask] / (1 - a_t)``;
 visible positions are copied. With a network that is not time-conditioned, ``p_theta`` depends only on the

@@ -1,4 +1,4 @@
-"""The flow-map sampler of FMLM (Lee et al. 2026, "Flow map language models"), MATH.md section 2.
+"""The flow-map sampler of FMLM (Lee et al. 2026, "Flow map language models"), docs/math.md §2.
 
 ``K`` jumps (1 to 32) of a learned flow map over a grid uniform in the objective's sampler time (where FLM's
 information-uniform warp lives). A jump from ``sigma_s`` to ``sigma_t`` is one call of the two-time denoiser
@@ -9,7 +9,7 @@ Optional renoising between jumps, the gamma-sampling of CTM (Kim et al. 2024, "C
 to ``sigma' = max(sqrt(1 - gamma^2) sigma_next, sigma_min)`` instead of ``sigma_next``, then add fresh noise of
 variance ``sigma_next^2 - sigma'^2``, which lands on ``sigma_next`` again. ``gamma = 0`` is the deterministic flow map,
 ``gamma = 1`` jumps to the data end and renoises fully (consistency-model multistep sampling). The last jump never
-renoises, so one jump ignores ``gamma``. The result is the argmax of the last ``D`` (MATH.md section 2).
+renoises, so one jump ignores ``gamma``. The result is the argmax of the last ``D`` (docs/math.md §2).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cdlm.samplers.continuous import continuous_grid, euler_step
 from cdlm.samplers.registry import SAMPLERS, Range, register_sampler, unfit_message
 from cdlm.types import FlowMapObjective, SamplerStep
 
-MAX_JUMPS = 32  # MATH.md section 2: the flow map is for 1-32 jumps; more steps is the ODE (euler/heun on the diagonal)
+MAX_JUMPS = 32  # docs/math.md §2: the flow map is for 1-32 jumps; more steps is the ODE (euler/heun on the diagonal)
 
 
 @register_sampler(

@@ -1,4 +1,4 @@
-"""Parallel decoding for masked diffusion: confidence selectors, early commit, remasking and blocks (MATH.md s. 7).
+"""Parallel decoding for masked diffusion: confidence selectors, early commit, remasking and blocks (docs/math.md §7).
 
 Every step scores the state once with ``p_theta``, lets a selector (``cdlm.samplers.selectors``) choose which
 masked positions of the active block to commit, fills them, and, with ``remask_eta > 0``, returns some generated

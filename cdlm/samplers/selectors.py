@@ -1,4 +1,4 @@
-"""Parallel-decoding selectors for masked-diffusion samplers (MATH.md section 7): small pure functions.
+"""Parallel-decoding selectors for masked-diffusion samplers (docs/math.md §7): small pure functions.
 
 A *selector* decides which masked positions a step commits, on top of any ``p_theta``; it never chooses which
 token goes there. Shapes: ``B`` rows, ``L`` positions, ``V`` tokens. A *candidate* is a position the step may
@@ -52,9 +52,9 @@ def topk_count(
     """How many positions a step ``t -> s`` unmasks per row: ``k`` ``[B]`` (int64) from ``n_masked`` ``[B]``.
 
     ``k = round(n_masked * (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t))`` (half rounds up), the expected
-    number of masked positions the ancestral step would unmask (MATH.md section 1). ``sigma`` is ReMDM's remasking
+    number of masked positions the ancestral step would unmask (docs/math.md §1). ``sigma`` is ReMDM's remasking
     probability, which raises the unmasking rate so that the marginal stays ``alpha_s`` (ReMDM's posterior for a
-    masked position); with ``sigma = 0`` this is MATH.md section 7's count. ``k`` may be 0 early on (the step then
+    masked position); with ``sigma = 0`` this is docs/math.md §7's count. ``k`` may be 0 early on (the step then
     changes nothing and costs no network call when ``p_theta`` is reused); ``last`` (the final step of a block)
     commits every masked position, so ``k >= 1`` whenever ``n_masked > 0``.
     """
@@ -136,7 +136,7 @@ def remask(
     """ReMDM: each ``candidates`` ``[B, L]`` position of ``x`` ``[B, L]`` returns to ``[MASK]`` with ``prob``.
 
     ``candidates`` must hold only visible tokens the sampler generated (never prompt tokens, never ``[MASK]``).
-    The Bernoulli draws are float64 uniforms, like every other draw of the samplers (MATH.md section 0).
+    The Bernoulli draws are float64 uniforms, like every other draw of the samplers (docs/math.md §0).
     """
     if prob <= 0:
         return x
