@@ -68,7 +68,7 @@ def prepare(cfg: DictConfig) -> Run:
     too short fails here), the module, the resume checkpoint's compatibility, the sampler, the trainer."""
     run_dir = Path(cfg.run_dir)
     plan = rundir.plan(run_dir, cfg.resume, cfg.overwrite)
-    if cfg.get("release_freed_memory", True):
+    if cfg.release_freed_memory:
         release_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "data")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cdlm.data.corpus import corpus_checksum
+from cdlm.data.hf_sources import hf_open, hf_texts, hold_out_rows
 from cdlm.data.sources import (
     VALID_SOURCES,
     DataFiles,
@@ -23,9 +24,6 @@ from cdlm.data.sources import (
     SourceOptions,
     Splits,
     check_named,
-    hf_open,
-    hf_texts,
-    hold_out_rows,
     import_datasets,
     read_source,
     source_files,

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from cdlm.data.sources import SourceError, SourceOptions, import_datasets, is_saved_dataset
+from cdlm.data.hf_sources import is_saved_dataset
+from cdlm.data.sources import SourceError, SourceOptions, import_datasets
 from cdlm.data.tokenizers import Tokenizer
 
 Row = dict[str, torch.Tensor]
@@ -169,13 +170,13 @@ class RowStream:
                 continue
             self._read_this_pass = True
             self._ready, self.carry = cut_rows(self.carry + rows.encode(doc), rows.seq_len, rows.packing)
-            self.stream_state = self._ds.state_dict()
         return as_row(self._ready.pop(0), rows.seq_len, rows.pad_id, rows.char_lengths)
 
     def state_dict(self) -> dict[str, Any]:
         """Rows already cut from the last document read are not yet served: they are kept in the state as well."""
+        stream = self._ds.state_dict() if self._docs is not None else self.stream_state  # just after the last document
         ready = [list(r) for r in self._ready]
-        return {"epoch": self.epoch, "stream": self.stream_state, "carry": list(self.carry), "ready": ready}
+        return {"epoch": self.epoch, "stream": stream, "carry": list(self.carry), "ready": ready}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.stream_state = int(state["epoch"]), state["stream"]
