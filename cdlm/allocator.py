@@ -6,7 +6,7 @@ activations of a dozen sizes, so after a few steps they all come from the heap, 
 the next step's requests: the quickstart's resident memory sat at 1.5-1.9 GB (peak 2.0-2.2 GB) for a working set
 whose true peak is 1.3 GB. Fixing the threshold at 4 MB maps every large tensor on its own and unmaps it when freed,
 so the resident memory returns to the same floor after every step. The price is the page faults of fresh mappings:
-the float32 quickstart on a 2-core VM took 17.6 instead of 14.5 minutes; GPU training allocates little host memory
+the float32 quickstart on a 2-core VM took 17.6-18.7 instead of 14.5 minutes; GPU training allocates little host memory
 and does not notice.
 """
 
