@@ -64,10 +64,19 @@ def draw(
     return Samples(ids, texts, counter.nfe, seconds, [seed] * n)
 
 
-def draw_sharded(module: DiffusionLM, n: int, length: int, devices: int, accelerator: str, **kwargs) -> Samples:
+def draw_sharded(
+    module: DiffusionLM,
+    n: int,
+    length: int,
+    devices: int,
+    accelerator: str,
+    batch_size: int | None = None,
+    **kwargs,
+) -> Samples:
     """Shard ``n`` samples over ``devices`` processes (Lightning Fabric, DDP) and gather them on every rank.
 
-    Rank ``r`` draws ``ceil(n / devices)`` samples with seed ``seed + r`` (so samples differ across ranks); the
+    Rank ``r`` draws ``ceil(n / devices)`` samples with seed ``seed + r`` (so samples differ across ranks), in
+    batches of ``batch_size`` per sampler call as ``draw`` (default: all of the rank's samples at once); the
     gathered result keeps the first ``n``. Launching re-runs the current command in the other processes.
     """
     from lightning.fabric import Fabric
@@ -77,7 +86,7 @@ def draw_sharded(module: DiffusionLM, n: int, length: int, devices: int, acceler
     module = module.to(fabric.device)
     per_rank = -(-n // fabric.world_size)
     seed = kwargs.pop("seed") + fabric.global_rank
-    local = draw(module, per_rank, length, seed=seed, **kwargs)
+    local = draw(module, per_rank, length, seed=seed, batch_size=batch_size, **kwargs)
     ids = fabric.all_gather(local.ids)  # [W, per_rank, L]
     seconds = fabric.all_gather(torch.tensor(local.seconds_per_sample, device=fabric.device)).float().mean()
     ids = ids.reshape(-1, ids.shape[-1])[:n].cpu()

@@ -28,6 +28,7 @@ from torch import nn
 from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.chunked_ce import chunk_rows
 from cdlm.objectives.ode_likelihood import ode_nll
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.time_warps import OneHotTimeWarp
@@ -38,7 +39,44 @@ from cdlm.types import Batch, LossOutput
 LOG_SIGMA_EMBED_SCALE = 100.0
 
 
-def check_flow(vocab_size: int, soft_cap: float | None, t_min: float, t_max: float, ode_steps: int) -> None:
+def scale_rows(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``c x`` rounded to float32 ``[B, L, V]`` for float64 ``c`` ``[B]`` and ``x`` ``[B, L, V]``: the product is
+    formed in float64 and rounded once, a chunk of positions at a time (``chunk_rows``)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])  # [B L, V]
+    scale = c.to(torch.float64).repeat_interleave(x.shape[1])[:, None]  # [B L, 1]
+    for part in row_slices(rows.shape[0], chunk_rows(x.shape[-1])):
+        out_rows[part].copy_(scale[part] * rows[part].to(torch.float64))
+    return out
+
+
+def row_slices(rows: int, step: int) -> list[slice]:
+    """Slices of ``step`` rows (the last may be shorter) covering ``rows`` rows."""
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class ScaleFloat32(torch.autograd.Function):
+    """``z = float32(c x)`` with float64 products, and its backward ``float32(c g)`` the same way, chunk by chunk.
+
+    The values are those of ``(c[:, None, None] * x.double()).float()`` and of autograd's backward through it, but
+    no float64 ``[B, L, V]`` exists in either direction (the ODE bound differentiates the denoiser through it).
+    """
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(c)
+        ctx.x_dtype = x.dtype
+        return scale_rows(c, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        (c,) = ctx.saved_tensors
+        return None, scale_rows(c, grad).to(ctx.x_dtype)
+
+
+def check_flow(
+    vocab_size: int, soft_cap: float | None, t_min: float, t_max: float, ode_steps: int, ode_rows: int | None = None
+) -> None:
     """A clear error for an out-of-range ``OneHotFlow`` setting."""
     checks.at_least(2, vocab_size=vocab_size)  # the warp compares the true token with K - 1 others
     checks.finite(t_min=t_min, t_max=t_max)
@@ -46,7 +84,7 @@ def check_flow(vocab_size: int, soft_cap: float | None, t_min: float, t_max: flo
         raise checks.ArgumentError(f"need 0 < t_min < t_max < 1 so that sigma stays finite, got {t_min}, {t_max}")
     if soft_cap is not None and not (checks.is_real(soft_cap) and soft_cap > 0):
         raise checks.ArgumentError(f"soft_cap must be positive or None, got {soft_cap}")
-    checks.positive_ints(ode_steps=ode_steps)
+    checks.positive_ints(ode_steps=ode_steps, **({} if ode_rows is None else {"ode_rows": ode_rows}))
 
 
 class OneHotFlow(SigmaRange, nn.Module):
@@ -67,6 +105,10 @@ class OneHotFlow(SigmaRange, nn.Module):
             posterior is certain; the filter gives the network the evidence of its own position exactly, as
             LangFlow's skip and CoBit's residual do, and the network learns the context on top. Training then
             forms the ``[B, L, V]`` state (one head-sized matmul more per step).
+        ode_rows: sequences per ODE solve in ``nll`` (None = the whole batch at once). The bound holds float64
+            ``[rows, L, V]`` states and differentiates the network over them (docs/runs.md, "Memory"); at GPT-2's
+            ``V`` a few rows at a time keep validation within memory. The noise is then drawn chunk by chunk, so the
+            figures differ from a whole-batch solve by the bound's sampling noise only.
 
     The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``.
     """
@@ -82,11 +124,13 @@ class OneHotFlow(SigmaRange, nn.Module):
         t_max: float = 1 - 1e-5,
         ode_steps: int = 32,
         matched_filter: bool = False,
+        ode_rows: int | None = None,
     ) -> None:
         super().__init__()
-        check_flow(vocab_size, soft_cap, t_min, t_max, ode_steps)
+        check_flow(vocab_size, soft_cap, t_min, t_max, ode_steps, ode_rows)
         self.backbone, self.vocab_size, self.soft_cap = backbone, vocab_size, soft_cap
         self.t_min, self.t_max, self.ode_steps, self.matched_filter = t_min, t_max, ode_steps, matched_filter
+        self.ode_rows = ode_rows
         self.data_mean = 1.0 / vocab_size
         self.data_scale = math.sqrt((1.0 / vocab_size) * (1.0 - 1.0 / vocab_size))
         self.warp = OneHotTimeWarp(vocab_size)
@@ -181,8 +225,8 @@ class OneHotFlow(SigmaRange, nn.Module):
         return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
 
     def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (docs/math.md §6) with ``ode_steps`` Heun steps."""
-        return ode_nll(self, batch, steps=self.ode_steps)
+        """The ODE likelihood bound (docs/math.md §6): ``ode_steps`` Heun steps, ``ode_rows`` sequences at a time."""
+        return ode_nll(self, batch, steps=self.ode_steps, rows=self.ode_rows)
 
     # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------
     def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +234,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         ``c = 1 / (1 + sigma)``, and ``log sigma`` ``[B]``."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
         c = 1 / (1 + sigma)  # [B]
-        z = c[:, None, None] * x.to(torch.float64)  # [B, L, V]
-        return z.float(), sigma.log().float()
+        return ScaleFloat32.apply(c, x), sigma.log().float()  # z = c x~ [B, L, V]
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``x0_hat = softmax(logits)`` ``[B, L, V]`` float32 from the VE state ``x`` at ``sigma`` ``[B]``.

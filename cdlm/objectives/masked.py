@@ -10,12 +10,12 @@ are carried over), and the loss is the continuous-time NELBO (MDLM eq. 10):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.chunked_ce import chunked_cross_entropy
 from cdlm.objectives.schedules import build_schedule
 from cdlm.types import Batch, LossOutput
 
@@ -73,12 +73,15 @@ class MaskedDiffusion(nn.Module):
         return self.head(self.hidden(z, t, padding))
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """SUBS ``log p_theta(x0 | z_t)`` ``[B, L, V]`` in float32: visible positions are one-hot on their token."""
+        """SUBS ``log p_theta(x0 | z_t)`` ``[B, L, V]`` in float32: visible positions are one-hot on their token.
+
+        The log one-hot is written into the output by a scatter: no ``[B, L, V]`` one-hot is built.
+        """
         logp = self.logits(z, t, padding).float().log_softmax(-1)  # [B, L, V]
-        visible = z != self.mask_id
-        carry = F.one_hot(z.clamp_max(self.vocab_size - 1), self.vocab_size).float()
-        carry = torch.where(carry.bool(), 0.0, NEG_INF)  # log one-hot
-        return torch.where(visible[..., None], carry, logp)
+        visible = (z != self.mask_id)[..., None]  # [B, L, 1]
+        token = z.clamp_max(self.vocab_size - 1)[..., None]  # [B, L, 1]
+        carried = torch.where(visible, 0.0, logp.gather(-1, token))  # [B, L, 1]: log 1 on a visible token
+        return logp.masked_fill(visible, NEG_INF).scatter_(-1, token, carried)  # log one-hot at visible positions
 
     def prior(
         self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
@@ -87,14 +90,19 @@ class MaskedDiffusion(nn.Module):
         return torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
 
     def nelbo(self, x: torch.Tensor, padding: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token NELBO terms ``[B, L]`` (nats) and the masked-position indicator, one mask draw per row."""
+        """Per-token NELBO terms ``[B, L]`` (nats) and the masked-position indicator, one mask draw per row.
+
+        Static shapes and no host sync: the cross-entropy is taken at every position and multiplied by the mask
+        (docs/math.md §1's indicator), in chunks of positions so that the ``[B, L, V]`` logits never exist whole
+        (``chunked_cross_entropy``).
+        """
         alpha = self.schedule.alpha(t)[:, None]  # [B, 1]
         masked = (torch.rand(x.shape, device=x.device) < 1 - alpha) & padding  # [B, L]
         z = torch.where(masked, self.mask_id, x)
-        h = self.hidden(z, t, padding)[masked]  # [N, D]: only masked positions carry a loss
-        ce = F.cross_entropy(self.head(h).float(), x[masked], reduction="none")  # [N]
-        nll = torch.zeros(x.shape, device=x.device)
-        nll[masked] = ce * self.schedule.weight(t.float())[:, None].expand_as(x)[masked]
+        h = self.hidden(z, t, padding)  # [B, L, D]
+        target = torch.where(masked, x, 0)  # [B, L]: an id in range where no loss is taken (padding ids may not be)
+        ce = chunked_cross_entropy(h.flatten(0, 1), self.head, target.flatten()).view(x.shape)  # [B, L]
+        nll = ce * self.schedule.weight(t.float())[:, None] * masked  # [B, L]: zero off the masked positions
         return nll, masked
 
     def loss(self, batch: Batch) -> LossOutput:

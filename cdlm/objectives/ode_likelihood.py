@@ -34,27 +34,33 @@ def log_sigma_grid(sigma_min: float, sigma_max: float, steps: int, device: torch
     return torch.logspace(math.log10(sigma_min), math.log10(sigma_max), steps + 1, dtype=torch.float64, device=device)
 
 
-def drift_and_divergence(
-    objective: ContinuousObjective, x: torch.Tensor, sigma: torch.Tensor, probe: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ODE drift ``f = (x - D(x, sigma)) / sigma`` ``[B, L, D]`` and the Jacobian part ``-u^T (dD/dx) u / sigma``.
+def float32_leaf(x: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of the state ``x`` that autograd may use as a leaf: a normal tensor even under Lightning's
+    ``inference_mode`` (where validation runs and ``enable_grad`` alone records nothing)."""
+    with torch.inference_mode(False):
+        return x.to(torch.float32, copy=True)
 
-    ``x`` ``[B, L, D]`` float64, ``sigma`` 0-d float64, ``probe`` ``u`` ``[B, L, D]`` float64 (zero at padding). With
+
+def denoise_and_trace(
+    objective: ContinuousObjective, x32: torch.Tensor, sigma: torch.Tensor, probe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoiser ``D(x, sigma)`` ``[B, L, D]`` (detached) and the Jacobian part ``-u^T (dD/dx) u / sigma`` ``[B]``.
+
+    ``x32`` ``[B, L, D]`` is the float32 state (from ``float32_leaf``; the denoiser runs in float32), ``sigma`` 0-d
+    float64, ``probe`` ``u`` ``[B, L, D]`` (+-1, zero at padding). The drift is ``f = (x - D) / sigma``; with
     ``df/dx = (I - dD/dx) / sigma``, ``div f = (n D - tr dD/dx) / sigma``; the ``n D / sigma`` part is integrated
     exactly by the caller, and ``u^T dD/dx`` is one vector-Jacobian product (reverse mode works through every network
-    op; Grathwohl et al. 2019). The denoiser is
-    called without self-conditioning (``x0_prev = None``): the bound scores the one-pass model, a deterministic
-    function of ``(x, sigma)``, so that the ODE is well defined.
+    op; Grathwohl et al. 2019). The denoiser is called without self-conditioning (``x0_prev = None``): the bound
+    scores the one-pass model, a deterministic function of ``(x, sigma)``, so that the ODE is well defined.
     """
-    # Lightning validates under inference_mode, where enable_grad alone records nothing: leave it, and clone the
-    # state so that it is a normal (not an inference) tensor that autograd may save.
     with torch.inference_mode(False), torch.enable_grad():
-        x32 = x.float().clone().requires_grad_(True)  # [B, L, D]; the denoiser runs in float32
-        x0 = objective.denoise(x32, sigma.float().expand(x.shape[0]), None)  # [B, L, D]
+        x32.requires_grad_(True)
+        x0 = objective.denoise(x32, sigma.float().expand(x32.shape[0]), None)  # [B, L, D]
         (vjp,) = torch.autograd.grad(x0, x32, grad_outputs=probe.to(x0.dtype))  # u^T dD/dx [B, L, D]
-    f = (x - x0.detach().double()) / sigma  # [B, L, D] float64
-    u_j_u = (vjp.double() * probe).flatten(1).sum(1)  # [B]
-    return f, -u_j_u / sigma
+    x0 = x0.detach()  # frees the graph
+    del x32
+    u_j_u = vjp.mul_(probe).double().flatten(1).sum(1)  # [B]; u is +-1 or 0, so the products are exact
+    return x0, -u_j_u / sigma
 
 
 def gaussian_log_density(x: torch.Tensor, mean: float, var: float, padding: torch.Tensor) -> torch.Tensor:
@@ -71,6 +77,7 @@ def ode_log_density(
     steps: int = 128,
     generator: torch.Generator | None = None,
     padding: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """``log p_{sigma_min}(x)`` ``[B]`` float64 of states ``x`` ``[B, L, D]`` over the valid positions.
 
@@ -87,12 +94,17 @@ def ode_log_density(
     N(0, s^2 + sigma^2)``, ``x0_hat = s^2 x / (s^2 + sigma^2)``, ``div f = sigma / (s^2 + sigma^2) > 0``, and the
     plus sign recovers ``log N(x; 0, s^2 + sigma_min^2)`` exactly. Integration in float64, the denoiser in float32
     with autocast disabled.
+
+    Memory: through the denoiser's forward and backward only the state ``x`` and the drift ``f`` (float64) and the
+    probe (float32) are held beside it; the Heun predictor ``x + h f`` is formed again after the network call rather
+    than kept (docs/runs.md, "Memory"). ``overwrite``: the caller hands ``x`` over (a float64 ``x`` then becomes the
+    state, updated in place); otherwise ``x`` is not modified.
     """
     padding = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else padding.bool()
-    valid = padding[..., None].double()  # [B, L, 1]
     sigmas = log_sigma_grid(objective.sigma_min, objective.sigma_max, steps, x.device)  # [steps + 1]
-    coin = torch.randint(0, 2, x.shape, generator=generator, device=x.device).double()
-    probe = (2 * coin - 1) * valid  # [B, L, D] Rademacher, zero at padding
+    coin = torch.randint(0, 2, x.shape, generator=generator, device=x.device)  # [B, L, D] int64
+    probe = coin.to(torch.float32).mul_(2).sub_(1).mul_(padding[..., None])  # [B, L, D] Rademacher, zero at padding
+    del coin
     x = x.double()  # [B, L, D]
     n_dims = padding.sum(-1).double() * x.shape[-1]  # [B] valid coordinates
     integral = n_dims * math.log(objective.sigma_max / objective.sigma_min)  # [B] exact: integral of n D / sigma
@@ -100,18 +112,56 @@ def ode_log_density(
         for k in range(steps):
             sigma, sigma_next = sigmas[k], sigmas[k + 1]
             h = sigma_next - sigma
-            f, div = drift_and_divergence(objective, x, sigma, probe)
-            x_pred = x + h * f
-            f_next, div_next = drift_and_divergence(objective, x_pred, sigma_next, probe)
-            x = x + 0.5 * h * (f + f_next)  # Heun (trapezoid) on the augmented state (x, log-density)
+            x0, div = denoise_and_trace(objective, float32_leaf(x), sigma, probe)  # D(x, sigma)
+            f = torch.sub(x, x0).div_(sigma)  # the drift (x - D) / sigma [B, L, D] float64
+            del x0
+            x0, div_next = denoise_and_trace(objective, float32_leaf((h * f).add_(x)), sigma_next, probe)  # at x + h f
+            # the drift there, with x + h f formed again (the same values) rather than held through the network call
+            step = (h * f).add_(x).sub_(x0).div_(sigma_next)
+            del x0
+            step = step.add_(f).mul_(0.5 * h)  # Heun (trapezoid) on the augmented state (x, log-density)
+            del f
+            x = x.add_(step) if overwrite or k > 0 else step.add_(x)  # x + step; the caller's x is left alone
+            del step
             integral = integral + 0.5 * h * (div + div_next)
     var_max = objective.sigma_max**2 + objective.data_scale**2
     return gaussian_log_density(x, objective.data_mean, var_max, padding) + integral
 
 
+def sequence_terms(
+    objective: ContinuousObjective,
+    ids: torch.Tensor,
+    padding: torch.Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bound's three terms per sequence, float64 ``[B]`` each: ``sum decoder_nll``, ``log p_{sigma_min}(x~0)`` and
+    ``log q(x~0 | ids)`` over the valid positions (``padding`` ``[B, L]``, bool) of ``ids`` ``[B, L]``.
+
+    ``x~0 = x0 + sigma_min eps`` is formed in the buffer of ``eps`` and handed over to the ODE as its state, so the
+    solve holds no float64 ``[B, L, D]`` beside its own (``ode_log_density``).
+    """
+    valid = padding.double()
+    with torch.autocast(ids.device.type, enabled=False):
+        x0 = objective.clean_state(ids)  # [B, L, D]
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64, device=x0.device)  # [B, L, D]
+        # log q(x~0 | ids) = log N(sigma_min eps; 0, sigma_min^2 I) over the valid positions
+        dims = x0.shape[-1]
+        log_q = (-0.5 * ((eps**2).sum(-1) + dims * (LOG_2PI + 2 * math.log(objective.sigma_min))) * valid).sum(-1)
+        x_tilde = eps.mul_(objective.sigma_min).add_(x0)  # x~0 = x0 + sigma_min eps ~ q(. | ids), float64
+        del x0, eps
+        decoder = (objective.decoder_nll(x_tilde.float(), ids).double() * valid).sum(-1)  # [B]
+        log_p = ode_log_density(objective, x_tilde, steps, generator, padding, overwrite=True)  # [B]
+    return decoder, log_p, log_q
+
+
 @torch.no_grad()
 def ode_nll(
-    objective: ContinuousObjective, batch: Batch, steps: int = 128, generator: torch.Generator | None = None
+    objective: ContinuousObjective,
+    batch: Batch,
+    steps: int = 128,
+    generator: torch.Generator | None = None,
+    rows: int | None = None,
 ) -> LossOutput:
     """The bound of docs/math.md §6 for any continuous objective, as a per-token ``nll`` ``[B, L]`` in nats.
 
@@ -119,21 +169,15 @@ def ode_nll(
     ``sum decoder_nll(x~0, ids) - log p_{sigma_min}(x~0) + log q(x~0 | ids)`` over valid tokens, with
     ``log q = log N(x~0; x0, sigma_min^2 I)``. Each valid token carries the sequence total divided by the number of
     valid tokens, so sums over tokens are exact; ``loss`` is the mean per valid token. ``logs`` holds the three
-    terms per valid token.
+    terms per valid token. ``rows``: sequences per solve (None = all at once); the memory of the solve is
+    proportional to it, and the noise is drawn solve by solve.
     """
     ids = batch["input_ids"]  # [B, L]
     padding = batch.get("attention_mask", torch.ones_like(ids)).bool()  # [B, L]
-    valid = padding.double()
-    n_tokens = valid.sum(-1)  # [B]
-    with torch.autocast(ids.device.type, enabled=False):
-        x0 = objective.clean_state(ids).double()  # [B, L, D]
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64, device=x0.device)  # [B, L, D]
-        x_tilde = x0 + objective.sigma_min * eps  # x~0 ~ q(. | ids)
-        decoder = (objective.decoder_nll(x_tilde.float(), ids).double() * valid).sum(-1)  # [B]
-        log_p = ode_log_density(objective, x_tilde, steps, generator, padding)  # [B]
-    dims = x0.shape[-1]
-    # log q(x~0 | ids) = log N(sigma_min eps; 0, sigma_min^2 I) over the valid positions
-    log_q = (-0.5 * ((eps**2).sum(-1) + dims * (LOG_2PI + 2 * math.log(objective.sigma_min))) * valid).sum(-1)
+    n_tokens = padding.double().sum(-1)  # [B]
+    rows = rows or max(ids.shape[0], 1)
+    parts = [sequence_terms(objective, i, m, steps, generator) for i, m in zip(ids.split(rows), padding.split(rows))]
+    decoder, log_p, log_q = (torch.cat(terms) for terms in zip(*parts))  # [B] each
     total = decoder - log_p + log_q  # [B] nats per sequence
     per_token = n_tokens.clamp_min(1)
     nll = torch.where(padding, (total / per_token)[:, None], 0.0)  # [B, L]

@@ -1,29 +1,58 @@
-"""Categorical draws in float64 and nucleus filtering (docs/math.md §0, "Categorical sampling in float64")."""
+"""Categorical draws in float64 and nucleus filtering (docs/math.md §0, "Categorical sampling in float64").
+
+Draws run over chunks of rows (``row_chunks``): the float64 buffers of a draw over ``[N, V]`` are ``[chunk, V]``,
+about ``DRAW_ELEMENTS`` elements, whatever ``N``. The law is unchanged, and on the CPU so are the draws: its
+generator fills the chunks' uniforms in the order it would fill the whole array.
+"""
 
 from __future__ import annotations
 
 import torch
 
+DRAW_ELEMENTS = 2**26  # float64 elements per chunk of a draw: 512 MiB per [chunk, V] buffer, 1,335 rows at V = 50,257
+
+
+def row_chunks(rows: int, width: int) -> list[slice]:
+    """Slices of at most ``max(1, DRAW_ELEMENTS // width)`` rows covering ``rows`` rows (one empty slice if none)."""
+    step = max(1, DRAW_ELEMENTS // max(width, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)] or [slice(0, 0)]
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of float64 ``probs`` ``[n, V]``: ``argmax(p / E)`` with ``E ~ Exp(1)`` (a Gumbel-max draw)."""
+    u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)  # [n, V]
+    race = u.neg_().log1p_().neg_()  # -log1p(-u): Exp(1), exact near u = 0
+    return torch.div(probs, race, out=race).argmax(-1)  # [n]
+
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one index per row of ``probs`` ``[..., V]`` by an exponential race in float64.
+    """Draw one index per row of ``probs`` ``[..., V]`` by an exponential race in float64, chunk by chunk.
 
-    ``argmax(p / E)`` with ``E ~ Exp(1)`` is a Gumbel-max draw; in float32 it loses low-probability tokens.
+    ``argmax(p / E)`` with ``E ~ Exp(1)`` is a Gumbel-max draw; in float32 it loses low-probability tokens. Only a
+    chunk of rows is in float64 at a time (``row_chunks``).
     """
-    probs = probs.double()
-    u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
-    race = -torch.log1p(-u)  # Exp(1), exact near u = 0
-    return (probs / race).argmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    draws = [exponential_race(flat[rows].double(), generator) for rows in row_chunks(flat.shape[0], flat.shape[1])]
+    return torch.cat(draws).view(probs.shape[:-1])
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool ``[..., V]``: the smallest set of tokens of ``probs`` ``[..., V]`` whose mass reaches ``top_p``."""
+    if not 0.0 < top_p < 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = ~(sorted_p.cumsum(-1) - sorted_p > top_p)  # drop only the tokens entirely beyond the nucleus
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+def renormalise(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``probs`` ``[..., V]`` restricted to ``keep`` (bool, same shape) and renormalised."""
+    kept = probs.masked_fill(~keep, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose mass reaches ``top_p`` and renormalise (Holtzman et al., 2020)."""
     if top_p >= 1.0:
         return probs
-    if not 0.0 < top_p < 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return kept / kept.sum(-1, keepdim=True)
+    return renormalise(probs, nucleus(probs, top_p))

@@ -12,22 +12,64 @@ unmasks with ``(a_s - (1 - sigma) a_t) / (1 - a_t)`` instead of ``(a_s - a_t) / 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from cdlm.samplers.categorical import sample_categorical, top_p_filter
+from cdlm.samplers.categorical import nucleus, renormalise, row_chunks, sample_categorical
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import remask, remask_sigma
 from cdlm.types import DiscreteObjective, SamplerStep
 
 
+@dataclass(frozen=True)
+class CleanProbs:
+    """``p_theta(x0 | x)`` at ``N`` masked positions, kept lean: float32 ``log p`` ``[N, V]`` and, with nucleus
+    filtering, the nucleus as a bool ``[N, V]``. Float64 probabilities exist only for a chunk of rows at a time."""
+
+    logp: torch.Tensor
+    keep: torch.Tensor | None = None
+
+    def rows(self) -> list[slice]:
+        """The chunks of rows a draw runs over (``cdlm.samplers.categorical.row_chunks``; ``V + 1`` wide)."""
+        return row_chunks(self.logp.shape[0], self.logp.shape[1] + 1)
+
+    def probs(self, rows: slice) -> torch.Tensor:
+        """Float64 probabilities ``[n, V]`` of ``rows``, nucleus-filtered and renormalised as ``top_p_filter``."""
+        probs = self.logp[rows].double().exp()  # [n, V]
+        return probs if self.keep is None else renormalise(probs, self.keep[rows])
+
+
 def clean_probs(
     objective: DiscreteObjective, x: torch.Tensor, t: torch.Tensor, top_p: float, where: torch.Tensor
-) -> torch.Tensor:
-    """``p_theta(x0 | x)`` at the positions ``where`` ``[B, L]`` (bool): ``[N, V]`` float64, nucleus-filtered."""
-    logp = objective.denoise(x, t.expand(x.shape[0]).float())  # [B, L, V]
-    return top_p_filter(logp[where].double().exp(), top_p)  # [N, V]
+) -> CleanProbs:
+    """``p_theta(x0 | x)`` at the positions ``where`` ``[B, L]`` (bool): ``N`` rows, nucleus-filtered (``top_p``)."""
+    logp = objective.denoise(x, t.expand(x.shape[0]).float())[where]  # [N, V] float32
+    if top_p >= 1.0:
+        return CleanProbs(logp)
+    chunks = row_chunks(logp.shape[0], logp.shape[1] + 1)
+    return CleanProbs(logp, torch.cat([nucleus(logp[rows].double().exp(), top_p) for rows in chunks]))
+
+
+def ancestral_draws(
+    clean: CleanProbs,
+    moved: torch.Tensor | float,
+    stay: torch.Tensor | float,
+    norm: torch.Tensor | float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's draws ``[N]`` (``V`` = stays ``[MASK]``) and the clean argmax ``[N]``, chunk by chunk.
+
+    A masked position draws from ``q = [moved * p_theta, stay] / norm`` ``[V + 1]`` in float64 (docs/math.md §1).
+    """
+    draws, best = [], []
+    for rows in clean.rows():
+        probs = clean.probs(rows)  # [n, V] float64
+        q = torch.cat([probs * moved, torch.full_like(probs[:, :1], stay)], dim=-1) / norm  # [n, V + 1]; V is [MASK]
+        draws.append(sample_categorical(q, generator))
+        best.append(probs.argmax(-1))
+    return torch.cat(draws), torch.cat(best)
 
 
 @register_sampler(
@@ -56,10 +98,10 @@ def sample_ancestral(
     """Reverse the absorbing process over the grid ``ts`` ``[T + 1]`` (1 -> ~0) from ``x`` ``[B, L]``.
 
     Only masked positions are scored and drawn (visible ones are copied), so the cost of the float64 draws falls
-    with the number of masks. ``final``: how positions still masked after the grid are committed, ``argmax`` or
-    ``sample`` of ``p_theta``. ``cache=False`` calls the network at every step (the reference the cached path must
-    equal). ``remask_eta``: ReMDM's ``eta`` (0 = off, the MDLM step); tokens visible in the input ``x`` (a prompt)
-    are never remasked.
+    with the number of masks; they run over chunks of positions, so only float32 ``log p_theta`` is kept whole.
+    ``final``: how positions still masked after the grid are committed, ``argmax`` or ``sample`` of ``p_theta``.
+    ``cache=False`` calls the network at every step (the reference the cached path must equal). ``remask_eta``:
+    ReMDM's ``eta`` (0 = off, the MDLM step); tokens visible in the input ``x`` (a prompt) are never remasked.
     """
     if final not in ("argmax", "sample"):
         raise ValueError(f"final must be 'argmax' or 'sample', got {final!r}")
@@ -68,19 +110,18 @@ def sample_ancestral(
     reuse = cache and not objective.time_conditioning
     generated = x == objective.mask_id  # [B, L]: the positions this sampler writes (and may remask)
     alpha = objective.schedule.alpha
-    probs, nfe = None, 0  # probs: [N, V] at the N positions masked in the current x
+    clean, nfe = None, 0  # clean: CleanProbs at the N positions masked in the current x
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
         masked = x == objective.mask_id  # [B, L]
-        if probs is None:
-            probs, nfe = clean_probs(objective, x, t, top_p, masked), nfe + 1
+        if clean is None:
+            clean, nfe = clean_probs(objective, x, t, top_p, masked), nfe + 1
         a_t, a_s = alpha(t), alpha(s)
         sigma = remask_sigma(a_t, a_s, remask_eta)  # 0.0 when off: then the terms below are exactly MDLM's
-        stay = torch.full_like(probs[:, :1], 1 - a_s - sigma * a_t)  # [N, 1] mass left on [MASK]
-        q = torch.cat([probs * (a_s - a_t + sigma * a_t), stay], dim=-1) / (1 - a_t)  # [N, V + 1]; V is [MASK]
-        draw = sample_categorical(q, generator)  # [N]
+        # mass moved to p_theta, mass left on [MASK], normaliser
+        draw, best = ancestral_draws(clean, a_s - a_t + sigma * a_t, 1 - a_s - sigma * a_t, 1 - a_t, generator)
         x0 = x.clone()
-        x0[masked] = probs.argmax(-1)
+        x0[masked] = best
         x = x.clone()
         x[masked] = draw
         changed = not bool((draw == objective.mask_id).all())
@@ -88,14 +129,15 @@ def sample_ancestral(
             remasked = remask(x, generated & ~masked, sigma, objective.mask_id, generator)
             changed, x = changed or not torch.equal(remasked, x), remasked
         if changed or not reuse:
-            probs = None
+            clean = None
         if callback is not None:
             callback(SamplerStep(i, float(s), x, x0, nfe))
     masked = x == objective.mask_id
     if masked.any():
-        if probs is None:
-            probs, nfe = clean_probs(objective, x, ts[-1], top_p, masked), nfe + 1
-        fill = probs.argmax(-1) if final == "argmax" else sample_categorical(probs, generator)
+        if clean is None:
+            clean, nfe = clean_probs(objective, x, ts[-1], top_p, masked), nfe + 1
+        chunks = (clean.probs(rows) for rows in clean.rows())  # [n, V] float64 each
+        fill = torch.cat([p.argmax(-1) if final == "argmax" else sample_categorical(p, generator) for p in chunks])
         x = x.clone()
         x[masked] = fill
         if callback is not None:

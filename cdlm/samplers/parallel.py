@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cdlm.samplers.categorical import sample_categorical, top_p_filter
+from cdlm.samplers.categorical import row_chunks, sample_categorical, top_p_filter
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import (
@@ -70,11 +70,14 @@ def draw_tokens(
     logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """One token per row of ``log p_theta`` ``[N, V]``: argmax at ``temperature = 0``, else a float64 draw from
-    ``p^(1/temperature)`` (renormalised) after nucleus filtering."""
+    ``p^(1/temperature)`` (renormalised) after nucleus filtering, over chunks of rows (``row_chunks``)."""
     if temperature == 0 or logp.shape[0] == 0:
         return logp.argmax(-1)
-    probs = (logp.double() / temperature).softmax(-1)  # [N, V] float64: the draw must keep rare tokens
-    return sample_categorical(top_p_filter(probs, top_p), generator)
+    draws = []
+    for rows in row_chunks(*logp.shape):
+        probs = (logp[rows].double() / temperature).softmax(-1)  # [n, V] float64: the draw must keep rare tokens
+        draws.append(sample_categorical(top_p_filter(probs, top_p), generator))
+    return torch.cat(draws)  # [N]
 
 
 def choose(
@@ -118,7 +121,7 @@ def parallel_step(
     greedy = ready[:, None] & candidates  # [B, L]: Prophet's all-in rows take the argmax
     sampled = commit & ~greedy
     x = x.clone()
-    x[greedy] = logp[greedy].argmax(-1)
+    x[greedy] = logp.argmax(-1)[greedy]  # no [N, V] copy of the greedy rows
     x[sampled] = draw_tokens(logp[sampled], policy.temperature, policy.top_p, generator)
     sigma = 0.0 if last else rates[2]
     return remask(x, remaskable & ~ready[:, None], sigma, mask_id, generator)
