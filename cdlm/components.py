@@ -11,6 +11,7 @@ To make a new class configurable, add its dotted path here (and a test that buil
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from typing import Any
 
@@ -38,6 +39,11 @@ RUN_SLOTS: dict[str, tuple[str, ...]] = {
     "trainer": ("lightning.Trainer", "lightning.pytorch.Trainer"),
     "ema": ("cdlm.callbacks.EMA",),
     "checkpoint": ("lightning.pytorch.callbacks.ModelCheckpoint",),
+    "logger": (
+        "lightning.pytorch.loggers.CSVLogger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "lightning.pytorch.loggers.WandbLogger",
+    ),
 }
 """What a training config may name, per top-level slot."""
 
@@ -46,14 +52,28 @@ INJECTED: dict[str, frozenset[str]] = {
     "lightning.Trainer": frozenset({"callbacks", "logger", "default_root_dir", "use_distributed_sampler"}),
     "lightning.pytorch.Trainer": frozenset({"callbacks", "logger", "default_root_dir", "use_distributed_sampler"}),
     "lightning.pytorch.callbacks.ModelCheckpoint": frozenset({"dirpath"}),
+    "lightning.pytorch.loggers.CSVLogger": frozenset({"save_dir", "name", "version"}),
+    "lightning.pytorch.loggers.TensorBoardLogger": frozenset({"save_dir", "name", "version"}),
+    "lightning.pytorch.loggers.WandbLogger": frozenset({"save_dir", "dir", "experiment"}),
 }
 """Constructor arguments cdlm fills in itself (besides ``backbone``, ``vocab_size``, ``tokenizer`` of objectives):
 a config that sets one is refused, so no config can move checkpoints or logs out of the run directory."""
 
 OBJECTIVE_INJECTED = frozenset({"backbone", "vocab_size", "tokenizer"})
 
-BASE_NAMES: dict[str, frozenset[str]] = {"lightning.pytorch.callbacks.ModelCheckpoint": frozenset({"filename"})}
+BASE_NAMES: dict[str, frozenset[str]] = {
+    "lightning.pytorch.callbacks.ModelCheckpoint": frozenset({"filename"}),
+    "lightning.pytorch.loggers.TensorBoardLogger": frozenset({"sub_dir"}),
+    "lightning.pytorch.loggers.WandbLogger": frozenset({"version", "id"}),  # the run id names its offline folder
+}
 """Arguments that name a file inside the run directory: plain base names only (no ``/``, ``\\``, ``..``)."""
+
+OPTIONAL_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "lightning.pytorch.loggers.TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "lightning.pytorch.loggers.WandbLogger": (("wandb",), "wandb"),
+}
+"""Classes that need a package cdlm does not install by default: (the modules, any one of which will do; the
+``cdlm[extra]`` that installs one, named after the package)."""
 
 
 def allowed_targets(slots: dict[str, tuple[str, ...]] = RUN_SLOTS) -> tuple[str, ...]:
@@ -64,6 +84,15 @@ def allowed_targets(slots: dict[str, tuple[str, ...]] = RUN_SLOTS) -> tuple[str,
 def injected(path: str) -> frozenset[str]:
     """The constructor arguments of ``path`` that cdlm sets itself."""
     return OBJECTIVE_INJECTED if path in OBJECTIVES else INJECTED.get(path, frozenset())
+
+
+def missing_extra(path: str) -> str | None:
+    """The ``cdlm[extra]`` that ``path`` needs when none of its optional modules is installed, else None (the
+    modules are looked up, not imported)."""
+    modules, extra = OPTIONAL_PACKAGES.get(path, ((), ""))
+    if not modules or any(importlib.util.find_spec(name) is not None for name in modules):
+        return None
+    return extra
 
 
 def resolve(path: str) -> type[Any]:

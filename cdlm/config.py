@@ -26,7 +26,7 @@ from cdlm import components
 from cdlm.typecheck import conforms, describe, hints
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-GROUPS = ("data", "model", "objective", "sampler", "trainer")
+GROUPS = ("data", "model", "objective", "sampler", "trainer", "logger")
 RESOLVER = re.compile(r"\$\{[^}]*:")  # ${name:...}: a resolver call (oc.env, oc.decode, ...), not a key reference
 
 
@@ -37,13 +37,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunSettings:
     """The run's top-level keys: ``seed``, ``run_dir``, ``resume`` (null | auto | a .ckpt path), ``overwrite``,
-    ``release_freed_memory`` (``cdlm/allocator.py``)."""
+    ``release_freed_memory`` (``cdlm/allocator.py``), ``tf32`` (float32 matmuls on TF32 tensor cores on CUDA)."""
 
     seed: int = 0
     run_dir: str = "runs/default"
     resume: str | None = None
     overwrite: bool = False
     release_freed_memory: bool = True
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():
@@ -312,15 +313,19 @@ def locate(path: str) -> Any:
 
 def instantiate(node: DictConfig | dict, where: str | None = None, **injected: Any) -> Any:
     """Build ``node._target_(**node, **injected)`` for an allowed class; a ``ValueError`` of the constructor (an
-    argument out of range) becomes a ``ConfigError`` that names ``where`` (the config key, e.g. ``model``)."""
+    argument out of range) or a missing optional package (``components.OPTIONAL_PACKAGES``) becomes a
+    ``ConfigError`` that names ``where`` (the config key, e.g. ``model``)."""
     node = OmegaConf.create(node) if isinstance(node, dict) else node
     target = locate(node._target_)
+    if extra := components.missing_extra(str(node._target_)):
+        raise ConfigError(f"{where or node._target_} needs the {extra} package: pip install 'cdlm[{extra}]'")
     unknown = set(node.keys()) - {"_target_"} - set(_parameters(target))
     if unknown:
         raise ConfigError(f"{node._target_} takes no argument(s) {sorted(unknown)}; valid: {_parameters(target)}")
     kwargs = {k: _plain(node[k]) for k in node if k != "_target_"}
+    kwargs.update(injected)  # values cdlm builds from the config's own (e.g. the trainer's strategy object)
     try:
-        return target(**kwargs, **injected)
+        return target(**kwargs)
     except ConfigError:
         raise
     except (ValueError, MisconfigurationException, TypeError) as err:  # Lightning's "bad argument" errors

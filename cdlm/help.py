@@ -70,6 +70,7 @@ def train_help() -> str:
         "  seed=0                   the run's seed (data order, noise, initial weights)",
         "  release_freed_memory=true  freed CPU tensors of 4 MB or more go back to the system: flat resident",
         "                           memory; false: faster CPU steps, a growing heap (docs/runs.md)",
+        "  tf32=true                on CUDA, float32 matmuls run on TF32 tensor cores; false: full float32",
         "  sample.n=4 sample.length=256 sample.seed=0   the samples printed after training",
         "",
         f"experiments (experiment=NAME): {', '.join(group_options('experiment'))}",
@@ -82,6 +83,7 @@ def train_help() -> str:
         "",
         "any key of a group or section: GROUP.KEY=value, e.g. model.depth=6 trainer.max_steps=1000",
         "  objective.schedule=cosine data.source=my.txt module.lr=1e-3 ema=null trainer.devices=2",
+        "logger=tensorboard / logger=wandb need pip install 'cdlm[tensorboard]' / 'cdlm[wandb]' (docs/runs.md, Logs)",
     ]
     return "\n".join(lines)
 
