@@ -79,11 +79,14 @@ def build_module(config: dict, tokenizer: Any) -> DiffusionLM:
     return instantiate(cfg.module, "module", objective=objective, tokenizer=tokenizer, config=config)
 
 
-def save_pretrained(module: DiffusionLM, directory: str | Path) -> Path:
+def save_pretrained(module: DiffusionLM, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``config.yaml``, ``model.safetensors`` and the tokenizer; ``state`` is a full state dict gathered
+    beforehand (sharded weights: ``cdlm.strategies.full_state_dict``), else the module's own."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_config(module.config, directory / "config.yaml")
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if state is None:
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
     module.tokenizer.save(directory / "tokenizer")
     return directory

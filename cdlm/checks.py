@@ -51,6 +51,13 @@ def non_negative(**values: object) -> None:
             raise ArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def booleans(**values: object) -> None:
+    """Each keyword value ``True`` or ``False``."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise ArgumentError(f"{name} must be true or false, got {value!r}")
+
+
 def finite(**values: object) -> None:
     """Each keyword value a finite number."""
     for name, value in values.items():

@@ -10,13 +10,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdlm.checkpoint import load
 from cdlm.config import ConfigError, compose, instantiate, load_group, sampler_knobs
 from cdlm.help import command_help, main_help
 from cdlm.module import NonFiniteLoss
-from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options
+from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options, resolve_device
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.sampling import draw, draw_sharded
 from cdlm.sweep import SweepError
@@ -61,7 +62,8 @@ def check_length(module, length: int) -> int:
 def sample(argv: list[str]) -> list[dict]:
     """Load a checkpoint, draw samples (sharded over ``devices``), print them and write JSONL / an HTML trace."""
     opts, chosen, overrides = parse_options(argv, SampleOptions, "sample")
-    module = load(opts.path, device=opts.device)
+    device = resolve_device(opts.device)
+    module = load(opts.path, device=device)
     node = sampler_config(module, chosen, overrides)
     length = check_length(module, opts.length or module.config["data"]["seq_len"])
     kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.seed, **sampler_knobs(node))
@@ -71,7 +73,8 @@ def sample(argv: list[str]) -> list[dict]:
 
         recorder = TraceRecorder(getattr(module.objective, "mask_id", None), sampler=node.name, steps=node.steps)
     if opts.devices > 1:
-        samples = draw_sharded(module, opts.n, length, opts.devices, opts.device, **kwargs)
+        accelerator = torch.device(device).type
+        samples = draw_sharded(module, opts.n, length, opts.devices, accelerator, batch_size=opts.batch_size, **kwargs)
     else:
         samples = draw(module, opts.n, length, callback=recorder, batch_size=opts.batch_size, **kwargs)
     if samples_is_rank_zero():
@@ -119,7 +122,7 @@ def evaluate_cmd(argv: list[str]) -> dict:
     from cdlm.evaluate import evaluate, summary, write_result
 
     opts, chosen, overrides = parse_options(argv, EvalOptions, "eval")
-    module = load(opts.path, device=opts.device)
+    module = load(opts.path, device=resolve_device(opts.device))
     node = sampler_config(module, chosen, overrides)
     length = check_length(module, opts.length) if opts.length is not None else None
     result = evaluate(
@@ -133,6 +136,7 @@ def evaluate_cmd(argv: list[str]) -> dict:
         reference=opts.reference,
         zero_shot=opts.zero_shot,
         zero_shot_tokens=opts.zero_shot_tokens,
+        batch_size=opts.batch_size,
     )
     result["model"] = str(opts.path)
     out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")

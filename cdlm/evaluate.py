@@ -97,16 +97,20 @@ def evaluate(
     reference: bool = True,
     zero_shot: list[str] | None = None,
     zero_shot_tokens: int | None = None,
+    batch_size: int | None = None,
 ) -> dict:
     """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars).
 
     ``zero_shot``: corpora (``cdlm.zero_shot.resolve`` specs: files, folders, ``hf:`` datasets, standard names) whose
     likelihood bound is added as ``result["zero_shot"]``, one row each (at most ``zero_shot_tokens`` tokens each).
+    ``batch_size``: samples per sampler call (default: all ``n`` at once); the validation and zero-shot bounds run
+    in batches of the run's ``data.eval_batch_size``.
     """
     from cdlm.zero_shot import resolve, zero_shot_table
 
     length = length or int(module.config["data"].get("seq_len", 256))
-    scorer = build_judge(judge) if judge else None  # first: a judge that cannot be loaded fails before any work
+    # first: a judge that cannot be loaded fails before any work
+    scorer = build_judge(judge, device=module.device) if judge else None
     for corpus in zero_shot or []:
         resolve(corpus)  # likewise a zero-shot corpus that cannot be found
     metrics = validation_bound(module, val_batches) if val_batches != 0 else {}  # val_batches=0: samples only
@@ -115,7 +119,7 @@ def evaluate(
         result["zero_shot"] = zero_shot_table(module, zero_shot, max_tokens=zero_shot_tokens)
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
     for seed in range(seeds):
-        samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, **knobs)
+        samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, batch_size=batch_size, **knobs)
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
         if scorer is not None:
             row |= generative_scores(scorer, samples.texts, samples.ids)

@@ -15,6 +15,7 @@ from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.metrics import LikelihoodMetric
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
+from cdlm.strategies import is_sharded, shard
 from cdlm.types import Batch
 
 
@@ -55,6 +56,8 @@ class DiffusionLM(L.LightningModule):
         self.val_metric = LikelihoodMetric()
         self.val_logs: dict[str, MeanMetric] = {}  # the objective's nll logs (e.g. a VAE's reconstruction accuracy)
         self.step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked before the update
+        self.nonfinite: tuple[torch.Tensor, ...] | None = None  # on accelerators: (seen, first step, its losses)
+        self.sync_free_checks: bool | None = None  # None: the non-finite check reads the device only on CPUs
 
     # ---- randomness -------------------------------------------------------------------------------------------
     @contextmanager
@@ -74,6 +77,13 @@ class DiffusionLM(L.LightningModule):
         start = (micro * self.trainer.world_size + self.global_rank) * n_local if self._trainer is not None else 0
         i = torch.arange(start, start + n_local, dtype=torch.float64)
         return ((u0 + i / n) % 1.0).float().to(self.device)
+
+    # ---- sharding -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp``, shard the objective with FSDP2 (``cdlm.strategies``); else nothing."""
+        if is_sharded(self._trainer) and not getattr(self, "sharded", False):
+            shard(self.objective, self.device_mesh["data_parallel"])
+            self.sharded = True
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -96,15 +106,50 @@ class DiffusionLM(L.LightningModule):
         """
         losses = self.all_gather(torch.stack(self.step_losses))  # [W, micro] ([micro] with one process)
         self.step_losses = []
+        if self.defers_nonfinite_check(optimizer):
+            self.skip_nonfinite_on_device(optimizer, losses)
+            return
         if bool(torch.isfinite(losses).all()):
             return
+        self.raise_nonfinite(losses)
+
+    def defers_nonfinite_check(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the check runs without a host sync: a fused optimizer (it can skip a step on the device) on an
+        accelerator; ``sync_free_checks`` (None: decided by the device) forces either way, e.g. in tests on CPUs."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        return fused and (self.device.type != "cpu" if self.sync_free_checks is None else self.sync_free_checks)
+
+    def skip_nonfinite_on_device(self, optimizer: torch.optim.Optimizer, losses: torch.Tensor) -> None:
+        """The same check without a host sync, for fused optimizers on accelerators: the fused kernel skips the
+        update when ``found_inf`` is set (the mechanism ``GradScaler`` uses), so the weights stay those before the
+        step; the first such step is remembered on the device and raised every ``log_every_n_steps`` steps, when the
+        logger reads the device anyway."""
+        bad = (~torch.isfinite(losses)).any()
+        optimizer.found_inf = bad.float()
+        step = torch.tensor(self.global_step, device=losses.device)
+        if self.nonfinite is None:
+            self.nonfinite = (bad, step, losses)
+        else:
+            seen, first, first_losses = self.nonfinite
+            self.nonfinite = (seen | bad, torch.where(seen, first, step), torch.where(seen, first_losses, losses))
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and bool(self.nonfinite[0]):
+            _, first, first_losses = self.nonfinite
+            self.raise_nonfinite(first_losses, int(first), skipped=True)
+
+    def raise_nonfinite(self, losses: torch.Tensor, step: int | None = None, skipped: bool = False) -> None:
+        """Raise ``NonFiniteLoss`` naming the step, rank and micro-batch of the first non-finite loss."""
         losses = losses.reshape(-1, losses.shape[-1])  # [W, micro]
         rank, micro = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
+        step = self.global_step if step is None else step
+        where = (
+            f"its update was skipped and training stopped at step {self.global_step}, so the weights are finite"
+            if skipped
+            else "every rank stopped before the update, so the weights are still finite"
+        )
         raise NonFiniteLoss(
-            f"non-finite training loss ({losses[rank, micro].item()}) at step {self.global_step} on rank {rank} "
-            f"(micro-batch {micro}); every rank stopped before the update, so the weights are still finite and the "
-            "last checkpoint is intact. Lower the learning rate, raise warm-up or clip gradients, then resume with "
-            "resume=auto."
+            f"non-finite training loss ({losses[rank, micro].item()}) at step {step} on rank {rank} "
+            f"(micro-batch {micro}); {where} and the last checkpoint is intact. Lower the learning rate, raise "
+            "warm-up or clip gradients, then resume with resume=auto."
         )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -127,11 +172,24 @@ class DiffusionLM(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.validated_at = {k: float(v) for k, v in values.items()}, self.global_step
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip by the global norm here when no gradient is scaled (float32, bf16): Lightning's mixed-precision
+        plugin refuses to clip for a fused optimizer (which cdlm uses on GPUs) even in bf16, where nothing is
+        scaled. With a gradient scaler (``16-mixed``) or clipping by value, Lightning clips as usual."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not gradient_clip_val or scaler is not None or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        fused = self.device.type == "cuda" and scaler is None  # a scaler unscales before clipping: not fused then
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         total = max(self.trainer.max_steps, 1) if self._trainer is not None else 1
         multiplier = lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
@@ -179,9 +237,10 @@ class DiffusionLM(L.LightningModule):
         texts = [self.tokenizer.decode(row.tolist()) for row in ids] if self.tokenizer is not None else []
         return ids, texts
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory``."""
-        return save_pretrained(self, directory)
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory`` (``state``: a full state
+        dict gathered beforehand from sharded weights)."""
+        return save_pretrained(self, directory, state)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

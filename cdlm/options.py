@@ -21,18 +21,29 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def check_device(device: str) -> None:
-    """A torch device string this machine has: ``cpu``, ``cuda``, ``cuda:N`` (or ``mps``)."""
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` where this machine has a CUDA device, else ``cpu``; any other value as it is."""
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_device(device: str) -> None:
+    """A torch device string this machine has: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or ``mps``)."""
+    import torch
+
+    if device == "auto":
+        return
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"device={device!r} is not a device; valid: cpu, cuda, cuda:N") from err
+        raise ConfigError(f"device={device!r} is not a device; valid: auto, cpu, cuda, cuda:N") from err
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: this machine has no CUDA device; use device=cpu")
     if parsed.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device={device!r} is not supported; valid: cpu, cuda, cuda:N, mps")
+        raise ConfigError(f"device={device!r} is not supported; valid: auto, cpu, cuda, cuda:N, mps")
 
 
 def positive(name: str, value: int | None) -> None:
@@ -52,7 +63,7 @@ class SampleOptions:
     out: str | None = option(None, "write the samples as JSONL to this file")
     trace: str | None = option(None, "write an HTML trace of the denoising steps to this file")
     overwrite: bool = option(False, "replace an existing out / trace file")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
+    device: str = option("auto", "auto (cuda where there is one, else cpu), cpu, cuda or cuda:N")
     devices: int = option(1, "shard the samples over this many processes")
 
     def __post_init__(self) -> None:
@@ -82,11 +93,12 @@ class EvalOptions:
     )
     zero_shot_tokens: int | None = option(None, "tokens scored per zero-shot corpus (default: all)")
     out: str | None = option(None, "the result JSON (default: eval_<sampler>_<steps>.json beside the model)")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
+    batch_size: int | None = option(None, "samples per sampler call (default: all n at once)")
+    device: str = option("auto", "auto (cuda where there is one, else cpu), cpu, cuda or cuda:N; the judge runs there")
 
     def __post_init__(self) -> None:
         require_path(self.path)
-        for name in ("n", "length", "seeds", "zero_shot_tokens"):
+        for name in ("n", "length", "seeds", "zero_shot_tokens", "batch_size"):
             positive(name, getattr(self, name))
         if self.val_batches is not None and self.val_batches < 0:
             raise ConfigError(f"val_batches must be >= 0 (0 skips the bound), got {self.val_batches}")

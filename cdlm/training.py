@@ -11,12 +11,11 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from cdlm import rundir
 from cdlm.allocator import release_freed_memory
-from cdlm.callbacks import InterruptCheckpoint, ThroughputLogger
+from cdlm.callbacks import FlopsPerBatch, InterruptCheckpoint, throughput_monitor
 from cdlm.checkpoint import (
     CheckpointError,
     build_module,
@@ -25,12 +24,14 @@ from cdlm.checkpoint import (
     read_ckpt,
     tokenizer_from_state,
 )
+from cdlm.components import injected
 from cdlm.config import compose, instantiate, sampler_knobs, save_config, to_dict
 from cdlm.data.datamodule import TextDataModule
 from cdlm.module import DiffusionLM
 from cdlm.rundir import Plan
 from cdlm.samplers import check_knobs, get_sampler
 from cdlm.sampling import draw
+from cdlm.strategies import build_strategy, check_sharded_run, full_state_dict, is_sharded
 
 
 class Run(NamedTuple):
@@ -44,15 +45,24 @@ class Run(NamedTuple):
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    """The Lightning trainer of a run: checkpoints and logs inside ``run_dir``, cdlm's own distributed sampler."""
+    """The Lightning trainer of a run: checkpoints and logs inside ``run_dir`` (the ``logger`` group writes into
+    ``run_dir/logs/version_N``, wandb into ``run_dir/wandb``), Lightning's throughput monitor with cdlm's FLOPs,
+    cdlm's own distributed sampler (docs/runs.md, "Logs")."""
     callbacks = [
         instantiate(cfg.checkpoint, "checkpoint", dirpath=str(run_dir / "checkpoints")),
         InterruptCheckpoint(run_dir / "checkpoints"),
-        ThroughputLogger(),
+        FlopsPerBatch(),
+        throughput_monitor(cfg.trainer.get("log_every_n_steps") or 50, cfg.trainer.get("accumulate_grad_batches", 1)),
     ]
     if cfg.ema is not None:
         callbacks.append(instantiate(cfg.ema, "ema"))
-    logger = CSVLogger(str(run_dir), name="logs")
+    paths = {"save_dir": str(run_dir), "dir": str(run_dir), "name": "logs", "version": None, "experiment": None}
+    choice = cfg.get("choices", {}).get("logger")
+    logger = instantiate(
+        cfg.logger,
+        f"logger={choice}" if choice else "logger",
+        **{k: v for k, v in paths.items() if k in injected(str(cfg.logger._target_))},
+    )
     return instantiate(
         cfg.trainer,
         "trainer",
@@ -60,6 +70,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         logger=logger,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
+        strategy=build_strategy(cfg.trainer.strategy),
     )
 
 
@@ -68,6 +79,9 @@ def prepare(cfg: DictConfig) -> Run:
     too short fails here), the module, the resume checkpoint's compatibility, the sampler, the trainer."""
     run_dir = Path(cfg.run_dir)
     plan = rundir.plan(run_dir, cfg.resume, cfg.overwrite)
+    check_sharded_run(cfg.trainer.strategy, cfg.ema)
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # float32 matmuls on TF32 tensor cores (docs/runs.md, "Speed")
     if cfg.release_freed_memory:
         release_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -162,13 +176,17 @@ def fit_and_finish(cfg: DictConfig, run: Run) -> dict:
         print(warning)
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
     metrics = final_validation(module, trainer, run.datamodule)
+    sharded = is_sharded(trainer)
+    state = full_state_dict(module, sharded)  # sharded weights: a collective on every rank
     if trainer.is_global_zero:
-        module.save_pretrained(run_dir / "final")
+        module.save_pretrained(run_dir / "final", state)
         print(
             f"cdlm: validation bound {metrics['val/bpc']:.4f} bits/char, PPL {metrics['val/ppl']:.2f} "
             f"(NLL {metrics['val/nll']:.4f} nats/token); saved {run_dir / 'final'}"
         )
-        print_samples(module, cfg)
+    if trainer.is_global_zero or sharded:  # a sharded network runs its forward on every rank together
+        print_samples(module, cfg, show=trainer.is_global_zero)
+    if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -183,11 +201,14 @@ def final_validation(module, trainer: L.Trainer, datamodule) -> dict[str, float]
     return {k: float(v) for k, v in results[0].items()}
 
 
-def print_samples(module, cfg: DictConfig) -> None:
-    """Print ``sample.n`` samples drawn in the training precision (bf16 autocast for bf16 runs, else float32)."""
+def print_samples(module, cfg: DictConfig, show: bool = True) -> None:
+    """Print (with ``show``) ``sample.n`` samples drawn in the training precision (bf16 autocast for bf16 runs,
+    else float32)."""
     s, node = cfg.sample, cfg.sampler
     dtype = torch.bfloat16 if "bf16" in str(cfg.trainer.precision) else None
     samples = draw(module, s.n, s.length, node.name, node.steps, s.seed, dtype=dtype, **sampler_knobs(node))
+    if not show:
+        return
     print(f"cdlm: {s.n} samples, sampler={node.name}, NFE {samples.nfe}, {samples.seconds_per_sample:.2f} s/sample")
     for i, text in enumerate(samples.texts):
         print(f"===== sample {i} =====\n{text}")

@@ -27,6 +27,29 @@ TINY = [
 ]
 
 
+# ``python driver.py CRASH train.py-options...``: trains like ``cdlm train``, killed (exit status 3) at step CRASH > 0
+CRASH_DRIVER = """
+import sys
+import lightning as L
+from cdlm import cli, training
+
+class CrashAt(L.Callback):  # a killed run: every rank stops at the same step
+    def __init__(self, step):
+        self.step = step
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SystemExit(3)
+
+crash = int(sys.argv[1])
+build = training.build_trainer
+if crash:
+    training.build_trainer = lambda cfg, run_dir: (lambda t: (t.callbacks.append(CrashAt(crash)), t)[1])(
+        build(cfg, run_dir)
+    )
+cli.main(["train", *sys.argv[2:]])
+"""
+
+
 class LossRecorder(L.Callback):
     """Keeps ``{global_step: loss}`` of every optimizer step."""
 

@@ -44,7 +44,7 @@ def test_train_help_lists_groups_choices_and_fitting_samplers(capsys):
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_sample_and_eval_help_list_options_and_every_sampler(capsys, command):
     text = help_of([command, "--help"], capsys)
-    assert "path=" in text and "n=" in text and "device=cpu" in text
+    assert "path=" in text and "n=" in text and "device=auto" in text
     for name, spec in SAMPLERS.items():
         assert f"  {name} ({spec.space} objectives)" in text
         for knob in spec.knobs():

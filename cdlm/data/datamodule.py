@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cdlm.data.corpus import corpus_checksum
@@ -15,6 +16,7 @@ from cdlm.data.sources import SourceOptions, Splits
 from cdlm.data.streaming import StreamedRows, StreamSource, check_streamable, read_tokens
 from cdlm.data.token_cache import TokenMap, prepare_cache
 from cdlm.data.tokenizers import KINDS, Tokenizer, build_tokenizer
+from cdlm.models.backbone import dense_padding
 
 
 class TextDataModule(L.LightningDataModule):
@@ -147,6 +149,21 @@ class TextDataModule(L.LightningDataModule):
             tokenizer = self.prepare_tokenizer()
             self._cache = prepare_cache(self.documents(), tokenizer, self.cache_dir, self.prepare_workers)
         return self._cache
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Note, while the batch is still in host memory (so without a device sync), whether it has no padding."""
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
+            batch = {**batch, "packed": True}
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """A batch without padding gets the broadcast all-True mask of ``dense_padding``: the backbone then attends
+        with the kernels that take no mask (flash attention on GPUs) without reading the mask back."""
+        if isinstance(batch, dict) and batch.get("packed") is True:
+            batch = {k: v for k, v in batch.items() if k != "packed"}
+            batch["attention_mask"] = dense_padding(batch["attention_mask"].shape, batch["attention_mask"].device)
+        return batch
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}

@@ -9,8 +9,9 @@ The fixed protocol, shared by every judge here:
   as unscored context, a cdlm autoregressive judge scores its first token through its own BOS;
 - a text longer than the judge's context is cut into consecutive, non-overlapping windows, each scored as an
   independent sequence (with its own BOS), so every token is scored exactly once;
-- the judge runs in float32 on CPU, and ``score`` returns per text ``(sum of token NLL in nats, tokens)`` so
-  that callers aggregate token-weighted: ``Gen PPL = exp(sum NLL / sum tokens)``.
+- the judge runs in float32 (on the evaluated model's device in ``cdlm eval``), and ``score`` returns per text
+  ``(sum of token NLL in nats, tokens)`` so that callers aggregate token-weighted:
+  ``Gen PPL = exp(sum NLL / sum tokens)``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class JudgeError(ValueError):
 
 
 class HFJudge:
-    """Any ``transformers`` causal LM (hub name or local path) as a Gen PPL judge, float32 on CPU.
+    """Any ``transformers`` causal LM (hub name or local path) as a Gen PPL judge, in float32 on ``device``.
 
     Protocol (docs/math.md §8): the text is retokenised with the judge's tokenizer, cut after its first EOS
     (kept), split into windows of ``context - 1`` tokens, and each window is scored as ``[BOS] + window``
@@ -78,11 +79,14 @@ class HFJudge:
         max_length: the judge's context in tokens, BOS included; default the model's
             ``max_position_embeddings`` / ``n_positions`` (capped by the tokenizer's ``model_max_length``).
         batch_size: rows (windows) per forward pass.
+        device: where the judge runs (the evaluated model's device in ``cdlm eval``); float32 on every device.
     """
 
     eos_rule = EOS_RULE
 
-    def __init__(self, name_or_path: str, max_length: int | None = None, batch_size: int = 8) -> None:
+    def __init__(
+        self, name_or_path: str, max_length: int | None = None, batch_size: int = 8, device: str = "cpu"
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = str(name_or_path)
@@ -96,7 +100,8 @@ class HFJudge:
                 "(downloaded, so it needs the network)"
             ) from err
         self.tokenizer_name = str(getattr(self.tokenizer, "name_or_path", "") or self.name)
-        self.model = model.float().to("cpu").eval()  # float32 whatever dtype the weights were stored in
+        self.device = torch.device(device)
+        self.model = model.float().to(self.device).eval()  # float32 whatever dtype the weights were stored in
         self.batch_size = int(batch_size)
         self.eos_id: int | None = self.tokenizer.eos_token_id
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_id
@@ -140,6 +145,7 @@ class HFJudge:
             for i, r in enumerate(chunk):
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # [B, W, V]
             logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [B, W - 1]
             nll = -(logp.double() * mask[:, 1:])
@@ -171,15 +177,16 @@ class CdlmJudge:
         path: the checkpoint; its objective must be autoregressive (``objective.space == "autoregressive"``).
         max_length: window length in tokens (the model's trained length or less).
         batch_size: windows per forward pass.
+        device: where the judge runs (float32 on every device).
     """
 
     eos_rule = EOS_RULE
 
-    def __init__(self, path: str, max_length: int = 256, batch_size: int = 8) -> None:
+    def __init__(self, path: str, max_length: int = 256, batch_size: int = 8, device: str = "cpu") -> None:
         from cdlm.checkpoint import load
 
         self.name = str(path)
-        model = load(path, device="cpu")
+        model = load(path, device=device)
         space = getattr(model.objective, "space", None)
         if space != "autoregressive":
             raise ValueError(
@@ -213,6 +220,8 @@ class CdlmJudge:
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = True
             batch = {"input_ids": ids, "attention_mask": mask, "n_chars": (lengths[ids] * mask).sum(-1)}
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            mask = batch["attention_mask"]
             result = self.model.objective.nll(batch)
             out.extend((result.nll.double() * mask).sum(-1).tolist())
         return out
@@ -239,12 +248,13 @@ def is_cdlm_checkpoint(spec: str | Path) -> bool:
     return path.suffix == ".ckpt"
 
 
-def build_judge(spec: str, max_length: int | None = None, batch_size: int = 8) -> Judge:
+def build_judge(spec: str, max_length: int | None = None, batch_size: int = 8, device: str = "cpu") -> Judge:
     """The judge ``spec`` names (docs/math.md §8): a cdlm checkpoint -> ``CdlmJudge``, else ``HFJudge``.
 
-    ``max_length`` is the judge's context (``CdlmJudge`` defaults to 256, ``HFJudge`` to the model's own).
+    ``max_length`` is the judge's context (``CdlmJudge`` defaults to 256, ``HFJudge`` to the model's own); the judge
+    runs in float32 on ``device``.
     """
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "device": str(device)}
     if is_cdlm_checkpoint(spec):
         return CdlmJudge(str(spec), max_length=max_length or 256, **kwargs)
     return HFJudge(str(spec), max_length=max_length, **kwargs)

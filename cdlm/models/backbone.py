@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cdlm import checks
 from cdlm.models.kv_cache import KVCache
@@ -55,6 +56,26 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + per_position(scale)) + per_position(shift)
 
 
+def all_real(padding: torch.Tensor | None) -> bool:
+    """Whether no key is padding, decided without reading device memory (no host-device sync).
+
+    True for ``None``, for a mask that is a broadcast of one value (every stride 0: ``dense_padding``, which
+    ``DiffusionLM`` hands over for batches it checked on the host before moving them), and for an all-True mask held in
+    CPU memory. A mask on an accelerator is not read: it is applied as given, which is correct either way.
+    """
+    if padding is None:
+        return True
+    if padding.dim() and all(stride == 0 for stride in padding.stride()):
+        return True
+    return padding.device.type == "cpu" and bool(padding.all())
+
+
+def dense_padding(shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An all-True padding mask of ``shape`` stored as one broadcast element, which ``all_real`` recognises without a
+    sync: the mask of packed rows, so that attention keeps the fused kernels that take no mask."""
+    return torch.ones((), dtype=torch.bool, device=device).expand(shape)
+
+
 def attention_mask(
     mode: MaskMode, length: int, padding: torch.Tensor | None, block_size: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -69,7 +90,7 @@ def attention_mask(
     else:  # block_causal: a query sees every key in its own block and in earlier blocks
         block = torch.arange(length, device=device) // block_size
         structure = block[None, :] <= block[:, None]  # [L, L]
-    if padding is None or bool(padding.all()):
+    if all_real(padding):
         return None if structure is None else structure[None, None]
     keys = padding[:, None, None, :]  # [B, 1, 1, L]
     if structure is None:
@@ -91,7 +112,7 @@ def two_stream_mask(length: int, padding: torch.Tensor | None, block_size: int, 
     structure = torch.cat(
         [torch.cat([same, earlier], 1), torch.cat([torch.zeros_like(same), same | earlier], 1)], 0
     )  # [2N, 2N]
-    if padding is None or bool(padding.all()):
+    if all_real(padding):
         return structure[None, None]
     return padding[:, None, None, :] & structure[None, None]
 
@@ -167,6 +188,11 @@ class Backbone(nn.Module):
         block_size: block length for ``block_causal`` (checked only in that mode).
         cond_width: width of the conditioning vector feeding adaLN (128 as in MDLM's DiT, not ``width``,
             so that unconditioned objectives carry few idle parameters).
+        compile: compile each block with ``torch.compile`` for training (regional compilation: one graph serves
+            every block; the weights' names do not change); evaluation and sampling run eagerly (docs/runs.md,
+            "Speed").
+        activation_checkpointing: in training, keep only each block's input and recompute the block in the backward
+            pass: activation memory of one block instead of ``depth``, for about a third more compute.
 
     Sizes are positive integers, ``width`` a multiple of ``heads`` with an even head width, ``dropout`` in [0, 1);
     anything else is an ``ArgumentError`` (a ``ValueError``) naming the argument.
@@ -183,9 +209,12 @@ class Backbone(nn.Module):
         mask_mode: MaskMode = "bidirectional",
         block_size: int = 32,
         cond_width: int = 128,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_backbone(width, depth, heads, mlp_ratio, dropout, max_len, cond_width)
+        checks.booleans(compile=compile, activation_checkpointing=activation_checkpointing)
         if not isinstance(mask_mode, str) or mask_mode not in MASK_MODES:
             raise checks.ArgumentError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES}")
         if mask_mode == "block_causal":
@@ -200,6 +229,10 @@ class Backbone(nn.Module):
         for module in (self.ada, *(b.ada for b in self.blocks)):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
+        self.compiled, self.activation_checkpointing = compile, activation_checkpointing
+        if compile:
+            for block in self.blocks:
+                block.compile()
 
     def forward(
         self,
@@ -235,17 +268,27 @@ class Backbone(nn.Module):
         elif cache is None:
             rotary = self.rotary(L, h.device)
             # plain causal (no padding): SDPA's is_causal kernel instead of a dense [L, L] mask
-            is_causal = self.mask_mode == "causal" and (padding is None or bool(padding.all()))
+            is_causal = self.mask_mode == "causal" and all_real(padding)
             mask = None if is_causal else attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
         else:
             rotary = self.rotary(L, h.device, cache.offset)
             mask, is_causal = self.cached_mask(cache.offset, L, padding, h.device), False
         for i, block in enumerate(self.blocks):
-            h = block(h, c, rotary, mask, is_causal, cache, i)
+            h = self.run_block(block, i, h, c, rotary, mask, is_causal, cache)
         if cache is not None:
             cache.advance(L)
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
         return modulate(self.norm(h), shift, scale)  # [B, L, D]
+
+    def run_block(self, block: Block, i: int, h, c, rotary, mask, is_causal: bool, cache: KVCache | None):
+        """Block ``i`` on ``h`` ``[B, L, D]``: recomputed in the backward pass under activation checkpointing, compiled
+        in training when ``compile`` is on; eager in evaluation and sampling, whose many batch sizes, lengths and cache
+        offsets would each compile anew."""
+        if cache is not None or not self.training:
+            return block._call_impl(h, c, rotary, mask, is_causal, cache, i)  # hooks kept, compiled graph bypassed
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, c, rotary, mask, is_causal, use_reentrant=False)
+        return block(h, c, rotary, mask, is_causal)
 
     def cached_mask(
         self, offset: int, length: int, padding: torch.Tensor | None, device: torch.device

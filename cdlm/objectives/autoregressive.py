@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdlm import checks
-from cdlm.models.backbone import Backbone
+from cdlm.models.backbone import Backbone, all_real
 from cdlm.models.kv_cache import KVCache
 from cdlm.types import Batch, LossOutput
 
@@ -52,7 +52,7 @@ class Autoregressive(nn.Module):
     def logits(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, L, V]``, row ``l`` for ``p_theta(x^l | x^{<l})``; ``padding`` ``[B, L]``: real targets."""
         inputs = self.shift(x)  # [B, L]
-        if padding is not None:  # input l carries target l - 1 (or BOS): valid where that target is
+        if not all_real(padding):  # input l carries target l - 1 (or BOS): valid where that target is
             padding = torch.cat([torch.ones_like(padding[:, :1]), padding[:, :-1]], dim=1)
         return self.head(self.backbone(self.embed(inputs), None, padding))  # [B, L, V]
 

@@ -31,6 +31,7 @@ from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
+from cdlm.objectives.coin import coin
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE
 from cdlm.objectives.ode_likelihood import ode_nll
@@ -153,7 +154,7 @@ class Bitstream(nn.Module):
         b = self.clean_state(ids)  # [B, L, k]
         x = b + sigma[:, None, None] * torch.randn_like(b)  # [B, L, k]
         x_sc = None
-        if bool(torch.rand(()) < self.self_condition):
+        if coin(self.self_condition):
             with torch.no_grad():
                 x_sc = self.logits(x, sigma, None, padding).sigmoid()
         x0_hat = self.logits(x, sigma, x_sc, padding).sigmoid()  # [B, L, k]

@@ -28,6 +28,7 @@ from torch import nn
 from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.coin import coin
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
 from cdlm.objectives.ode_likelihood import ode_nll
 from cdlm.objectives.sigma_range import SigmaRange
@@ -158,7 +159,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         gamma = self.schedule.gamma(u.float())  # [B]
         z = self.noisy(self.clean_state(x), gamma)  # [B, L, D]
         x_sc = torch.zeros_like(z)
-        if bool(torch.rand(()) < self.self_condition):
+        if coin(self.self_condition):
             with torch.no_grad():
                 x_sc = self.estimate(self.logits(z, gamma, x_sc, padding))
         logits = self.logits(z, gamma, x_sc, padding)  # [B, L, V]
@@ -166,8 +167,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         tokens = padding.sum(1)  # [B]
         mean_ce = ce.sum() / tokens.sum().clamp_min(1)
         seq_ce = ce.sum(1) / tokens.clamp_min(1)  # [B]
-        has_tokens = tokens > 0
-        fit = self.schedule.fit_loss(gamma[has_tokens], seq_ce[has_tokens])
+        fit = self.schedule.fit_loss(gamma, seq_ce, valid=tokens > 0)
         logs = {**self.schedule.logs(), "ce": mean_ce.detach(), "fit_loss": fit.detach()}
         return LossOutput(mean_ce + fit, ce, padding, logs)
 

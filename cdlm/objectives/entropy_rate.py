@@ -95,18 +95,27 @@ class EntropyRateSchedule(nn.Module):
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("mass", torch.zeros(bins, dtype=torch.float64))  # q; all zero = not fitted
         self.register_buffer("rate", torch.zeros(bins, dtype=torch.float64))  # r_k of the last fit
+        # host copies of the counters the training step branches on, so that it never reads the device; the
+        # buffers stay the state that checkpoints hold, and loading one refreshes the copies
+        self.host_batches, self.host_filled, self.host_fitted = 0, 0, False
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_host_state())
 
     # ---- the laws ---------------------------------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
         """Whether the learned table ``q`` has been fitted (it is all zero before the first fit)."""
-        return bool(self.mass.sum() > 0)
+        return self.host_fitted
+
+    def refresh_host_state(self) -> None:
+        """Read the counters back from the buffers (after a checkpoint is loaded into them)."""
+        self.host_batches, self.host_filled = int(self.batches), int(self.fifo_filled)
+        self.host_fitted = bool(self.mass.sum() > 0)
 
     def ramp(self) -> float:
         """Weight ``w`` in [0, 1] of the learned law in the training mixture."""
         if not self.fitted:
             return 0.0
-        done = int(self.batches) - self.warmup_batches
+        done = self.host_batches - self.warmup_batches
         return 1.0 if self.ramp_batches == 0 else min(max(done / self.ramp_batches, 0.0), 1.0)
 
     def training_mass(self) -> torch.Tensor:
@@ -153,7 +162,7 @@ class EntropyRateSchedule(nn.Module):
         if not self.fitted:
             return (
                 f"warm-up law N({self.warmup_mean:g}, {self.warmup_std:g}²) on log σ, truncated (table not fitted: "
-                f"{int(self.batches)} of {self.warmup_batches} warm-up batches)"
+                f"{self.host_batches} of {self.warmup_batches} warm-up batches)"
             )
         w = self.ramp()
         return "learned entropy-rate law q" if w == 1.0 else f"(1 - w) warm-up + w q, w = {w:.3g} (ramp in progress)"
@@ -177,8 +186,10 @@ class EntropyRateSchedule(nn.Module):
         self.fifo_error[slots] = pairs[:, 1].to(self.fifo_error.device)
         self.fifo_next.copy_((self.fifo_next + len(pairs)) % size)
         self.fifo_filled.copy_(torch.clamp(self.fifo_filled + len(pairs), max=size))
+        self.host_filled = min(self.host_filled + len(pairs), size)
         self.batches += 1
-        since = int(self.batches) - self.warmup_batches
+        self.host_batches += 1
+        since = self.host_batches - self.warmup_batches
         if since >= 0 and (since % self.refresh_every == 0 or not self.fitted):
             self.refit()
 
@@ -186,7 +197,7 @@ class EntropyRateSchedule(nn.Module):
     def refit(self) -> None:
         """``q_k ∝ g(sigma_k) sqrt(r_k)`` from the FIFO; cells without data take the nearest filled cells' rate
         (interpolated in ``log r``). No-op while the FIFO holds fewer than ``bins`` observations."""
-        n = int(self.fifo_filled)
+        n = self.host_filled
         if n < self.bins:
             return
         sigma, error = self.fifo_sigma[:n], self.fifo_error[:n]
@@ -204,6 +215,7 @@ class EntropyRateSchedule(nn.Module):
         q = y / (1 + y) * rate.sqrt()
         self.rate.copy_(rate)
         self.mass.copy_(q / q.sum())
+        self.host_fitted = True
 
     def logs(self) -> dict[str, torch.Tensor]:
         """Median of the learned law and the ramp weight, for the training log."""

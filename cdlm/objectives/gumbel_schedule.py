@@ -75,18 +75,24 @@ class GumbelSchedule(nn.Module):
         """The CE model ``F(gamma) = A * exp(-exp(-(gamma - loc) / scale))`` ``[B]``, differentiable in its params."""
         return self.amplitude * torch.exp(-torch.exp(-(gamma - self.loc) / self.scale))
 
-    def fit_loss(self, gamma: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    def fit_loss(self, gamma: torch.Tensor, ce: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """CDCD's fit of ``F`` to the per-sequence CE: ``sum_i w_i (F(gamma_i) - sg[CE_i])^2 / sg[A]^2``.
 
         ``gamma, ce`` ``[B]`` are detached here. ``w_i ∝ sg[1 / F'(gamma_i)]`` is self-normalised over the batch
         (a softmax of ``-log F'``): the heavy Gumbel tails of ``1 / F'`` cannot blow up the loss's magnitude, and
         dividing by ``sg[A]^2`` makes it dimensionless (at most about 1), so it barely touches the shared
         gradient-norm clip while Adam, scale-invariant per parameter, still moves ``loc, scale, A`` at full rate.
-        Computed in float32 whatever the autocast dtype, since the tails need the range.
+        Computed in float32 whatever the autocast dtype, since the tails need the range. ``valid`` ``[B]`` (bool)
+        leaves out rows without tokens by a zero weight, not by indexing, so the shapes stay static (no host sync).
         """
         gamma, ce = gamma.detach().float(), ce.detach().float()
         with torch.autocast(gamma.device.type, enabled=False):
-            w = torch.softmax(-self.log_slope(gamma).detach(), dim=0)  # [B], sums to 1
+            scores = -self.log_slope(gamma).detach()  # [B]
+            if valid is not None:
+                scores = scores.masked_fill(~valid, -1e30)  # finite: a batch without tokens gives no NaN
+            w = torch.softmax(scores, dim=0)  # [B], sums to 1 over the valid rows
+            if valid is not None:
+                w = w * valid
             residual = (self.curve(gamma) - ce) / self.amplitude.detach()  # [B]
             return (w * residual.square()).sum()
 
