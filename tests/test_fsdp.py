@@ -86,3 +86,16 @@ def test_fsdp_with_ema_is_refused_before_anything_is_written(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "cdlm: error: trainer.strategy=fsdp does not support the EMA callback yet" in err and "ema=null" in err
     assert not run_dir.exists()
+
+
+def test_two_compiled_ddp_processes_take_the_steps_of_two_eager_ones(tmp_path):
+    """``model.compile=true`` under 2-process DDP: the compiled blocks' losses follow the eager run's step by step
+    (inductor's fused kernels round differently, so to 1e-4), and the run finishes (final/, samples, metrics)."""
+    ddp = ("trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true", "data.batch_size=4")
+    train(tmp_path, tmp_path / "eager", *ddp, "trainer.max_steps=6")
+    train(tmp_path, tmp_path / "compiled", *ddp, "trainer.max_steps=6", "model.compile=true")
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(compiled) == 6 and compiled.keys() == eager.keys()
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-4), step
+    assert (tmp_path / "compiled" / "final" / "model.safetensors").is_file()

@@ -63,3 +63,28 @@ def test_registry_refuses_space_mismatch(masked_objective):
         get_sampler("no-such-sampler", masked_objective)
     with pytest.raises(ValueError, match="valid options"):
         check_knobs(get_sampler("ancestral"), {"temperature": 0.7})
+
+
+def test_inverse_cdf_never_draws_a_zero_mass_token_and_takes_unnormalised_rows():
+    from cdlm.samplers.categorical import inverse_cdf
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0], dtype=torch.float64)  # unnormalised, zeros at both ends
+    draws = inverse_cdf(weights.expand(200_000, 5), torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=5).double() / 200_000
+    assert freq[0] == freq[2] == freq[4] == 0
+    torch.testing.assert_close(freq, weights / weights.sum(), atol=4e-3, rtol=0)
+
+
+def test_one_ancestral_step_draws_the_mdlm_posterior():
+    """From [MASK]: stay with probability stay / norm, else token v with probability moved p_v / norm."""
+    from cdlm.samplers.discrete import CleanProbs, ancestral_draws
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    moved, stay = 0.3, 0.2  # norm = moved + stay
+    n = 200_000
+    g = torch.Generator().manual_seed(2)
+    draw, best = ancestral_draws(CleanProbs(p.log().expand(n, 4)), moved, stay, moved + stay, g)
+    freq = torch.bincount(draw, minlength=5).double() / n  # index 4 = [MASK]
+    expected = torch.cat([moved * p.double(), torch.tensor([stay], dtype=torch.float64)]) / (moved + stay)
+    torch.testing.assert_close(freq, expected, atol=4e-3, rtol=0)
+    assert bool((best == 0).all())

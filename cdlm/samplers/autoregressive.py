@@ -1,7 +1,7 @@
 """Left-to-right ancestral sampling for the autoregressive reference (docs/math.md §0).
 
 Position ``l`` draws ``x^l ~ p_theta(. | x^{<l})`` with temperature, top-k (Fan et al., 2018) and nucleus
-(Holtzman et al., 2020) filtering, in float64 through the exponential race. A causal model's keys and values at
+(Holtzman et al., 2020) filtering, in float64 by inverse-CDF sampling. A causal model's keys and values at
 earlier positions never change, so by default they are kept in a KV cache and each step runs the network on
 one new position; ``cache=False`` reruns the whole prefix (the reference the cached path must equal).
 """

@@ -1,8 +1,8 @@
 """Categorical draws in float64 and nucleus filtering (docs/math.md §0, "Categorical sampling in float64").
 
 Draws run over chunks of rows (``row_chunks``): the float64 buffers of a draw over ``[N, V]`` are ``[chunk, V]``,
-about ``DRAW_ELEMENTS`` elements, whatever ``N``. The law is unchanged, and on the CPU so are the draws: its
-generator fills the chunks' uniforms in the order it would fill the whole array.
+about ``DRAW_ELEMENTS`` elements, whatever ``N``. The law is unchanged by the chunking, and so are the draws: the
+generator fills the chunks' uniforms in the order it would fill one array.
 """
 
 from __future__ import annotations
@@ -18,21 +18,24 @@ def row_chunks(rows: int, width: int) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)] or [slice(0, 0)]
 
 
-def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of float64 ``probs`` ``[n, V]``: ``argmax(p / E)`` with ``E ~ Exp(1)`` (a Gumbel-max draw)."""
-    u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)  # [n, V]
-    race = u.neg_().log1p_().neg_()  # -log1p(-u): Exp(1), exact near u = 0
-    return torch.div(probs, race, out=race).argmax(-1)  # [n]
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` ``[n, V]`` (unnormalised is fine; summed in float64): the first index whose
+    cumulative mass exceeds ``u`` times the row's total, ``u ~ U[0, 1)``. A token of zero mass is never drawn (the
+    cumulative mass does not rise at it); one uniform per row, where a Gumbel-max race needs ``V``."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # [n, V]: float64 sums whatever the input's dtype
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device, generator=generator)  # [n, 1]
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [n, 1]
+    return index.clamp_max_(probs.shape[-1] - 1)[:, 0]  # [n]; the clamp only guards u * total rounding up
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one index per row of ``probs`` ``[..., V]`` by an exponential race in float64, chunk by chunk.
+    """Draw one index per row of ``probs`` ``[..., V]`` by inverse-CDF sampling in float64, chunk by chunk.
 
-    ``argmax(p / E)`` with ``E ~ Exp(1)`` is a Gumbel-max draw; in float32 it loses low-probability tokens. Only a
-    chunk of rows is in float64 at a time (``row_chunks``).
+    In float32 the cumulative mass over a large vocabulary loses low-probability tokens; in float64 its rounding is
+    far below any probability a model assigns. Only a chunk of rows is in float64 at a time (``row_chunks``).
     """
     flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
-    draws = [exponential_race(flat[rows].double(), generator) for rows in row_chunks(flat.shape[0], flat.shape[1])]
+    draws = [inverse_cdf(flat[rows], generator) for rows in row_chunks(flat.shape[0], flat.shape[1])]
     return torch.cat(draws).view(probs.shape[:-1])
 
 

@@ -37,7 +37,7 @@ class CleanProbs:
 
     def probs(self, rows: slice) -> torch.Tensor:
         """Float64 probabilities ``[n, V]`` of ``rows``, nucleus-filtered and renormalised as ``top_p_filter``."""
-        probs = self.logp[rows].double().exp()  # [n, V]
+        probs = self.logp[rows].double().exp_()  # [n, V]
         return probs if self.keep is None else renormalise(probs, self.keep[rows])
 
 
@@ -61,14 +61,18 @@ def ancestral_draws(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's draws ``[N]`` (``V`` = stays ``[MASK]``) and the clean argmax ``[N]``, chunk by chunk.
 
-    A masked position draws from ``q = [moved * p_theta, stay] / norm`` ``[V + 1]`` in float64 (docs/math.md §1).
+    A masked position draws from ``q = [moved * p_theta, stay] / norm`` ``[V + 1]`` (docs/math.md §1), with
+    ``norm = moved + stay``: it stays ``[MASK]`` with probability ``stay / norm`` (one uniform), else takes a token
+    drawn from ``p_theta`` in float64; the same law without forming ``q``.
     """
-    draws, best = [], []
+    logp = clean.logp  # [N, V]
+    u = torch.rand(logp.shape[0], dtype=torch.float64, device=logp.device, generator=generator)  # [N], first:
+    draws, best = [], []  # the generator's stream is then the same whatever the chunks
     for rows in clean.rows():
         probs = clean.probs(rows)  # [n, V] float64
-        q = torch.cat([probs * moved, torch.full_like(probs[:, :1], stay)], dim=-1) / norm  # [n, V + 1]; V is [MASK]
-        draws.append(sample_categorical(q, generator))
-        best.append(probs.argmax(-1))
+        token = sample_categorical(probs, generator)  # [n]
+        draws.append(torch.where(u[rows] * norm < stay, probs.shape[-1], token))  # index V is [MASK]
+        best.append(clean.logp[rows].argmax(-1))  # float32 suffices: the nucleus always holds the top token
     return torch.cat(draws), torch.cat(best)
 
 

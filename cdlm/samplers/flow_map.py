@@ -63,9 +63,9 @@ def sample_flowmap(
         rows = x.shape[0]
         d = objective.flow_denoise(x.float(), sigma.float().expand(rows), target.float().expand(rows)).double()
         x = euler_step(x, d, sigma, target)  # the flow map X_{s->t}(x) in VE coordinates
-        if renoise:
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
-            x = x + (sigma_next**2 - target**2).clamp_min(0).sqrt() * eps
+        if renoise:  # float32 draws scaled and added to the float64 state in one pass
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+            x = torch.addcmul(x, eps, (sigma_next**2 - target**2).clamp_min(0).sqrt())
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=d, nfe=i + 1))
     return objective.decode(d)
