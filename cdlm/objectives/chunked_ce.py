@@ -34,10 +34,13 @@ def chunked_cross_entropy(
     """Per-row cross-entropy ``[N]`` (float32) of ``head(hidden)`` ``[N, V]`` against ``targets`` ``[N]`` (int64).
 
     ``hidden`` ``[N, D]``; ``head`` maps ``D -> V`` (``out_features`` gives ``V``); ``chunk``: rows per chunk (default
-    ``chunk_rows(V)``). With gradients on, each chunk is checkpointed, so the backward holds one chunk's logits at a
-    time; without (evaluation), the chunks simply run one after another. Shapes are static: no host sync.
+    ``chunk_rows(V)``). With gradients on and more than one chunk, each chunk is checkpointed, so the backward holds
+    one chunk's logits at a time; a batch that fits one chunk (the quickstart's) runs plainly, without the recompute;
+    without gradients (evaluation), the chunks simply run one after another. Shapes are static: no host sync.
     """
     chunk = chunk or chunk_rows(head.out_features)
+    if hidden.shape[0] <= chunk:  # one chunk: its logits are small enough to keep, so no recompute
+        return head_cross_entropy(head, hidden, targets)
     grads = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     losses = [
         checkpoint(head_cross_entropy, head, h, y, use_reentrant=False) if grads else head_cross_entropy(head, h, y)
