@@ -13,14 +13,11 @@ from torchmetrics.aggregation import MeanMetric
 from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.metrics import LikelihoodMetric
+from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.strategies import is_sharded, shard
 from cdlm.types import Batch
-
-
-class NonFiniteLoss(FloatingPointError):
-    """A training loss that is NaN or infinite on some rank; raised on every rank at the same step."""
 
 
 class DiffusionLM(L.LightningModule):
@@ -56,7 +53,7 @@ class DiffusionLM(L.LightningModule):
         self.val_metric = LikelihoodMetric()
         self.val_logs: dict[str, MeanMetric] = {}  # the objective's nll logs (e.g. a VAE's reconstruction accuracy)
         self.step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked before the update
-        self.nonfinite: tuple[torch.Tensor, ...] | None = None  # on accelerators: (seen, first step, its losses)
+        self.guard = NonFiniteGuard()  # cdlm/nonfinite.py
         self.sync_free_checks: bool | None = None  # None: the non-finite check reads the device only on CPUs
 
     # ---- randomness -------------------------------------------------------------------------------------------
@@ -106,51 +103,8 @@ class DiffusionLM(L.LightningModule):
         """
         losses = self.all_gather(torch.stack(self.step_losses))  # [W, micro] ([micro] with one process)
         self.step_losses = []
-        if self.defers_nonfinite_check(optimizer):
-            self.skip_nonfinite_on_device(optimizer, losses)
-            return
-        if bool(torch.isfinite(losses).all()):
-            return
-        self.raise_nonfinite(losses)
-
-    def defers_nonfinite_check(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether the check runs without a host sync: a fused optimizer (it can skip a step on the device) on an
-        accelerator; ``sync_free_checks`` (None: decided by the device) forces either way, e.g. in tests on CPUs."""
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        return fused and (self.device.type != "cpu" if self.sync_free_checks is None else self.sync_free_checks)
-
-    def skip_nonfinite_on_device(self, optimizer: torch.optim.Optimizer, losses: torch.Tensor) -> None:
-        """The same check without a host sync, for fused optimizers on accelerators: the fused kernel skips the
-        update when ``found_inf`` is set (the mechanism ``GradScaler`` uses), so the weights stay those before the
-        step; the first such step is remembered on the device and raised every ``log_every_n_steps`` steps, when the
-        logger reads the device anyway."""
-        bad = (~torch.isfinite(losses)).any()
-        optimizer.found_inf = bad.float()
-        step = torch.tensor(self.global_step, device=losses.device)
-        if self.nonfinite is None:
-            self.nonfinite = (bad, step, losses)
-        else:
-            seen, first, first_losses = self.nonfinite
-            self.nonfinite = (seen | bad, torch.where(seen, first, step), torch.where(seen, first_losses, losses))
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and bool(self.nonfinite[0]):
-            _, first, first_losses = self.nonfinite
-            self.raise_nonfinite(first_losses, int(first), skipped=True)
-
-    def raise_nonfinite(self, losses: torch.Tensor, step: int | None = None, skipped: bool = False) -> None:
-        """Raise ``NonFiniteLoss`` naming the step, rank and micro-batch of the first non-finite loss."""
-        losses = losses.reshape(-1, losses.shape[-1])  # [W, micro]
-        rank, micro = (int(i) for i in (~torch.isfinite(losses)).nonzero()[0])
-        step = self.global_step if step is None else step
-        where = (
-            f"its update was skipped and training stopped at step {self.global_step}, so the weights are finite"
-            if skipped
-            else "every rank stopped before the update, so the weights are still finite"
-        )
-        raise NonFiniteLoss(
-            f"non-finite training loss ({losses[rank, micro].item()}) at step {step} on rank {rank} "
-            f"(micro-batch {micro}); {where} and the last checkpoint is intact. Lower the learning rate, raise "
-            "warm-up or clip gradients, then resume with resume=auto."
-        )
+        deferred = self.guard.defers(optimizer, self.device, self.sync_free_checks)
+        self.guard.check(losses, optimizer, self.global_step, self.trainer.log_every_n_steps, deferred)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         with self.seeded(-1, batch_idx):  # the same noise at every evaluation: comparable numbers
