@@ -1,16 +1,16 @@
-"""Training callbacks: Lightning's ``ThroughputMonitor`` fed with cdlm's batches and model FLOPs, Lightning's EMA
-with an exact update, and a checkpoint when a training that has made progress is interrupted."""
+"""Training callbacks: Lightning's ``ThroughputMonitor`` fed with cdlm's batches and model FLOPs, the EMA
+(``cdlm/ema.py``, re-exported here: configs name ``cdlm.callbacks.EMA``), and a checkpoint when a training that has
+made progress is interrupted."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor
 from torch import nn
 
+from cdlm.ema import EMA, exact_ema  # noqa: F401  (re-exported: the ``ema`` config's class is cdlm.callbacks.EMA)
 from cdlm.models.backbone import Backbone
 from cdlm.types import Batch
 
@@ -78,53 +78,6 @@ class FlopsPerBatch(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         pl_module.flops_per_batch = self.flops(batch, backward=False)
-
-
-def exact_ema(decay: float):
-    """``ema + (1 - decay)(p - ema)``: torch's EMA update ``decay ema + (1 - decay) p`` rewritten so that a weight
-    that does not change (a frozen module, e.g. the VAE under a latent prior) stays bit-identical instead of drifting
-    by rounding at every step."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
-
-    @torch.no_grad()
-    def update(ema: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        return ema + (1 - decay) * (current - ema)
-
-    return update
-
-
-class EMA(EMAWeightAveraging):
-    """Lightning's ``EMAWeightAveraging`` (same arguments, same schedule) with the update of ``exact_ema``.
-
-    The arguments are spelled out, not ``**kwargs``: cdlm's config checks keys against the signature.
-    """
-
-    def __init__(
-        self,
-        decay: float = 0.999,
-        use_buffers: bool = True,
-        device: torch.device | str | int | None = None,
-        update_every_n_steps: int = 1,
-        update_starting_at_step: int | None = None,
-        update_starting_at_epoch: int | None = None,
-    ) -> None:
-        super().__init__(
-            device=device,
-            use_buffers=use_buffers,
-            decay=decay,
-            update_every_n_steps=update_every_n_steps,
-            update_starting_at_step=update_starting_at_step,
-            update_starting_at_epoch=update_starting_at_epoch,
-        )
-        self._kwargs["avg_fn"] = exact_ema(decay)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Lightning's setup, without its warning about ``configure_model``: DiffusionLM's shards only under
-        ``trainer.strategy=fsdp``, which refuses this callback (``cdlm.strategies.check_sharded_run``)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*overrides the configure_model callback.*")
-            super().setup(trainer, pl_module, stage)
 
 
 class InterruptCheckpoint(L.Callback):

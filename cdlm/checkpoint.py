@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from cdlm.components import MODEL_SLOTS, RUN_SLOTS
 from cdlm.config import ConfigError, instantiate, is_base_name, locate, save_config, validate
+from cdlm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_ckpt
 
 if TYPE_CHECKING:
     from cdlm.module import DiffusionLM
@@ -118,7 +119,7 @@ def read_checkpoint(path: Path) -> tuple[dict, Any, dict[str, torch.Tensor]]:
 
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: give a save_pretrained folder or a .ckpt file")
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} is not a save_pretrained folder (config.yaml + model.safetensors)")
         config = checked_config(_read(lambda: OmegaConf.load(path / "config.yaml"), path / "config.yaml"), path)
@@ -133,8 +134,12 @@ def read_checkpoint(path: Path) -> tuple[dict, Any, dict[str, torch.Tensor]]:
 
 
 def read_ckpt(path: Path) -> dict:
-    """A Lightning checkpoint of a cdlm run, read weights-only, its ``cdlm`` section and state dict checked."""
-    ckpt = _read(lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+    """A Lightning checkpoint of a cdlm run (a ``.ckpt`` file or a sharded checkpoint directory,
+    ``cdlm.sharded_checkpoint``), read weights-only, its ``cdlm`` section and state dict checked."""
+    if is_sharded_checkpoint(path):  # a directory of per-rank shards (trainer=fsdp sharded_checkpoints=true)
+        ckpt = _read(lambda: read_sharded_ckpt(path), path)
+    else:
+        ckpt = _read(lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
     section = ckpt.get("cdlm") if isinstance(ckpt, dict) else None
     if not isinstance(section, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is a torch file but not a cdlm checkpoint (no 'cdlm' config section)")

@@ -37,7 +37,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunSettings:
     """The run's top-level keys: ``seed``, ``run_dir``, ``resume`` (null | auto | a .ckpt path), ``overwrite``,
-    ``release_freed_memory`` (``cdlm/allocator.py``), ``tf32`` (float32 matmuls on TF32 tensor cores on CUDA)."""
+    ``release_freed_memory`` (``cdlm/allocator.py``), ``tf32`` (float32 matmuls on TF32 tensor cores on CUDA),
+    ``sharded_checkpoints`` (``trainer=fsdp``: each rank writes its own shard, ``cdlm/sharded_checkpoint.py``)."""
 
     seed: int = 0
     run_dir: str = "runs/default"
@@ -45,6 +46,7 @@ class RunSettings:
     overwrite: bool = False
     release_freed_memory: bool = True
     tf32: bool = True
+    sharded_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():

@@ -71,6 +71,7 @@ def train_help() -> str:
         "  release_freed_memory=true  freed CPU tensors of 4 MB or more go back to the system: flat resident",
         "                           memory; false: faster CPU steps, a growing heap (docs/runs.md)",
         "  tf32=true                on CUDA, float32 matmuls run on TF32 tensor cores; false: full float32",
+        "  sharded_checkpoints=false  trainer=fsdp: true writes each checkpoint as per-rank shards (a directory)",
         "  sample.n=4 sample.length=256 sample.seed=0   the samples printed after training",
         "",
         f"experiments (experiment=NAME): {', '.join(group_options('experiment'))}",

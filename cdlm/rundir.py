@@ -19,6 +19,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdlm.sharded_checkpoint import is_sharded_checkpoint
+
 OWNED = ("checkpoints", "logs", "final", "config.yaml", "metrics.json")
 """What a training writes into its run directory (and ``overwrite=true`` removes)."""
 
@@ -50,7 +52,7 @@ def plan(run_dir: Path, resume: str | None, overwrite: bool) -> Plan:
         raise RunDirError(f"run_dir={str(run_dir)!r} is a file, not a directory; choose another run_dir")
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume == "auto":
-        if last.is_file():
+        if last.is_file() or is_sharded_checkpoint(last):
             return Plan(str(last), False, f"resume=auto: resuming from {last}")
         if holds_run(run_dir):
             raise RunDirError(
@@ -60,8 +62,11 @@ def plan(run_dir: Path, resume: str | None, overwrite: bool) -> Plan:
         return Plan(None, False, f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting a fresh run")
     if resume is not None:
         path = Path(resume)
-        if not path.is_file():
-            raise RunDirError(f"resume={resume!r}: no such checkpoint file (use a .ckpt path, 'auto' or null)")
+        if not (path.is_file() or is_sharded_checkpoint(path)):
+            raise RunDirError(
+                f"resume={resume!r}: no such checkpoint file or sharded checkpoint directory (use a .ckpt path, "
+                "'auto' or null)"
+            )
         return Plan(str(path), False, f"resuming from {path}")
     if holds_run(run_dir):
         if overwrite:

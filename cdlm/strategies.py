@@ -3,15 +3,23 @@
 
 Each backbone block is one sharding unit (its weights are gathered for its forward and backward, then freed), the
 rest of the objective (embeddings, heads, a frozen teacher or VAE) one more. Checkpoints hold the full state, gathered
-on the first rank, so they load through cdlm's weights-only reader and resume exactly, like single-process ones.
+on the first rank, so they load through cdlm's weights-only reader and resume exactly, like single-process ones; with
+``sharded_checkpoints=true`` each rank writes its own shards instead (``cdlm/sharded_checkpoint.py``). The
+EMA callback averages each rank's shards (``cdlm.ema.ShardedAverage``, through ``local_tensors``).
 """
 
 from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from cdlm.sharded_checkpoint import is_sharded_checkpoint, load_sharded
 
 FSDP = "fsdp"
 
@@ -22,27 +30,42 @@ class ShardedStrategyError(ValueError):
 
 class ShardedDataParallel(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as pure sharded data parallelism: every process of every node holds one
-    shard (a data-parallel mesh of the world size, no tensor parallelism); checkpoints gathered whole on rank 0."""
+    shard (a data-parallel mesh of the world size, no tensor parallelism). Checkpoints are gathered whole on rank 0,
+    or with ``sharded_checkpoints`` written by every rank as its own shards (``torch.distributed.checkpoint``) and read
+    back through cdlm's safe reader (``cdlm.sharded_checkpoint``)."""
 
-    def __init__(self) -> None:
-        super().__init__(data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    def __init__(self, sharded_checkpoints: bool = False) -> None:
+        super().__init__(data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoints)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # known once the trainer set the devices
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """A full checkpoint weights-only, as Lightning reads it; a sharded one through ``load_sharded``."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=True)
+        strict = self.lightning_module.strict_loading if self.lightning_module is not None else True
+        return load_sharded(path, self.model, list(self.optimizers), strict=strict)
 
-def build_strategy(name: str) -> ModelParallelStrategy | str:
+
+def build_strategy(name: str, sharded_checkpoints: bool = False) -> ModelParallelStrategy | str:
     """The strategy object for ``name``: FSDP2 for ``fsdp``, anything else handed to Lightning as it is."""
-    return ShardedDataParallel() if name == FSDP else name
+    return ShardedDataParallel(sharded_checkpoints) if name == FSDP else name
 
 
-def check_sharded_run(strategy: object, ema: object) -> None:
-    """Refuse what the sharded strategy does not support yet, before anything is written."""
-    if strategy == FSDP and ema is not None:
+def check_sharded_run(strategy: object, sharded_checkpoints: bool, ema: object) -> None:
+    """Refuse, before anything is written, sharded checkpoints where they cannot be written or hold everything."""
+    if sharded_checkpoints and strategy != FSDP:
         raise ShardedStrategyError(
-            "trainer.strategy=fsdp does not support the EMA callback yet (its averaged copy is not sharded); "
-            "pass ema=null, or use trainer=ddp"
+            f"sharded_checkpoints=true needs trainer=fsdp (the weights of trainer.strategy={strategy!r} are not "
+            "sharded); pass sharded_checkpoints=false"
+        )
+    if sharded_checkpoints and ema is not None:
+        raise ShardedStrategyError(
+            "sharded_checkpoints=true does not store the EMA yet (its average is saved gathered, in full "
+            "checkpoints); pass ema=null, or sharded_checkpoints=false"
         )
 
 
@@ -80,3 +103,25 @@ def full_state_dict(module: nn.Module, sharded: bool) -> dict[str, torch.Tensor]
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return {k: v.contiguous() for k, v in get_model_state_dict(module, options=options).items()}
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict, held whole by every rank, into the sharded ``module``: each rank copies
+    its own shards out of it; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s parameters then buffers as this rank holds them: the local shard of a sharded (DTensor)
+    parameter, the tensor itself otherwise. Each is a view of the weights (copying into it writes them); FSDP2 units
+    are resharded first, so the parameters are the sharded ones even after a forward that kept them gathered."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return [t.detach().to_local() if isinstance(t, DTensor) else t.detach() for t in tensors]

@@ -1,6 +1,6 @@
-"""``trainer=fsdp`` (FSDP2 through Lightning's ModelParallelStrategy) on CPU processes (gloo): two sharded processes
-take the same steps as two DDP processes, a killed sharded run resumes exactly, ``final/`` holds the full weights,
-and what the strategy does not support is refused before anything is written."""
+"""``trainer=fsdp`` (FSDP2 through Lightning's ModelParallelStrategy) on CPU processes (gloo), with TINY's EMA
+(decay 0.9): two sharded processes take the same steps and reach the same EMA weights as two DDP processes, a killed
+sharded run resumes exactly, and ``final/`` holds the full EMA weights, as the checkpoints do."""
 
 import csv
 import subprocess
@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from cdlm.cli import main
+from cdlm.ema import ShardedAverage, exact_ema
 from tests.runs import CRASH_DRIVER, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "ema=null"]
+FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 
 def train(tmp_path: Path, run_dir: Path, *overrides: str, crash: int = 0, expect: int = 0) -> str:
@@ -49,16 +53,40 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def last_checkpoint(run_dir: Path) -> dict:
+    """``last.ckpt`` (step 12), asserted to hold an EMA visibly away from the trained weights."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    ema, trained = ckpt["state_dict"], ckpt["current_model_state"]
+    assert ckpt["global_step"] == 12 and int(ckpt["averaging_state"]["n_averaged"]) == 12
+    assert ema.keys() == trained.keys()
+    assert max(float((ema[k] - trained[k]).abs().max()) for k in ema) > 1e-3
+    return ckpt
+
+
 def test_two_sharded_processes_take_the_steps_of_two_ddp_processes(tmp_path):
-    """Same data per rank, same per-step randomness, same averaged gradient: the losses agree step by step."""
-    train(tmp_path, tmp_path / "fsdp", *FSDP_CPU, "trainer.devices=2", "data.batch_size=4")
-    ddp = ("trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true", "ema=null", "data.batch_size=4")
-    train(tmp_path, tmp_path / "ddp", *ddp)
+    """Same data per rank, same per-step randomness, same averaged gradient: the losses agree step by step, and so
+    do the EMA weights of ``final/``; a validation at step 6 swaps the sharded EMA in and out again."""
+    both = ("trainer.devices=2", "data.batch_size=4", "trainer.val_check_interval=6")
+    train(tmp_path, tmp_path / "fsdp", *FSDP_CPU, *both)
+    train(tmp_path, tmp_path / "ddp", "trainer.strategy=ddp", "trainer.precision=32-true", *both)
     sharded, replicated = losses(tmp_path / "fsdp"), losses(tmp_path / "ddp")
     assert len(sharded) == 12 and sharded.keys() == replicated.keys()
     for step in sharded:
         assert sharded[step] == pytest.approx(replicated[step], rel=1e-4, abs=1e-4), step
     assert sharded[11] < sharded[0]
+
+    final, ddp_final = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "ddp")
+    assert final.keys() == ddp_final.keys()
+    for name, value in final.items():
+        torch.testing.assert_close(value, ddp_final[name], rtol=0, atol=1e-5, msg=name)
+    sharded_ckpt, ddp_ckpt = last_checkpoint(tmp_path / "fsdp"), last_checkpoint(tmp_path / "ddp")
+    assert sharded_ckpt.keys() == ddp_ckpt.keys() and sharded_ckpt["state_dict"].keys() == ddp_ckpt["state_dict"].keys()
+    for name, value in sharded_ckpt["state_dict"].items():  # the same layout, the EMA gathered whole
+        assert torch.equal(value, final[name]) and value.shape == ddp_ckpt["state_dict"][name].shape, name
 
 
 def test_killed_sharded_run_resumes_exactly_and_final_holds_full_weights(tmp_path):
@@ -69,23 +97,81 @@ def test_killed_sharded_run_resumes_exactly_and_final_holds_full_weights(tmp_pat
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "killed")
     for step in range(8, 12):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-5), step
+    final, resumed_final = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
+    for name, value in final.items():  # the EMA and the trained weights restored exactly
+        assert torch.equal(value, resumed_final[name]), name
 
     from cdlm import load
 
     model = load(tmp_path / "full" / "final")  # gathered from both ranks: every tensor whole and trained
-    stored = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    stored = last_checkpoint(tmp_path / "full")["state_dict"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, stored[name]), name
 
 
-def test_fsdp_with_ema_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_sharded_checkpoints_are_written_per_rank_and_resume_exactly(tmp_path):
+    """``sharded_checkpoints=true``: every checkpoint a directory of per-rank shards; a run killed at step 10 resumes
+    from its step-8 directory (read through cdlm's safe reader) to the losses of the uninterrupted run, and
+    ``cdlm.load`` reads a sharded checkpoint whole."""
+    sharded = (*FSDP_CPU, "ema=null", "sharded_checkpoints=true", "trainer.devices=2", "data.batch_size=4")
+    train(tmp_path, tmp_path / "full", *sharded)
+    train(tmp_path, tmp_path / "killed", *sharded, crash=10, expect=3)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    train(tmp_path, tmp_path / "killed", *sharded, "resume=auto")
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert len(full) == 12
+    for step in range(8, 12):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-5), step
+
+    from cdlm import load
+
+    whole = load(tmp_path / "killed" / "checkpoints" / "last.ckpt").state_dict()  # step 12, no EMA: final's weights
+    for name, value in load(tmp_path / "killed" / "final").state_dict().items():
+        assert torch.equal(value, whole[name]), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sharded_checkpoints=true", "ema=null"], "sharded_checkpoints=true needs trainer=fsdp"),
+        ([*FSDP_CPU, "sharded_checkpoints=true"], "sharded_checkpoints=true does not store the EMA yet"),
+    ],
+)
+def test_sharded_checkpoints_where_they_cannot_work_are_refused_before_anything_is_written(
+    tmp_path, capsys, overrides, message
+):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", *TINY, f"run_dir={run_dir}", "trainer=fsdp", "trainer.accelerator=cpu"])
-    err = capsys.readouterr().err
+        main(["train", *TINY, f"run_dir={run_dir}", *overrides])
     assert exit_info.value.code == 2
-    assert "cdlm: error: trainer.strategy=fsdp does not support the EMA callback yet" in err and "ema=null" in err
-    assert not run_dir.exists()
+    assert message in capsys.readouterr().err and not run_dir.exists()
+
+
+@pytest.mark.parametrize("use_buffers", [True, False])
+def test_sharded_average_updates_as_lightnings_averaged_model(use_buffers):
+    """On whole tensors ``ShardedAverage`` is ``AveragedModel`` with ``exact_ema``, bit for bit (first update a copy,
+    buffers copied without ``use_buffers``); swapping twice is the identity."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    reference = AveragedModel(module, avg_fn=exact_ema(0.9), use_buffers=use_buffers)
+    average = ShardedAverage(module, exact_ema(0.9), None, use_buffers)
+    for _ in range(3):
+        module(torch.randn(5, 3))  # moves the BatchNorm statistics
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        reference.update_parameters(module)
+        average.update_parameters(module)
+    expected = [*reference.module.parameters(), *reference.module.buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(average.tensors, expected, strict=True))
+    assert int(average.n_averaged) == int(reference.n_averaged) == 3
+    trained = [t.clone() for t in [*module.parameters(), *module.buffers()]]
+    average.swap(module)
+    assert all(torch.equal(a, b) for a, b in zip([*module.parameters(), *module.buffers()], expected, strict=True))
+    average.swap(module)
+    assert all(torch.equal(a, b) for a, b in zip([*module.parameters(), *module.buffers()], trained, strict=True))
+    assert not torch.equal(trained[0], expected[0])
 
 
 def test_two_compiled_ddp_processes_take_the_steps_of_two_eager_ones(tmp_path):
