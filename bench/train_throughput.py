@@ -4,8 +4,12 @@ In one process: (1) the device's bf16 (and fp32) matmul peak, (2) tokens/s of fo
 ``MaskedDiffusion`` built from cdlm's configs, (3) tokens/s of a same-sized ``BertForMaskedLM`` trained on the same
 batches with a matching MLM recipe (t ~ U(0, 1) masked fraction per row), (4) MFU of both. Writes one JSON file.
 
+Repeated ``--repeats`` times (the two models' order alternating), each repetition against the peak measured just
+before it; the JSON holds every repetition, their median and spread, and the load average before and after.
+
     python bench/train_throughput.py [--preset small-cpu] [--seq-len 256] [--batch-size 16] [--steps 8]
-        [--warmup 3] [--device auto] [--out bench/results/train_throughput_cpu.json]
+        [--warmup 3] [--repeats 3] [--compile on|off] [--attention auto|sdpa|matmul] [--device auto]
+        [--out bench/results/train_throughput_cpu.json]
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -100,11 +106,11 @@ def make_batches(n: int, batch_size: int, seq_len: int, seed: int) -> tuple[list
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
-def build_cdlm(preset: str) -> tuple[nn.Module, dict[str, Any]]:
-    """``MaskedDiffusion`` over the preset's backbone, built exactly as the toolkit does from its configs."""
+def build_cdlm(preset: str, overrides: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """``MaskedDiffusion`` over the preset's backbone with ``overrides``, built as the toolkit does from its configs."""
     from cdlm.config import compose, instantiate
 
-    cfg = compose([f"model={preset}"])
+    cfg = compose([f"model={preset}", *overrides])
     backbone = instantiate(cfg.model)
     objective = instantiate(cfg.objective, backbone=backbone, vocab_size=VOCAB)
     sizes = {k: int(cfg.model[k]) for k in ("width", "depth", "heads", "mlp_ratio")}
@@ -238,8 +244,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--preset", default="small-cpu", help="cdlm model preset (cdlm/configs/model/*.yaml)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=8, help="timed training steps per model")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps per model and repetition")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing, per repetition")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of (peak, cdlm, BERT), order alternating")
+    p.add_argument("--compile", choices=("on", "off"), default="on", help="cdlm's model.compile (regional)")
+    p.add_argument("--attention", choices=("auto", "sdpa", "matmul"), default="auto", help="cdlm's model.attention")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/train_throughput_cpu.json")
@@ -247,63 +256,99 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of ``values``."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def main() -> None:
     """Run the benchmark and write the JSON."""
     args = parse_args()
     wall0 = time.perf_counter()
+    load_before = os.getloadavg()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     L, B = args.seq_len, args.batch_size
-
     sizes_mm = (2048, 4096, 8192) if device.type == "cuda" else (2048, 4096)
-    peak_bf16 = matmul_peak(device, torch.bfloat16, sizes_mm, repeats=10 if device.type == "cuda" else 3)
-    peak_fp32 = matmul_peak(device, torch.float32, sizes_mm, repeats=10 if device.type == "cuda" else 2)
-    peak = peak_bf16["flops"]
-
     batches, data_source = make_batches(args.warmup + args.steps, B, L, args.seed)
 
-    objective, sizes = build_cdlm(args.preset)
+    overrides = [f"model.compile={args.compile == 'on'}", f"model.attention={args.attention}"]
+    objective, sizes = build_cdlm(args.preset, overrides)
     width, depth = sizes["width"], sizes["depth"]
     cdlm_ada = linear_weights([m for name, m in objective.backbone.named_modules() if name.endswith("ada")])
     cdlm_head = objective.head.weight.numel()
     cdlm_n = linear_weights([objective.backbone]) + cdlm_head
-    torch.manual_seed(args.seed)
-    cdlm_res = train_throughput(objective, cdlm_loss(objective), batches, args.warmup, device)
     cdlm_params = sum(p.numel() for p in objective.parameters())
-    objective.cpu()
-    del objective
-
     bert = build_bert(sizes, L)
     bert_head = bert.cls.predictions.decoder.weight.numel()
     bert_n = linear_weights([bert.bert.encoder, bert.cls])
     bert_params = sum(p.numel() for p in bert.parameters())  # the decoder is tied to the word embeddings
-    torch.manual_seed(args.seed)
-    bert_res = train_throughput(bert, bert_loss(bert, VOCAB), batches, args.warmup, device)
-    del bert
+    cdlm_fpt, bert_fpt = flops_per_token(cdlm_n, depth, L, width), flops_per_token(bert_n, depth, L, width)
 
-    cdlm_fpt = flops_per_token(cdlm_n, depth, L, width)
-    # What cdlm actually executes: adaLN linears run once per sequence, the head only on masked positions.
-    executed_n = cdlm_n - cdlm_ada - cdlm_head + cdlm_ada / L + cdlm_head * cdlm_res["masked_fraction_mean"]
-    cdlm_fpt_exec = flops_per_token(round(executed_n), depth, L, width)
-    bert_fpt = flops_per_token(bert_n, depth, L, width)
-    for res, fpt in ((cdlm_res, cdlm_fpt), (bert_res, bert_fpt)):
-        res["model_flops_per_s"] = res["tokens_per_s"] * fpt
-        res["mfu"] = res["model_flops_per_s"] / peak
-    cdlm_res["mfu_executed"] = cdlm_res["tokens_per_s"] * cdlm_fpt_exec / peak
-    ratio = cdlm_res["tokens_per_s"] / bert_res["tokens_per_s"]
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        peak_bf16 = matmul_peak(device, torch.bfloat16, sizes_mm, repeats=10 if device.type == "cuda" else 3)
+        peak_fp32 = matmul_peak(device, torch.float32, sizes_mm, repeats=10 if device.type == "cuda" else 2)
+        order = ("cdlm", "bert") if rep % 2 == 0 else ("bert", "cdlm")
+        res: dict[str, dict[str, Any]] = {}
+        for name in order:
+            torch.manual_seed(args.seed + rep)
+            if name == "cdlm":
+                res[name] = train_throughput(objective, cdlm_loss(objective), batches, args.warmup, device)
+            else:
+                res[name] = train_throughput(bert, bert_loss(bert, VOCAB), batches, args.warmup, device)
+        peak = peak_bf16["flops"]
+        # What cdlm executes: adaLN linears once per sequence, the head only on masked positions (on a CPU).
+        executed_n = cdlm_n - cdlm_ada - cdlm_head + cdlm_ada / L + cdlm_head * res["cdlm"]["masked_fraction_mean"]
+        for name, fpt in (("cdlm", cdlm_fpt), ("bert", bert_fpt)):
+            res[name]["model_flops_per_s"] = res[name]["tokens_per_s"] * fpt
+            res[name]["mfu"] = res[name]["model_flops_per_s"] / peak
+        executed_fpt = flops_per_token(round(executed_n), depth, L, width)
+        res["cdlm"]["mfu_executed"] = res["cdlm"]["tokens_per_s"] * executed_fpt / peak
+        runs.append(
+            {
+                "order": list(order),
+                "peak_bf16_flops": peak,
+                "peak_bf16": peak_bf16,
+                "peak_fp32_flops": peak_fp32["flops"],
+                "cdlm": res["cdlm"],
+                "bert": res["bert"],
+                "ratio_cdlm_over_bert": res["cdlm"]["tokens_per_s"] / res["bert"]["tokens_per_s"],
+                "load_average_after": list(os.getloadavg()),
+            }
+        )
+        print(
+            f"repetition {rep + 1}/{args.repeats}: peak {peak / 1e9:.0f} GFLOP/s bf16; cdlm "
+            f"{res['cdlm']['tokens_per_s']:.0f} tok/s (MFU {res['cdlm']['mfu']:.1%}), BERT "
+            f"{res['bert']['tokens_per_s']:.0f} tok/s (MFU {res['bert']['mfu']:.1%}), ratio "
+            f"{runs[-1]['ratio_cdlm_over_bert']:.2f}; load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
 
     import lightning
     import transformers
 
+    summary = {
+        "cdlm_tokens_per_s": spread([r["cdlm"]["tokens_per_s"] for r in runs]),
+        "bert_tokens_per_s": spread([r["bert"]["tokens_per_s"] for r in runs]),
+        "ratio_cdlm_over_bert": spread([r["ratio_cdlm_over_bert"] for r in runs]),
+        "cdlm_mfu": spread([r["cdlm"]["mfu"] for r in runs]),
+        "cdlm_mfu_executed": spread([r["cdlm"]["mfu_executed"] for r in runs]),
+        "bert_mfu": spread([r["bert"]["mfu"] for r in runs]),
+        "peak_bf16_flops": spread([r["peak_bf16_flops"] for r in runs]),
+    }
     result: dict[str, Any] = {
         "benchmark": "train_throughput",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
         "device": device.type,
         "device_name": device_name(device),
         "cpu_flags": cpu_matmul_flags() if device.type == "cpu" else None,
         "threads": torch.get_num_threads(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
         "dtype": "bfloat16 autocast (weights and optimizer state float32)",
         "versions": {
             "python": platform.python_version(),
@@ -312,27 +357,26 @@ def main() -> None:
             "lightning": lightning.__version__,
         },
         "preset": args.preset,
+        "cdlm_settings": overrides,
         "model": sizes,
         "vocab_size": VOCAB,
         "seq_len": L,
         "batch_size": B,
         "warmup_steps": args.warmup,
         "steps": args.steps,
+        "repeats": args.repeats,
         "data": data_source,
         "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS)},
         "step": "forward (autocast) + backward + AdamW step + zero_grad",
-        "peak_bf16_flops": peak,
-        "peak_bf16": peak_bf16,
-        "peak_fp32_flops": peak_fp32["flops"],
-        "peak_fp32": peak_fp32,
         "flops_formula": FLOPS_FORMULA,
         "flops_notes": (
             "N_matmul_params = weights of nn.Linear layers (biases, embeddings, norms excluded) plus the output "
             "head. cdlm: all backbone Linears incl. adaLN modulation + objective.head; BERT: encoder Linears + "
             "MLM transform dense + decoder (tied to the embeddings, counted as head). `mfu` counts cdlm's head at "
-            "the full per-token rate and its adaLN linears per token, for comparability; cdlm actually computes "
+            "the full per-token rate and its adaLN linears per token, for comparability; on a CPU cdlm computes "
             "the head only on masked positions (~half) and the adaLN linears once per sequence, which "
-            "`mfu_executed` / `flops_per_token_executed` account for. BERT computes its head on every position."
+            "`mfu_executed` accounts for. BERT computes its head on every position. MFU of each repetition is "
+            "against the peak measured in that repetition."
         ),
         "cdlm": {
             "objective": "cdlm.objectives.masked.MaskedDiffusion",
@@ -341,18 +385,16 @@ def main() -> None:
             "n_adaln_params": cdlm_ada,
             "n_head_params": cdlm_head,
             "flops_per_token": cdlm_fpt,
-            "flops_per_token_executed": cdlm_fpt_exec,
-            **cdlm_res,
         },
         "bert": {
-            "model": "transformers.BertForMaskedLM (sdpa, dropout 0), MLM with t ~ U(0,1) masked fraction per row",
+            "model": "transformers.BertForMaskedLM (sdpa, dropout 0, eager), MLM, t ~ U(0,1) masked fraction per row",
             "params": bert_params,
             "n_matmul_params": bert_n,
             "n_head_params": bert_head,
             "flops_per_token": bert_fpt,
-            **bert_res,
         },
-        "ratio_cdlm_over_bert": ratio,
+        "summary": summary,
+        "runs": runs,
         "runtime_s": time.perf_counter() - wall0,
     }
     if args.note:
@@ -361,19 +403,18 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    c, b = result["cdlm"], result["bert"]
+    def fmt(key: str, scale: float = 1.0, spec: str = ".0f") -> str:
+        s = summary[key]
+        return f"{s['median'] * scale:{spec}} [{s['min'] * scale:{spec}}, {s['max'] * scale:{spec}}]"
+
     print(
-        f"[{result['device_name']}, {result['threads']} threads, bf16 autocast] matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s bf16 ({peak_fp32['flops'] / 1e9:.1f} fp32). Preset {args.preset} "
-        f"({depth}x{width}), B={B}, L={L}, {args.steps} timed steps after {args.warmup} warm-up: cdlm "
-        f"MaskedDiffusion {c['tokens_per_s']:.0f} tok/s (MFU {c['mfu']:.1%}, executed-FLOPs MFU "
-        f"{c['mfu_executed']:.1%}, {c['params'] / 1e6:.2f} M params) vs transformers BertForMaskedLM "
-        f"{b['tokens_per_s']:.0f} tok/s (MFU {b['mfu']:.1%}, {b['params'] / 1e6:.2f} M params): ratio "
-        f"cdlm/bert = {ratio:.2f}. Mean step phases fwd/bwd/opt: cdlm "
-        + "/".join(f"{v:.3f}" for v in c["phase_s_mean"].values())
-        + " s, bert "
-        + "/".join(f"{v:.3f}" for v in b["phase_s_mean"].values())
-        + f" s. Total {result['runtime_s']:.0f} s; wrote {out}."
+        f"[{result['device_name']}, {result['threads']} threads, bf16 autocast, load {load_before[0]:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after] {args.repeats} repetitions, median [min, max]: peak "
+        f"{fmt('peak_bf16_flops', 1e-9)} GFLOP/s; {args.preset} ({depth}x{width}), B={B}, L={L}, cdlm "
+        f"{' '.join(overrides)}: {fmt('cdlm_tokens_per_s')} tok/s, MFU {fmt('cdlm_mfu', 100, '.1f')}% (executed "
+        f"{fmt('cdlm_mfu_executed', 100, '.1f')}%); BertForMaskedLM {fmt('bert_tokens_per_s')} tok/s, MFU "
+        f"{fmt('bert_mfu', 100, '.1f')}%; ratio cdlm/bert {fmt('ratio_cdlm_over_bert', 1, '.2f')}. "
+        f"Total {result['runtime_s']:.0f} s; wrote {out}."
     )
 
 

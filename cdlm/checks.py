@@ -58,6 +58,12 @@ def booleans(**values: object) -> None:
             raise ArgumentError(f"{name} must be true or false, got {value!r}")
 
 
+def one_of(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``value`` one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ArgumentError(f"{name}={value!r} is not one of {choices}")
+
+
 def finite(**values: object) -> None:
     """Each keyword value a finite number."""
     for name, value in values.items():

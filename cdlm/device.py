@@ -1,4 +1,5 @@
-"""What a result was measured on: the device's name, recorded beside every speed figure (docs/math.md §8)."""
+"""What a result was measured on (the device's name, recorded beside every speed figure, docs/math.md §8), and
+whether reading a tensor's values costs a host-device synchronisation (docs/runs.md, "Speed")."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def host_resident(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives in host memory, where reading its values (a boolean index, ``nonzero``) costs no
+    synchronisation: code may then take data-dependent shapes that it avoids on an accelerator."""
+    return tensor.device.type == "cpu"

@@ -57,9 +57,12 @@ def test_the_read_detector_sees_scalar_reads_and_boolean_indexing():
 
 
 @pytest.mark.parametrize("name", ["masked", "flow", "langflow", "bitstream", "autoregressive"])
-def test_a_training_step_reads_nothing_back_from_the_device(name):
-    """Forward and backward of the objective's training loss on a packed batch: static shapes, no scalar read (the
-    self-conditioning coin comes from the CPU generator)."""
+def test_a_training_step_reads_nothing_back_from_the_device(name, monkeypatch):
+    """Forward and backward of the objective's training loss on a packed batch as on an accelerator: static shapes,
+    no scalar read (the self-conditioning coin comes from the CPU generator)."""
+    import cdlm.objectives.masked
+
+    monkeypatch.setattr(cdlm.objectives.masked, "host_resident", lambda tensor: False)
     objective = tiny_objective(name).train()
     torch.manual_seed(0)
     with DeviceReads() as seen:
@@ -67,18 +70,43 @@ def test_a_training_step_reads_nothing_back_from_the_device(name):
     assert seen.reads == []
 
 
-def test_packed_rows_attend_without_a_mask(monkeypatch):
-    import cdlm.models.backbone as backbone_module
+def test_the_masked_loss_in_host_memory_takes_the_head_on_masked_rows_only_with_the_same_losses(monkeypatch):
+    """The CPU path (the head on the masked rows, gathered) and the accelerator path (the head everywhere, times the
+    mask) give the same per-token NELBO terms and the same gradients."""
+    import cdlm.objectives.masked
+
+    objective = tiny_objective("masked").train()
+    batch = packed_batch(rows=3)
+    results = []
+    for resident in (True, False):
+        monkeypatch.setattr(cdlm.objectives.masked, "host_resident", lambda tensor, r=resident: r)
+        objective.zero_grad()
+        torch.manual_seed(1)
+        out = objective.loss(batch)
+        out.loss.backward()
+        results.append((out.nll.detach(), objective.head.weight.grad.clone()))
+    (gathered, grad_gathered), (static, grad_static) = results
+    assert (gathered > 0).any() and (gathered == 0).any()
+    torch.testing.assert_close(gathered, static, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_gathered, grad_static, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_packed_rows_attend_without_a_mask(monkeypatch, kernel):
+    import cdlm.models.attend as attend_module
 
     masks = []
-    sdpa = backbone_module.F.scaled_dot_product_attention
+    owner, name = (
+        (attend_module, "matmul_attention") if kernel == "matmul" else (attend_module.F, "scaled_dot_product_attention")
+    )
+    kernel_fn = getattr(owner, name)
 
-    def record(*args, attn_mask=None, **kwargs):
-        masks.append(attn_mask)
-        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+    def record(*args, **kwargs):  # the mask is the fourth argument of matmul_attention, attn_mask= of SDPA
+        masks.append(args[3] if kernel == "matmul" else kwargs["attn_mask"])
+        return kernel_fn(*args, **kwargs)
 
-    monkeypatch.setattr(backbone_module.F, "scaled_dot_product_attention", record)
-    backbone = Backbone(width=32, depth=1, heads=2, max_len=64).eval()
+    monkeypatch.setattr(owner, name, record)
+    backbone = Backbone(width=32, depth=1, heads=2, max_len=64, attention=kernel).eval()
     h = torch.randn(2, 8, 32)
     padded = torch.ones(2, 8, dtype=torch.bool)
     padded[1, 6:] = False

@@ -2,7 +2,8 @@
 
 A DiT-style stack (Peebles & Xie, 2023): pre-norm blocks whose LayerNorm shift/scale and residual gates come
 from the conditioning vector through a zero-initialised linear map (adaLN-Zero), rotary positions
-(Su et al., 2021) and attention through ``scaled_dot_product_attention``. The backbone maps hidden states to
+(Su et al., 2021) and attention through ``cdlm.models.attend`` (SDPA, or matmuls for short sequences on a CPU). The
+backbone maps hidden states to
 hidden states; input adapters and output heads belong to the objectives (the contracts: cdlm/types.py).
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cdlm import checks
+from cdlm.models.attend import ATTENTION_KERNELS, AttentionKernel, attend
 from cdlm.models.kv_cache import KVCache
 from cdlm.models.rotary import Rotary, apply_rotary
 
@@ -128,11 +130,11 @@ def cached_causal_mask(offset: int, length: int, device: torch.device) -> torch.
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float, kernel: AttentionKernel = "auto") -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} must be divisible by heads={heads}")
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.kernel = heads, dropout, kernel
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
@@ -150,17 +152,19 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, T, Dh]: cached positions followed by the new ones
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
+        y = attend(q, k, v, mask, is_causal and mask is None, p, self.kernel)  # [B, H, L, Dh]
         return self.out(rearrange(y, "b h l d -> b l (h d)"))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-Zero modulation of both sublayers."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float, cond_width: int) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: int, dropout: float, cond_width: int, kernel: AttentionKernel = "auto"
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
-        self.attn = Attention(width, heads, dropout)
+        self.attn = Attention(width, heads, dropout, kernel)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = nn.Sequential(
             nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
@@ -193,6 +197,8 @@ class Backbone(nn.Module):
             "Speed").
         activation_checkpointing: in training, keep only each block's input and recompute the block in the backward
             pass: activation memory of one block instead of ``depth``, for about a third more compute.
+        attention: the attention kernel (``cdlm.models.attend``): ``auto`` (matmuls for short sequences on a CPU,
+            SDPA elsewhere), ``sdpa`` or ``matmul``.
 
     Sizes are positive integers, ``width`` a multiple of ``heads`` with an even head width, ``dropout`` in [0, 1);
     anything else is an ``ArgumentError`` (a ``ValueError``) naming the argument.
@@ -211,9 +217,11 @@ class Backbone(nn.Module):
         cond_width: int = 128,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        attention: AttentionKernel = "auto",
     ) -> None:
         super().__init__()
         check_backbone(width, depth, heads, mlp_ratio, dropout, max_len, cond_width)
+        checks.one_of("attention", attention, ATTENTION_KERNELS)
         checks.booleans(compile=compile, activation_checkpointing=activation_checkpointing)
         if not isinstance(mask_mode, str) or mask_mode not in MASK_MODES:
             raise checks.ArgumentError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES}")
@@ -222,7 +230,9 @@ class Backbone(nn.Module):
         self.width, self.depth, self.heads, self.cond_width = width, depth, heads, cond_width
         self.mask_mode, self.block_size = mask_mode, block_size
         self.rotary = Rotary(width // heads, max_len)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cond_width) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, dropout, cond_width, attention) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.ada = nn.Linear(cond_width, 2 * width)
         self.apply(_init_weights)

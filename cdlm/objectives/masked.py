@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cdlm import checks
+from cdlm.device import host_resident
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.chunked_ce import chunked_cross_entropy
@@ -100,10 +101,24 @@ class MaskedDiffusion(nn.Module):
         masked = (torch.rand(x.shape, device=x.device) < 1 - alpha) & padding  # [B, L]
         z = torch.where(masked, self.mask_id, x)
         h = self.hidden(z, t, padding)  # [B, L, D]
-        target = torch.where(masked, x, 0)  # [B, L]: an id in range where no loss is taken (padding ids may not be)
-        ce = chunked_cross_entropy(h.flatten(0, 1), self.head, target.flatten()).view(x.shape)  # [B, L]
+        ce = self.masked_cross_entropy(h, x, masked)  # [B, L]
         nll = ce * self.schedule.weight(t.float())[:, None] * masked  # [B, L]: zero off the masked positions
         return nll, masked
+
+    def masked_cross_entropy(self, h: torch.Tensor, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """``-log p_theta(x | z)`` ``[B, L]`` (float32) at the masked positions, from the hidden states ``h``
+        ``[B, L, D]``; the other entries are 0 or the loss of a stand-in target, which the caller multiplies by 0.
+
+        On an accelerator, in static shape: the head runs at every position (no host sync). In host memory, where
+        reading the mask is free, the head runs on the masked rows only: the same per-row losses for about half the
+        head's work (``cdlm.device.host_resident``).
+        """
+        if host_resident(masked):
+            rows = masked.flatten().nonzero().squeeze(1)  # [M]
+            losses = chunked_cross_entropy(h.flatten(0, 1)[rows], self.head, x.flatten()[rows])  # [M]
+            return losses.new_zeros(x.numel()).index_copy(0, rows, losses).view(x.shape)
+        target = torch.where(masked, x, 0)  # [B, L]: an id in range where no loss is taken (padding ids may not be)
+        return chunked_cross_entropy(h.flatten(0, 1), self.head, target.flatten()).view(x.shape)
 
     def loss(self, batch: Batch) -> LossOutput:
         """Training loss: NELBO per valid token with ``t = t_min + (1 - t_min) u`` (``u`` low-discrepancy)."""
