@@ -12,12 +12,21 @@ one warm-up):
 - ``overhead_inside``: ``wall / time inside the network calls - 1``: the per-step work around the network.
 
     python bench/sampler_overhead.py [--batch-size 8] [--length 256] [--steps 64] [--dtype auto|fp32|bf16]
-        [--repeats 3] [--out bench/results/sampler_overhead_cpu.json]
+        [--repeats 3] [--only PATTERN ...] [--malloc default|steady]
+        [--out bench/results/sampler_overhead_cpu.json]
+
+``--only`` restricts the run to the configurations ``preset/objective`` matching any of the shell patterns given
+(e.g. ``--only 'churn/*' heun/flow``), to iterate on a few samplers; the definitions above are unchanged.
+``--malloc steady`` fixes glibc's allocator policy for the process (``mallopt``: mmap threshold 32 MiB, no trimming of
+the heap, 256 MiB top pad): under the default, dynamic policy, whether a large temporary of the network reuses heap
+pages or faults in fresh ones depends on the allocation history, and the page faults move a forward's time by tens of
+percent between runs (the first call repeated alone included). The default leaves the allocator as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -85,6 +94,19 @@ class NetworkTimer:
                 synchronize(self.device)
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
+
+
+def steady_malloc() -> bool:
+    """Fix glibc's malloc policy (``--malloc steady``); whether it applied (False off glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # mallopt parameters (malloc.h)
+    settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20))
+    return all(bool(libc.mallopt(param, value)) for param, value in settings)
 
 
 def build(objective: str, device: torch.device):
@@ -159,8 +181,11 @@ def main() -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="preset/objective shell patterns")
+    p.add_argument("--malloc", choices=("default", "steady"), default="default", help="glibc allocator policy")
     p.add_argument("--out", default="bench/results/sampler_overhead_cpu.json")
     args = p.parse_args()
+    malloc = args.malloc if args.malloc == "default" or steady_malloc() else "default (steady did not apply)"
     from cdlm.options import resolve_device
 
     device = torch.device(resolve_device(args.device))
@@ -177,13 +202,14 @@ def main() -> None:
         "length": args.length,
         "dtype": "bf16 autocast" if dtype is not None else "float32",
         "repeats": args.repeats,
+        "malloc": malloc,
         "load_average_before": os.getloadavg(),
         "runs": {},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    modules = {name: build(name, device) for name in OBJECTIVES}
+    modules = {name: build(name, device) for name in OBJECTIVES}  # all built, so the initial weights do not move
     for preset_name, preset in presets().items():
         from cdlm.samplers import get_sampler
 
@@ -191,6 +217,8 @@ def main() -> None:
             if not get_sampler(preset["name"]).fits(module.objective):
                 continue
             key = f"{preset_name}/{objective}"
+            if args.only is not None and not any(fnmatch.fnmatchcase(key, pattern) for pattern in args.only):
+                continue
             result["runs"][key] = run = measure(module, preset, args, dtype, device)
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(

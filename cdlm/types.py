@@ -100,7 +100,11 @@ class FlowMapObjective(ContinuousObjective, Protocol):
 
 @dataclass
 class SamplerStep:
-    """What a sampler hands its ``callback`` after every step."""
+    """What a sampler hands its ``callback`` after every step.
+
+    ``x`` and ``x0`` may be buffers the sampler updates in place at its next step (the continuous samplers' float64
+    states): they are valid until the callback returns, so a callback that keeps them keeps ``.clone()`` copies.
+    """
 
     index: int
     t: float

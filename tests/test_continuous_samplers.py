@@ -150,3 +150,73 @@ def test_registry_and_configs(masked_objective):
         assert all(node[k] == defaults[k] for k in node)
     with pytest.raises(ValueError, match="works on discrete objectives"):
         get_sampler("ancestral", toy)
+
+
+def test_fused_state_updates_give_the_formulas_values_bit_for_bit(monkeypatch):
+    """cdlm.samplers.state: chunked in-place passes = the out-of-place formulas (chunks of 7 elements here)."""
+    from cdlm.samplers import state
+
+    monkeypatch.setattr(state, "CHUNK_ELEMENTS", 7)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 40
+    x0 = torch.randn(3, 5, 11, generator=g).softmax(-1)  # float32, as the networks return it
+    eps = torch.randn(3, 5, 11, generator=g)
+    sigma, sigma_next = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.7, dtype=torch.float64)
+    scale = (sigma**2 - sigma_next**2).sqrt()
+    ratio = sigma_next / sigma
+
+    y, out = x.clone(), torch.empty(3, 5, 11)
+    state.euler_(y, x0, ratio, out, eps, scale)
+    expected = torch.addcmul(euler_step(x, x0.double(), sigma, sigma_next), eps, scale)
+    assert torch.equal(y, expected) and torch.equal(out, expected.float())
+
+    y = x.clone()
+    state.perturb_(y, eps, scale, out)
+    assert torch.equal(y, torch.addcmul(x, eps, scale)) and torch.equal(out, y.float())
+
+    x_next, slope, y = torch.empty_like(x), torch.empty_like(x), x.clone()
+    state.heun_predict_(y, x0, ratio, sigma, x_next, slope, out)
+    assert torch.equal(x_next, euler_step(x, x0.double(), sigma, sigma_next)) and torch.equal(out, x_next.float())
+    assert torch.equal(slope, (x - x0.double()) / sigma) and torch.equal(y, x)
+    x0_next = torch.randn(3, 5, 11, generator=g).softmax(-1)
+    state.heun_correct_(y, x_next, x0_next, sigma_next, (sigma_next - sigma) * 0.5, slope, out)
+    d, d_next = (x - x0.double()) / sigma, (x_next - x0_next.double()) / sigma_next
+    expected = x + (sigma_next - sigma) * 0.5 * (d + d_next)
+    assert torch.equal(y, expected) and torch.equal(out, expected.float())
+
+
+def test_state_noise_is_standard_normal_and_does_not_depend_on_threads():
+    from cdlm.samplers.state import StateNoise
+
+    threads = torch.get_num_threads()
+    like = torch.empty(4, 64, 300)  # 76,800 elements: drawn in parallel parts where threads allow
+    try:
+        draws = []
+        for n in (1, 2):  # one thread: drawn when taken; two: the next draw is made during overlap()
+            torch.set_num_threads(n)
+            noise, taken = StateNoise(like, torch.Generator().manual_seed(5), 4), []
+            for k in range(4):
+                taken.append(noise.take().clone())
+                with noise.overlap():  # one intra-op thread while the next draw (if any) is made
+                    assert torch.get_num_threads() == (1 if k < 3 else n)
+                assert torch.get_num_threads() == n and not noise.pending and not noise.helpers
+            draws.append(torch.stack(taken))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0][0], draws[0][1])
+    assert abs(draws[0].mean().item()) < 0.01 and abs(draws[0].var().item() - 1) < 0.01
+
+
+@pytest.mark.parametrize("knobs", [{}, {"heun": True}, {"t_lo": 0.0, "t_hi": 1.0}])
+def test_churn_without_a_callback_takes_the_same_steps(knobs):
+    """Without a callback the next step's churn is added in the same pass as this step's update: same values."""
+    obj = GaussianToy()
+    spec = get_sampler("churn", obj)
+    last = []
+    decode = obj.decode
+    obj.decode = lambda x: last.append(x) or decode(x)
+    for callback in (None, lambda step: None):
+        g = torch.Generator().manual_seed(4)
+        x = obj.prior(8, 4, torch.device("cpu"), generator=g)
+        spec.fn(obj, x, spec.grid(12, torch.device("cpu")), generator=g, callback=callback, gamma=0.3, **knobs)
+    assert torch.equal(last[0], last[1])

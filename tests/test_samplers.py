@@ -88,3 +88,21 @@ def test_one_ancestral_step_draws_the_mdlm_posterior():
     expected = torch.cat([moved * p.double(), torch.tensor([stay], dtype=torch.float64)]) / (moved + stay)
     torch.testing.assert_close(freq, expected, atol=4e-3, rtol=0)
     assert bool((best == 0).all())
+
+
+def test_ancestral_step_on_indexed_rows_draws_the_nucleus_posterior():
+    """CleanProbs over the denoiser's rows picked by ``index``, nucleus-filtered: each position's own law."""
+    from cdlm.samplers.discrete import CleanProbs, ancestral_draws
+
+    rows = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]).log()  # [R = 2, V = 4]
+    index = torch.arange(200_000) % 2  # positions alternate between the rows
+    moved, stay = 0.3, 0.2
+    draw, best = ancestral_draws(
+        CleanProbs(rows, 0.75, index), moved, stay, moved + stay, torch.Generator().manual_seed(3)
+    )
+    for row in (0, 1):
+        freq = torch.bincount(draw[index == row], minlength=5).double() / 100_000
+        kept = top_p_filter(rows[row].double().exp()[None], 0.75)[0]
+        expected = torch.cat([moved * kept, torch.tensor([stay], dtype=torch.float64)]) / (moved + stay)
+        torch.testing.assert_close(freq, expected, atol=5e-3, rtol=0)
+        assert bool((best[index == row] == rows[row].argmax()).all())

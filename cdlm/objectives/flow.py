@@ -37,15 +37,21 @@ from cdlm.types import Batch, LossOutput
 # log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's
 # sinusoids, the per-unit scale LangFlow uses (50 per unit of gamma = 2 log sigma), so a sigma means the same to both.
 LOG_SIGMA_EMBED_SCALE = 100.0
+CPU_SCALE_ELEMENTS = 2**18  # elements per chunk of scale_rows on CPUs: 2 MiB of float64 temporaries
 
 
 def scale_rows(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``c x`` rounded to float32 ``[B, L, V]`` for float64 ``c`` ``[B]`` and ``x`` ``[B, L, V]``: the product is
-    formed in float64 and rounded once, a chunk of positions at a time (``chunk_rows``)."""
+    formed in float64 and rounded once, a chunk of positions at a time (``chunk_rows``; on CPUs chunks of about
+    ``CPU_SCALE_ELEMENTS``, whose float64 temporaries stay in cache and are reused by the allocator, where whole-batch
+    ones would be fresh mappings to fault in at every call)."""
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])  # [B L, V]
     scale = c.to(torch.float64).repeat_interleave(x.shape[1])[:, None]  # [B L, 1]
-    for part in row_slices(rows.shape[0], chunk_rows(x.shape[-1])):
+    step = chunk_rows(x.shape[-1])
+    if x.device.type == "cpu":
+        step = min(step, max(1, CPU_SCALE_ELEMENTS // x.shape[-1]))
+    for part in row_slices(rows.shape[0], step):
         out_rows[part].copy_(scale[part] * rows[part].to(torch.float64))
     return out
 
@@ -256,7 +262,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         """
         std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
         eps = torch.randn(n, length, self.vocab_size, device=device, generator=generator)  # [n, L, V]
-        return self.data_mean + std * eps
+        return eps.mul_(std).add_(self.data_mean)  # data_mean + std eps, in place: no second [n, L, V]
 
     def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min``."""

@@ -9,16 +9,22 @@
 
 Each sampler keeps its state in float64 and calls ``objective.denoise`` in float32; the last step takes the clean
 estimate, which ``objective.decode`` turns into token ids (docs/math.md §2).
+
+The state and its updates are ``cdlm.samplers.state``'s: one float64 buffer updated in place, chunk by chunk, with
+the values of the formulas written here; the callback therefore sees the sampler's buffer (``SamplerStep``: valid
+until the callback returns) and the network's own clean estimate.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from cdlm.samplers.registry import Ordered, Range, register_sampler
+from cdlm.samplers.state import NetworkInputs, StateNoise, euler_, heun_correct_, heun_predict_, perturb_
 from cdlm.types import ContinuousObjective, SamplerStep
 
 MAX_CHURN = math.sqrt(2.0) - 1.0  # EDM Alg. 2: gamma_i <= sqrt(2) - 1 keeps sigma_hat <= sqrt(2) sigma_i
@@ -51,19 +57,19 @@ def euler_step(
 
 
 class _Denoiser:
-    """Calls ``objective.denoise`` in float32 on the float64 state, counts calls and carries self-conditioning."""
+    """Calls ``objective.denoise`` on the float32 input, counts calls and carries self-conditioning."""
 
     def __init__(self, objective: ContinuousObjective, self_cond: bool) -> None:
         self.objective, self.self_cond = objective, self_cond
         self.nfe, self.last = 0, None  # last: the previous raw estimate, the self-conditioning input
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, L, D]`` float64, ``sigma`` 0-d float64 -> ``x0_hat`` ``[B, L, D]`` float64 (converted once:
-        the state's updates read it twice, and mixed-dtype elementwise ops are slower than one conversion on CPUs)."""
+        """``x`` ``[B, L, D]`` float32 (the state rounded once), ``sigma`` 0-d float64 -> ``x0_hat`` ``[B, L, D]`` as
+        the objective returns it (the state's updates convert it to float64 a chunk at a time)."""
         sigma_b = sigma.float().expand(x.shape[0])  # [B]
-        x0 = self.objective.denoise(x.float(), sigma_b, self.last if self.self_cond else None)
+        x0 = self.objective.denoise(x, sigma_b, self.last if self.self_cond else None)
         self.nfe, self.last = self.nfe + 1, x0
-        return x0.double()
+        return x0
 
 
 def _continuous_loop(
@@ -79,28 +85,51 @@ def _continuous_loop(
 ) -> torch.Tensor:
     """EDM Algorithm 2 over the grid ``ts`` ``[T + 1]`` with per-step churn ``gammas`` (all 0 = Algorithm 1).
 
-    Returns ``objective.decode`` of the last clean estimate: token ids ``[B, L]``.
+    Returns ``objective.decode`` of the last clean estimate: token ids ``[B, L]``. The float64 state is updated in
+    place by ``cdlm.samplers.state``'s fused passes, each noted with the formula whose values it computes; every
+    pass that precedes a network call also writes that call's float32 input (``x.float()``).
     """
     # float64 state: over hundreds of steps the update x0 + r (x - x0) with r -> 1 accumulates float32 rounding.
-    x = x.double()  # [B, L, D]
+    x = x.to(torch.float64, copy=True)  # [B, L, D], owned: updated in place below
     sigmas = objective.sigma(ts.double())  # [T + 1] float64, decreasing along the grid
+    sigma_hats = [sigmas[i] * (1.0 + gamma) for i, gamma in enumerate(gammas)]
     denoise = _Denoiser(objective, self_cond)
+    draws = sum(g > 0 for g in gammas)
+    noise = StateNoise(x, generator, draws) if draws else None
+
+    def churn(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM Alg. 2 lines 5-6 at step ``i``: fresh draws and their scale ``sqrt(sigma_hat^2 - sigma^2) s_noise``."""
+        return noise.take(), (sigma_hats[i] ** 2 - sigmas[i] ** 2).sqrt() * s_noise
+
     steps = len(ts) - 1
+    second = heun and steps > 1  # Heun's float64 buffers: x_next and the slope d
+    x_next, d = (torch.empty_like(x), torch.empty_like(x)) if second else (None, None)
+    inputs = NetworkInputs(x)
+    x_in, churned = inputs.next().copy_(x), False  # x_in: float32(x), the next call's input; churned: noise added
     for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        sigma_hat = sigma * (1.0 + gammas[i])
-        if gammas[i] > 0:  # EDM Alg. 2 lines 5-6: raise the noise level from sigma to sigma_hat
-            # float32 draws (a quarter of float64's cost on CPUs), scaled and added to the float64 state in one pass
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
-            x = torch.addcmul(x, eps, (sigma_hat**2 - sigma**2).sqrt() * s_noise)
-        x0 = denoise(x, sigma_hat)
-        x_next = euler_step(x, x0, sigma_hat, sigma_next)
+        sigma_hat, sigma_next = sigma_hats[i], sigmas[i + 1]
+        if gammas[i] > 0 and not churned:  # raise the noise level from sigma to sigma_hat: x + scale eps
+            x_in, (eps, scale) = inputs.next(), churn(i)
+            with noise.overlap():  # the next draw is made meanwhile
+                perturb_(x, eps, scale, x_in)
+        x0 = denoise(x_in, sigma_hat)
+        ratio = sigma_next / sigma_hat
+        # The next step's churn is added in this step's pass, unless a callback is to see the state between them.
+        churned = i < steps - 1 and gammas[i + 1] > 0 and callback is None
+        needs_input = i < steps - 1 and (gammas[i + 1] == 0 or churned)  # else the next step's perturb_ writes it
         if heun and i < steps - 1:  # EDM Alg. 1 lines 9-11: the trapezoid correction; the last step stays Euler
-            d = (x - x0) / sigma_hat  # dx/dsigma at sigma_hat
-            x0 = denoise(x_next, sigma_next)
-            d_next = (x_next - x0) / sigma_next
-            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
-        x = x_next
+            corrector_in = inputs.next()
+            # x_next = euler_step(x, x0, sigma_hat, sigma_next), d = (x - x0) / sigma_hat
+            heun_predict_(x, x0, ratio, sigma_hat, x_next, d, corrector_in)
+            x0 = denoise(corrector_in, sigma_next)
+        x_in = inputs.next() if needs_input else None
+        eps, scale = churn(i + 1) if churned else (None, None)  # taken right before the pass that adds it
+        with noise.overlap() if churned else nullcontext():  # (the draw after it is made during the pass)
+            if heun and i < steps - 1:
+                # x + (sigma_next - sigma_hat) 0.5 (d + d_next), d_next = (x_next - x0) / sigma_next
+                heun_correct_(x, x_next, x0, sigma_next, (sigma_next - sigma_hat) * 0.5, d, x_in, eps, scale)
+            else:
+                euler_(x, x0, ratio, x_in, eps, scale)  # euler_step(x, x0, sigma_hat, sigma_next)
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=x0, nfe=denoise.nfe))
     return objective.decode(denoise.last)

@@ -25,31 +25,67 @@ from cdlm.types import DiscreteObjective, SamplerStep
 
 @dataclass(frozen=True)
 class CleanProbs:
-    """``p_theta(x0 | x)`` at ``N`` masked positions, kept lean: float32 ``log p`` ``[N, V]`` and, with nucleus
-    filtering, the nucleus as a bool ``[N, V]``. Float64 probabilities exist only for a chunk of rows at a time."""
+    """``p_theta(x0 | x)`` at ``N`` masked positions, kept lean: the denoiser's float32 ``log p`` rows ``[R, V]``
+    (not copied), ``index`` ``[N]``, the rows of the ``N`` positions (None: all ``R`` rows), and the nucleus level
+    ``top_p``. Float64 probabilities and nuclei exist only for the positions a step draws, a chunk at a time."""
 
     logp: torch.Tensor
-    keep: torch.Tensor | None = None
+    top_p: float = 1.0
+    index: torch.Tensor | None = None
 
-    def rows(self) -> list[slice]:
-        """The chunks of rows a draw runs over (``cdlm.samplers.categorical.row_chunks``; ``V + 1`` wide)."""
-        return row_chunks(self.logp.shape[0], self.logp.shape[1] + 1)
+    def __len__(self) -> int:
+        """``N``: the number of positions."""
+        return self.logp.shape[0] if self.index is None else self.index.shape[0]
 
-    def probs(self, rows: slice) -> torch.Tensor:
-        """Float64 probabilities ``[n, V]`` of ``rows``, nucleus-filtered and renormalised as ``top_p_filter``."""
-        probs = self.logp[rows].double().exp_()  # [n, V]
-        return probs if self.keep is None else renormalise(probs, self.keep[rows])
+    def rows(self, count: int | None = None) -> list[slice]:
+        """The chunks of ``count`` (default ``N``) positions a draw runs over (``row_chunks``; ``V + 1`` wide)."""
+        return row_chunks(len(self) if count is None else count, self.logp.shape[1] + 1)
+
+    def probs(self, positions: slice | torch.Tensor) -> torch.Tensor:
+        """Float64 probabilities ``[n, V]`` at ``positions`` (of the ``N``), nucleus-filtered and renormalised as
+        ``top_p_filter`` (the nucleus of a row depends on that row alone)."""
+        logp = self.logp[positions] if self.index is None else self.logp[self.index[positions]]  # [n, V] float32
+        probs = logp.double().exp_()  # [n, V]
+        return probs if self.top_p >= 1.0 else renormalise(probs, nucleus(probs, self.top_p))
+
+    def best(self) -> torch.Tensor:
+        """The clean argmax ``[N]`` (float32 suffices: the nucleus always holds the top token)."""
+        best = self.logp.argmax(-1)  # [R]
+        return best if self.index is None else best[self.index]
 
 
 def clean_probs(
     objective: DiscreteObjective, x: torch.Tensor, t: torch.Tensor, top_p: float, where: torch.Tensor
 ) -> CleanProbs:
     """``p_theta(x0 | x)`` at the positions ``where`` ``[B, L]`` (bool): ``N`` rows, nucleus-filtered (``top_p``)."""
-    logp = objective.denoise(x, t.expand(x.shape[0]).float())[where]  # [N, V] float32
-    if top_p >= 1.0:
-        return CleanProbs(logp)
-    chunks = row_chunks(logp.shape[0], logp.shape[1] + 1)
-    return CleanProbs(logp, torch.cat([nucleus(logp[rows].double().exp(), top_p) for rows in chunks]))
+    logp = objective.denoise(x, t.expand(x.shape[0]).float())  # [B, L, V] float32
+    return CleanProbs(logp.reshape(-1, logp.shape[-1]), top_p, where.reshape(-1).nonzero().squeeze(-1))
+
+
+def ancestral_moves(
+    clean: CleanProbs,
+    moved: torch.Tensor | float,
+    stay: torch.Tensor | float,
+    norm: torch.Tensor | float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One step's draws ``[N]`` at the ``N`` masked positions (``V`` = stays ``[MASK]``).
+
+    A masked position draws from ``q = [moved * p_theta, stay] / norm`` ``[V + 1]`` (docs/math.md §1), with
+    ``norm = moved + stay``: it stays ``[MASK]`` with probability ``stay / norm`` (one uniform each, all drawn
+    first), else takes a token drawn from ``p_theta`` in float64; the same law without forming ``q``. Only the
+    positions that move are drawn from ``p_theta`` (about ``N / steps`` of them), in order and chunk by chunk, so
+    the stream of the generator does not depend on the chunks.
+    """
+    vocab = clean.logp.shape[-1]
+    u = torch.rand(len(clean), dtype=torch.float64, device=clean.logp.device, generator=generator)  # [N]
+    moves = (~(u * norm < stay)).nonzero().squeeze(-1)  # [M]: the positions that take a token
+    draws = torch.full((len(clean),), vocab, dtype=torch.long, device=clean.logp.device)  # index V is [MASK]
+    if len(moves):
+        draws[moves] = torch.cat(
+            [sample_categorical(clean.probs(moves[rows]), generator) for rows in clean.rows(len(moves))]
+        )
+    return draws
 
 
 def ancestral_draws(
@@ -59,21 +95,8 @@ def ancestral_draws(
     norm: torch.Tensor | float,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's draws ``[N]`` (``V`` = stays ``[MASK]``) and the clean argmax ``[N]``, chunk by chunk.
-
-    A masked position draws from ``q = [moved * p_theta, stay] / norm`` ``[V + 1]`` (docs/math.md §1), with
-    ``norm = moved + stay``: it stays ``[MASK]`` with probability ``stay / norm`` (one uniform), else takes a token
-    drawn from ``p_theta`` in float64; the same law without forming ``q``.
-    """
-    logp = clean.logp  # [N, V]
-    u = torch.rand(logp.shape[0], dtype=torch.float64, device=logp.device, generator=generator)  # [N], first:
-    draws, best = [], []  # the generator's stream is then the same whatever the chunks
-    for rows in clean.rows():
-        probs = clean.probs(rows)  # [n, V] float64
-        token = sample_categorical(probs, generator)  # [n]
-        draws.append(torch.where(u[rows] * norm < stay, probs.shape[-1], token))  # index V is [MASK]
-        best.append(clean.logp[rows].argmax(-1))  # float32 suffices: the nucleus always holds the top token
-    return torch.cat(draws), torch.cat(best)
+    """``ancestral_moves`` ``[N]`` and the clean argmax ``[N]`` (``CleanProbs.best``)."""
+    return ancestral_moves(clean, moved, stay, norm, generator), clean.best()
 
 
 @register_sampler(
@@ -101,8 +124,9 @@ def sample_ancestral(
 ) -> torch.Tensor:
     """Reverse the absorbing process over the grid ``ts`` ``[T + 1]`` (1 -> ~0) from ``x`` ``[B, L]``.
 
-    Only masked positions are scored and drawn (visible ones are copied), so the cost of the float64 draws falls
-    with the number of masks; they run over chunks of positions, so only float32 ``log p_theta`` is kept whole.
+    Only masked positions are drawn (visible ones are copied), and of those only the ones that unmask at the step
+    draw a token from ``p_theta`` (``ancestral_moves``: about ``1 / steps`` of them), so the float64 draws are a
+    small part of a step; they run over chunks of positions, so only float32 ``log p_theta`` is kept whole.
     ``final``: how positions still masked after the grid are committed, ``argmax`` or ``sample`` of ``p_theta``.
     ``cache=False`` calls the network at every step (the reference the cached path must equal). ``remask_eta``:
     ReMDM's ``eta`` (0 = off, the MDLM step); tokens visible in the input ``x`` (a prompt) are never remasked.
@@ -123,9 +147,10 @@ def sample_ancestral(
         a_t, a_s = alpha(t), alpha(s)
         sigma = remask_sigma(a_t, a_s, remask_eta)  # 0.0 when off: then the terms below are exactly MDLM's
         # mass moved to p_theta, mass left on [MASK], normaliser
-        draw, best = ancestral_draws(clean, a_s - a_t + sigma * a_t, 1 - a_s - sigma * a_t, 1 - a_t, generator)
-        x0 = x.clone()
-        x0[masked] = best
+        draw = ancestral_moves(clean, a_s - a_t + sigma * a_t, 1 - a_s - sigma * a_t, 1 - a_t, generator)
+        if callback is not None:  # the clean estimate is for the callback only
+            x0 = x.clone()
+            x0[masked] = clean.best()
         x = x.clone()
         x[masked] = draw
         changed = not bool((draw == objective.mask_id).all())

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
-from cdlm.samplers.continuous import continuous_grid, euler_step
+from cdlm.samplers.continuous import continuous_grid
 from cdlm.samplers.registry import SAMPLERS, Range, register_sampler, unfit_message
+from cdlm.samplers.state import NetworkInputs, StateNoise, euler_
 from cdlm.types import FlowMapObjective, SamplerStep
 
 MAX_JUMPS = 32  # docs/math.md §2: the flow map is for 1-32 jumps; more steps is the ODE (euler/heun on the diagonal)
@@ -53,19 +55,23 @@ def sample_flowmap(
         raise ValueError(f"flowmap takes 1 to {MAX_JUMPS} jumps, got {steps}; for more steps use euler or heun")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] (0 = deterministic), got {gamma}")
-    x = x.double()  # [B, L, D]
+    x = x.to(torch.float64, copy=True)  # [B, L, D], owned: updated in place (cdlm.samplers.state)
     sigmas = objective.sigma(ts.double())  # [K + 1] float64, decreasing along the grid
+    noise = StateNoise(x, generator, steps - 1) if gamma > 0 and steps > 1 else None
+    inputs = NetworkInputs(x)
+    x_in = inputs.next().copy_(x)  # [B, L, D] float32: the next jump's network input
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         renoise = gamma > 0 and i < steps - 1
         target = sigma_next * math.sqrt(1 - gamma**2) if renoise else sigma_next
         target = target.clamp_min(objective.sigma_min) if renoise else target
         rows = x.shape[0]
-        d = objective.flow_denoise(x.float(), sigma.float().expand(rows), target.float().expand(rows)).double()
-        x = euler_step(x, d, sigma, target)  # the flow map X_{s->t}(x) in VE coordinates
-        if renoise:  # float32 draws scaled and added to the float64 state in one pass
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
-            x = torch.addcmul(x, eps, (sigma_next**2 - target**2).clamp_min(0).sqrt())
+        d = objective.flow_denoise(x_in, sigma.float().expand(rows), target.float().expand(rows))  # [B, L, D]
+        x_in = inputs.next() if i < steps - 1 else None
+        # the flow map X_{s->t}(x) = euler_step(x, d, sigma, target), then (renoise) x + sqrt(..) eps, in one pass
+        eps, scale = (noise.take(), (sigma_next**2 - target**2).clamp_min(0).sqrt()) if renoise else (None, None)
+        with noise.overlap() if renoise else nullcontext():  # the next draw is made meanwhile
+            euler_(x, d, target / sigma, x_in, eps, scale)
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=d, nfe=i + 1))
     return objective.decode(d)

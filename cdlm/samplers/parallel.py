@@ -16,6 +16,7 @@ with gaps where blocks ended early); ``nfe`` is the honest cost.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,6 @@ from cdlm.samplers.selectors import (
     active_block,
     block_grid,
     block_steps,
-    confidence,
     num_blocks,
     prophet_ready,
     remask,
@@ -81,20 +81,31 @@ def draw_tokens(
 
 
 def choose(
-    policy: Policy, logp: torch.Tensor, candidates: torch.Tensor, rates: tuple[float, float, float], progress: float
+    policy: Policy,
+    logp: torch.Tensor,
+    candidates: torch.Tensor,
+    rates: tuple[float, float, float],
+    progress: float,
+    span: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions to commit ``[B, L]`` and the Prophet-ready rows ``[B]`` (filled all-in by argmax).
 
-    ``rates``: ``(alpha_t, alpha_s, sigma)`` of the step, ``sigma`` the ReMDM remasking probability.
+    ``rates``: ``(alpha_t, alpha_s, sigma)`` of the step, ``sigma`` the ReMDM remasking probability. ``span``: the
+    positions holding every candidate (a block's); only their rows of ``log p_theta`` ``[B, L, V]`` are read. The
+    confidence is ``selectors.confidence``'s (``max_v p_theta``, from ``amax``: no argmax is formed).
     """
-    conf = confidence(logp, candidates)  # [B, L] float64, -inf off candidates
+    top = torch.full(candidates.shape, -math.inf, dtype=logp.dtype, device=logp.device)  # [B, L]
+    top[:, span] = logp[:, span].amax(-1)  # max_v log p_theta
+    conf = top.double().exp_().masked_fill_(~candidates, -math.inf)  # [B, L] float64, -inf off candidates
     if policy.selector == "threshold":
         commit = select_threshold(conf, policy.tau)
     else:
         commit = select_topk(conf, topk_count(candidates.sum(-1), *rates))
     ready = torch.zeros_like(candidates[:, 0])  # [B]
     if policy.selector == "prophet":
-        ready = prophet_ready(top2_gap(logp), candidates, progress)
+        gap = torch.zeros(candidates.shape, dtype=torch.float32, device=logp.device)  # [B, L]
+        gap[:, span] = top2_gap(logp[:, span])  # 0 off the span: prophet_ready reads candidates only
+        ready = prophet_ready(gap, candidates, progress)
     return commit | (ready[:, None] & candidates), ready
 
 
@@ -109,22 +120,26 @@ def parallel_step(
     last: bool,
     mask_id: int,
     generator: torch.Generator | None,
+    span: slice = slice(None),
 ) -> torch.Tensor:
     """One step on ``x`` ``[B, L]``: commit the chosen ``candidates``, then remask some ``remaskable`` tokens.
 
-    ``last``: the block's final step commits every candidate and remasks nothing.
+    ``last``: the block's final step commits every candidate and remasks nothing. ``span``: positions holding
+    every candidate (a block's), the only ones whose ``log p_theta`` rows are read.
     """
+    x = x.clone()
     if last:
-        commit, ready = candidates, torch.zeros_like(candidates[:, 0])
-    else:
-        commit, ready = choose(policy, logp, candidates, rates, progress)
+        x[candidates] = draw_tokens(logp[candidates], policy.temperature, policy.top_p, generator)
+        return x
+    commit, ready = choose(policy, logp, candidates, rates, progress, span)
     greedy = ready[:, None] & candidates  # [B, L]: Prophet's all-in rows take the argmax
     sampled = commit & ~greedy
-    x = x.clone()
-    x[greedy] = logp.argmax(-1)[greedy]  # no [N, V] copy of the greedy rows
+    if policy.selector == "prophet" and bool(ready.any()):
+        best = torch.zeros(candidates.shape, dtype=torch.long, device=logp.device)  # [B, L]
+        best[:, span] = logp[:, span].argmax(-1)
+        x[greedy] = best[greedy]  # no [N, V] copy of the greedy rows
     x[sampled] = draw_tokens(logp[sampled], policy.temperature, policy.top_p, generator)
-    sigma = 0.0 if last else rates[2]
-    return remask(x, remaskable & ~ready[:, None], sigma, mask_id, generator)
+    return remask(x, remaskable & ~ready[:, None], rates[2], mask_id, generator)
 
 
 @register_sampler(
@@ -214,6 +229,8 @@ class BlockDecoder:
         The block's last step commits every remaining candidate; a block that empties early drops its other steps.
         """
         mask_id, alpha, n = self.objective.mask_id, self.objective.schedule.alpha, len(grid) - 1
+        where = block.nonzero().flatten()  # the block's positions: scores are read on the span they cover
+        span = slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
         for j in range(n):
             candidates = (x == mask_id) & block  # [B, L]
             if not candidates.any():
@@ -225,9 +242,10 @@ class BlockDecoder:
             remaskable = self.generated & block & (x != mask_id)  # [B, L]: tokens this sampler wrote in the block
             last, progress = j == n - 1, (offset + j + 1) / self.steps
             new = parallel_step(
-                self.policy, x, self.logp, candidates, remaskable, rates, progress, last, mask_id, self.generator
+                self.policy, x, self.logp, candidates, remaskable, rates, progress, last, mask_id, self.generator, span
             )
-            x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)  # [B, L] the clean estimate this step used
+            if self.callback is not None:  # the clean estimate this step used [B, L], for the callback only
+                x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)
             if not (self.reuse and torch.equal(new, x)):
                 self.logp = None
             x = new
