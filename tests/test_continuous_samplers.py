@@ -174,14 +174,13 @@ def test_fused_state_updates_give_the_formulas_values_bit_for_bit(monkeypatch):
     state.perturb_(y, eps, scale, out)
     assert torch.equal(y, torch.addcmul(x, eps, scale)) and torch.equal(out, y.float())
 
-    x_next, slope, y = torch.empty_like(x), torch.empty_like(x), x.clone()
-    state.heun_predict_(y, x0, ratio, sigma, x_next, slope, out)
-    assert torch.equal(x_next, euler_step(x, x0.double(), sigma, sigma_next)) and torch.equal(out, x_next.float())
-    assert torch.equal(slope, (x - x0.double()) / sigma) and torch.equal(y, x)
+    x_next, y = euler_step(x, x0.double(), sigma, sigma_next), x.clone()
+    state.heun_predict_(y, x0, ratio, out)
+    assert torch.equal(out, x_next.float()) and torch.equal(y, x)
     x0_next = torch.randn(3, 5, 11, generator=g).softmax(-1)
-    state.heun_correct_(y, x_next, x0_next, sigma_next, (sigma_next - sigma) * 0.5, slope, out)
+    state.heun_correct_(y, x0, x0_next, sigma, sigma_next, out, eps, scale)
     d, d_next = (x - x0.double()) / sigma, (x_next - x0_next.double()) / sigma_next
-    expected = x + (sigma_next - sigma) * 0.5 * (d + d_next)
+    expected = torch.addcmul(x + (sigma_next - sigma) * 0.5 * (d + d_next), eps, scale)
     assert torch.equal(y, expected) and torch.equal(out, expected.float())
 
 

@@ -102,8 +102,6 @@ def _continuous_loop(
         return noise.take(), (sigma_hats[i] ** 2 - sigmas[i] ** 2).sqrt() * s_noise
 
     steps = len(ts) - 1
-    second = heun and steps > 1  # Heun's float64 buffers: x_next and the slope d
-    x_next, d = (torch.empty_like(x), torch.empty_like(x)) if second else (None, None)
     inputs = NetworkInputs(x)
     x_in, churned = inputs.next().copy_(x), False  # x_in: float32(x), the next call's input; churned: noise added
     for i in range(steps):
@@ -119,15 +117,15 @@ def _continuous_loop(
         needs_input = i < steps - 1 and (gammas[i + 1] == 0 or churned)  # else the next step's perturb_ writes it
         if heun and i < steps - 1:  # EDM Alg. 1 lines 9-11: the trapezoid correction; the last step stays Euler
             corrector_in = inputs.next()
-            # x_next = euler_step(x, x0, sigma_hat, sigma_next), d = (x - x0) / sigma_hat
-            heun_predict_(x, x0, ratio, sigma_hat, x_next, d, corrector_in)
-            x0 = denoise(corrector_in, sigma_next)
+            heun_predict_(x, x0, ratio, corrector_in)  # float32(x_next), x_next = euler_step(x, x0, ..)
+            x0_hat, x0 = x0, denoise(corrector_in, sigma_next)
         x_in = inputs.next() if needs_input else None
         eps, scale = churn(i + 1) if churned else (None, None)  # taken right before the pass that adds it
         with noise.overlap() if churned else nullcontext():  # (the draw after it is made during the pass)
             if heun and i < steps - 1:
-                # x + (sigma_next - sigma_hat) 0.5 (d + d_next), d_next = (x_next - x0) / sigma_next
-                heun_correct_(x, x_next, x0, sigma_next, (sigma_next - sigma_hat) * 0.5, d, x_in, eps, scale)
+                # x + (sigma_next - sigma_hat) 0.5 (d + d_next), d = (x - x0_hat) / sigma_hat,
+                # d_next = (x_next - x0) / sigma_next, x_next = euler_step(x, x0_hat, sigma_hat, sigma_next)
+                heun_correct_(x, x0_hat, x0, sigma_hat, sigma_next, x_in, eps, scale)
             else:
                 euler_(x, x0, ratio, x_in, eps, scale)  # euler_step(x, x0, sigma_hat, sigma_next)
         if callback is not None:

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-CHUNK_ELEMENTS = 2**17  # elements per chunk of a fused update: 1 MiB of float64, which stays in a core's cache
+CHUNK_ELEMENTS = 2**18  # elements per chunk of a fused update: 2 MiB of float64, about a core's L2 cache
 NOISE_STREAMS = 16  # parts of a CPU noise draw, each from its own generator; fixed, so draws do not depend on threads
 PARALLEL_NOISE = 2**16  # elements from which the parts are drawn in parallel threads (below, one after another)
 
@@ -185,49 +185,44 @@ def euler_(
             fo[part].copy_(xp)
 
 
-def heun_predict_(
-    x: torch.Tensor,
-    x0: torch.Tensor,
-    ratio: torch.Tensor,
-    sigma: torch.Tensor,
-    x_next: torch.Tensor,
-    slope: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """Heun's predictor (EDM Alg. 1, lines 5-8): ``x_next <- euler_step(x, x0, sigma, sigma_next)`` and
-    ``slope <- (x - x0) / sigma``, the values of those formulas with ``x0`` in float64, and ``out <- float32(x_next)``.
-
-    ``x``, ``x_next``, ``slope`` float64 ``[B, L, D]`` (contiguous); ``x0`` any float dtype; ``ratio =
-    sigma_next / sigma`` and ``sigma`` 0-d float64; ``out`` float32: the corrector's network input.
+def heun_predict_(x: torch.Tensor, x0: torch.Tensor, ratio: torch.Tensor, out: torch.Tensor) -> None:
+    """Heun's predictor (EDM Alg. 1, line 8) as the corrector's network input: ``out <- float32(x_next)``,
+    ``x_next = euler_step(x, x0, sigma, sigma_next)`` with ``x0`` in float64 and ``ratio = sigma_next / sigma``
+    (0-d float64). ``x_next`` itself is not kept: ``heun_correct_`` recomputes it from the same operands, which costs
+    less than writing and reading back a float64 ``[B, L, D]``.
     """
-    fx, f0, fn, fs, fo = x.view(-1), _flat(x0), x_next.view(-1), slope.view(-1), _flat(out)
+    fx, f0, fo = x.view(-1), _flat(x0), _flat(out)
     for part in element_chunks(fx.numel()):
         d = f0[part].double()
-        diff = torch.sub(fx[part], d)  # x - x0
-        fo[part].copy_(torch.mul(diff, ratio, out=fn[part]).add_(d))  # (x - x0) ratio + x0
-        torch.div(diff, sigma, out=fs[part])  # (x - x0) / sigma
+        fo[part].copy_(torch.sub(fx[part], d).mul_(ratio).add_(d))  # (x - x0) ratio + x0
 
 
 def heun_correct_(
     x: torch.Tensor,
-    x_next: torch.Tensor,
     x0: torch.Tensor,
+    x0_next: torch.Tensor,
+    sigma: torch.Tensor,
     sigma_next: torch.Tensor,
-    half_step: torch.Tensor,
-    slope: torch.Tensor,
     out: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> None:
-    """Heun's corrector (EDM Alg. 1, lines 9-11): ``x <- x + half_step (slope + (x_next - x0) / sigma_next)`` in
-    place, ``half_step = (sigma_next - sigma) / 2`` (0-d float64), the formula's values with ``x0`` in float64; then,
-    with ``eps``, ``x <- x + scale eps`` (``perturb_``); then, with ``out``, ``out <- float32(x)``. ``slope``
-    (float64, from ``heun_predict_``) is overwritten.
+    """Heun's step (EDM Alg. 1, lines 5-11) in place, the values of its formulas with the estimates in float64:
+
+    ``d = (x - x0) / sigma``, ``x_next = euler_step(x, x0, sigma, sigma_next)``, ``d' = (x_next - x0_next) /
+    sigma_next``, ``x <- x + (sigma_next - sigma) 0.5 (d + d')``; then, with ``eps``, ``x <- x + scale eps``
+    (``perturb_``); then, with ``out``, ``out <- float32(x)``. ``x0`` is the estimate at ``(x, sigma)``, ``x0_next``
+    the one at ``x_next`` (any float dtype); ``sigma``, ``sigma_next`` 0-d float64.
     """
-    fx, fn, f0, fs, fe, fo = x.view(-1), x_next.view(-1), _flat(x0), slope.view(-1), _flat(eps), _flat(out)
+    ratio, half_step = sigma_next / sigma, (sigma_next - sigma) * 0.5
+    fx, f0, f1, fe, fo = x.view(-1), _flat(x0), _flat(x0_next), _flat(eps), _flat(out)
     for part in element_chunks(fx.numel()):
-        slope_next = torch.sub(fn[part], f0[part].double()).div_(sigma_next)  # (x_next - x0) / sigma_next
-        xp = fx[part].add_(fs[part].add_(slope_next).mul_(half_step))
+        d = f0[part].double()
+        diff = torch.sub(fx[part], d)  # x - x0
+        x_next = torch.mul(diff, ratio).add_(d)  # euler_step: (x - x0) ratio + x0
+        slope = diff.div_(sigma)  # (x - x0) / sigma
+        slope_next = x_next.sub_(f1[part].double()).div_(sigma_next)  # (x_next - x0_next) / sigma_next
+        xp = fx[part].add_(slope.add_(slope_next).mul_(half_step))
         if fe is not None:
             xp.addcmul_(fe[part].double(), scale)
         if fo is not None:
