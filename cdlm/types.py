@@ -98,6 +98,18 @@ class FlowMapObjective(ContinuousObjective, Protocol):
     def flow_denoise(self, x: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class FinalPass(ContinuousObjective, Protocol):
+    """A final decode that is one more self-conditioned pass, as LangFlow's (``objective=langflow``).
+
+    ``decode_final(x, x0_prev) -> ids`` ``[B, L]``: ``x`` ``[B, L, D]`` is a sampler's final state at ``sigma_min``,
+    ``x0_prev`` its last clean estimate (the self-conditioning input; None when the sampler does not self-condition).
+    The continuous samplers call it instead of ``decode(x0_hat)`` and count it as a network evaluation.
+    """
+
+    def decode_final(self, x: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor: ...
+
+
 @dataclass
 class SamplerStep:
     """What a sampler hands its ``callback`` after every step.

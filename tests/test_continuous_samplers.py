@@ -178,9 +178,8 @@ def test_fused_state_updates_give_the_formulas_values_bit_for_bit(monkeypatch):
     state.heun_predict_(y, x0, ratio, out)
     assert torch.equal(out, x_next.float()) and torch.equal(y, x)
     x0_next = torch.randn(3, 5, 11, generator=g).softmax(-1)
-    state.heun_correct_(y, x0, x0_next, sigma, sigma_next, out, eps, scale)
-    d, d_next = (x - x0.double()) / sigma, (x_next - x0_next.double()) / sigma_next
-    expected = torch.addcmul(x + (sigma_next - sigma) * 0.5 * (d + d_next), eps, scale)
+    state.heun_correct_(y, x0, x0_next, ratio, out, eps, scale)
+    expected = torch.addcmul(euler_step(x, (x0.double() + x0_next.double()) * 0.5, sigma, sigma_next), eps, scale)
     assert torch.equal(y, expected) and torch.equal(out, expected.float())
 
 

@@ -207,10 +207,11 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
         return self.data_mean + std * torch.randn(n, length, self.dim, device=device, generator=generator)
 
-    def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min`` without self-conditioning."""
+    def decoder_logits(self, x: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min``, self-conditioned on ``x0_prev``
+        ``[B, L, D]`` (None: ``x_sc = 0``, as the ODE bound reads them)."""
         z, gamma = self._native(x, self.sigma_min)
-        return self.logits(z, gamma, torch.zeros_like(z))
+        return self.logits(z, gamma, torch.zeros_like(z) if x0_prev is None else x0_prev.float())
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]``: the argmax of the logits at ``sigma_min`` (the decoder's mode).
@@ -218,6 +219,11 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         Unlike the nearest embedding (the skip term alone), this uses the context the network sees.
         """
         return self.decoder_logits(x).argmax(-1)
+
+    def decode_final(self, x: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor:
+        """Token ids ``[B, L]`` of a sampler's final state ``x`` at ``sigma_min``: LangFlow's last pass, the network
+        at ``sigma_min`` self-conditioned on the sampler's last clean estimate ``x0_prev`` (docs/math.md §3)."""
+        return self.decoder_logits(x, x0_prev).argmax(-1)
 
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``-log p(ids | x)`` ``[B, L]`` from the logits at ``sigma_min`` (the ODE bound's decoder term)."""

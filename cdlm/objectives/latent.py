@@ -362,9 +362,13 @@ class LatentDiffusion(SigmaRange, BlockCausalPrior, nn.Module):
         shape = (n, length // self.compression, self.vae.latent_dim)
         return std * torch.randn(shape, device=device, generator=generator)
 
+    def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen decoder's logits ``[B, L, V]`` at the unnormalised latents of ``x`` ``[B, N, d_z]``."""
+        return self.vae.decode(self.unnormalise(x))
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]``: the argmax of the frozen decoder on the unnormalised latents ``x`` ``[B, N, d_z]``."""
-        return self.vae.decode(self.unnormalise(x)).argmax(-1)
+        return self.decoder_logits(x).argmax(-1)
 
     def clean_state(self, ids: torch.Tensor) -> torch.Tensor:
         """The normalised posterior mean ``[B, L / r, d_z]`` of ``ids`` ``[B, L]``."""
@@ -373,4 +377,4 @@ class LatentDiffusion(SigmaRange, BlockCausalPrior, nn.Module):
 
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``-log p(ids | z)`` ``[B, L]`` of the decoder at the unnormalised latents of ``x`` ``[B, L / r, d_z]``."""
-        return TextVAE.token_nll(self.vae.decode(self.unnormalise(x)), ids)
+        return TextVAE.token_nll(self.decoder_logits(x), ids)

@@ -2,13 +2,16 @@
 
 - ``euler``: the probability-flow ODE ``dx/dsigma = (x - x0_hat) / sigma`` (Song et al. 2021) by Euler steps, which
   is deterministic DDIM on any of the paths of docs/math.md §0 (``euler_step``).
-- ``heun``: Karras et al. 2022 ("EDM"), Algorithm 1: a second-order correction on every step but the last.
+- ``heun``: Karras et al. 2022 ("EDM"), Algorithm 1's second evaluation on every step but the last, combined as
+  docs/math.md §0 says: the DDIM step with the mean of the two clean estimates (equal to EDM's trapezoid to second
+  order, and bounded where the trapezoid in ``sigma`` is not: on intervals spanning a large noise ratio).
 - ``churn``: EDM Algorithm 2 (stochastic "churn") as the entropy-gated corrector of docs/math.md §4, made
   generic: noise is added only while the grid time lies in the window ``[t_lo, t_hi]`` of the objective's
   information-uniform sampler time.
 
 Each sampler keeps its state in float64 and calls ``objective.denoise`` in float32; the last step takes the clean
-estimate, which ``objective.decode`` turns into token ids (docs/math.md §2).
+estimate, which ``objective.decode`` turns into token ids (docs/math.md §2), or, for an objective whose final decode
+is one more self-conditioned pass (``FinalPass``: LangFlow), the final state and the last estimate go to that pass.
 
 The state and its updates are ``cdlm.samplers.state``'s: one float64 buffer updated in place, chunk by chunk, with
 the values of the formulas written here; the callback therefore sees the sampler's buffer (``SamplerStep``: valid
@@ -25,7 +28,7 @@ import torch
 
 from cdlm.samplers.registry import Ordered, Range, register_sampler
 from cdlm.samplers.state import NetworkInputs, StateNoise, euler_, heun_correct_, heun_predict_, perturb_
-from cdlm.types import ContinuousObjective, SamplerStep
+from cdlm.types import ContinuousObjective, FinalPass, SamplerStep
 
 MAX_CHURN = math.sqrt(2.0) - 1.0  # EDM Alg. 2: gamma_i <= sqrt(2) - 1 keeps sigma_hat <= sqrt(2) sigma_i
 
@@ -85,7 +88,7 @@ def _continuous_loop(
 ) -> torch.Tensor:
     """EDM Algorithm 2 over the grid ``ts`` ``[T + 1]`` with per-step churn ``gammas`` (all 0 = Algorithm 1).
 
-    Returns ``objective.decode`` of the last clean estimate: token ids ``[B, L]``. The float64 state is updated in
+    Returns token ids ``[B, L]``: ``final_ids`` of the last state and estimate. The float64 state is updated in
     place by ``cdlm.samplers.state``'s fused passes, each noted with the formula whose values it computes; every
     pass that precedes a network call also writes that call's float32 input (``x.float()``).
     """
@@ -115,21 +118,30 @@ def _continuous_loop(
         # The next step's churn is added in this step's pass, unless a callback is to see the state between them.
         churned = i < steps - 1 and gammas[i + 1] > 0 and callback is None
         needs_input = i < steps - 1 and (gammas[i + 1] == 0 or churned)  # else the next step's perturb_ writes it
-        if heun and i < steps - 1:  # EDM Alg. 1 lines 9-11: the trapezoid correction; the last step stays Euler
+        if heun and i < steps - 1:  # the second-order correction (docs/math.md §0); the last step stays Euler
             corrector_in = inputs.next()
             heun_predict_(x, x0, ratio, corrector_in)  # float32(x_next), x_next = euler_step(x, x0, ..)
             x0_hat, x0 = x0, denoise(corrector_in, sigma_next)
         x_in = inputs.next() if needs_input else None
         eps, scale = churn(i + 1) if churned else (None, None)  # taken right before the pass that adds it
         with noise.overlap() if churned else nullcontext():  # (the draw after it is made during the pass)
-            if heun and i < steps - 1:
-                # x + (sigma_next - sigma_hat) 0.5 (d + d_next), d = (x - x0_hat) / sigma_hat,
-                # d_next = (x_next - x0) / sigma_next, x_next = euler_step(x, x0_hat, sigma_hat, sigma_next)
-                heun_correct_(x, x0_hat, x0, sigma_hat, sigma_next, x_in, eps, scale)
+            if heun and i < steps - 1:  # euler_step(x, (x0_hat + x0) / 2, sigma_hat, sigma_next)
+                heun_correct_(x, x0_hat, x0, ratio, x_in, eps, scale)
             else:
                 euler_(x, x0, ratio, x_in, eps, scale)  # euler_step(x, x0, sigma_hat, sigma_next)
+        ids = final_ids(objective, x, denoise) if i == steps - 1 else None  # before the callback: NFE counts it
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=x0, nfe=denoise.nfe))
+    return ids
+
+
+def final_ids(objective: ContinuousObjective, x: torch.Tensor, denoise: _Denoiser) -> torch.Tensor:
+    """Token ids ``[B, L]`` at the end of a sampler: ``decode`` of the last clean estimate, or, for a ``FinalPass``
+    objective, its last pass on the final state ``x`` (at ``sigma_min``) self-conditioned on that estimate (one more
+    network evaluation, counted in ``denoise.nfe``)."""
+    if isinstance(objective, FinalPass):
+        denoise.nfe += 1
+        return objective.decode_final(x, denoise.last if denoise.self_cond else None)
     return objective.decode(denoise.last)
 
 
@@ -163,7 +175,8 @@ def sample_heun(
     callback: Callable[[SamplerStep], None] | None = None,
     self_cond: bool = True,
 ) -> torch.Tensor:
-    """EDM Heun (Karras et al. 2022, Algorithm 1) over ``ts`` ``[T + 1]``; the last step is Euler, NFE = 2T - 1.
+    """EDM Heun (Karras et al. 2022, Algorithm 1) over ``ts`` ``[T + 1]``, its two clean estimates combined by
+    ``heun_correct_`` (docs/math.md §0); the last step is Euler, NFE = 2T - 1.
 
     Returns ids ``[B, L]``.
     """

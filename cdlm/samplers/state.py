@@ -186,10 +186,9 @@ def euler_(
 
 
 def heun_predict_(x: torch.Tensor, x0: torch.Tensor, ratio: torch.Tensor, out: torch.Tensor) -> None:
-    """Heun's predictor (EDM Alg. 1, line 8) as the corrector's network input: ``out <- float32(x_next)``,
+    """The second-order step's predictor as the corrector's network input: ``out <- float32(x_next)``,
     ``x_next = euler_step(x, x0, sigma, sigma_next)`` with ``x0`` in float64 and ``ratio = sigma_next / sigma``
-    (0-d float64). ``x_next`` itself is not kept: ``heun_correct_`` recomputes it from the same operands, which costs
-    less than writing and reading back a float64 ``[B, L, D]``.
+    (0-d float64). ``x`` is left as it is: ``heun_correct_`` steps from it.
     """
     fx, f0, fo = x.view(-1), _flat(x0), _flat(out)
     for part in element_chunks(fx.numel()):
@@ -201,28 +200,26 @@ def heun_correct_(
     x: torch.Tensor,
     x0: torch.Tensor,
     x0_next: torch.Tensor,
-    sigma: torch.Tensor,
-    sigma_next: torch.Tensor,
+    ratio: torch.Tensor,
     out: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> None:
-    """Heun's step (EDM Alg. 1, lines 5-11) in place, the values of its formulas with the estimates in float64:
+    """The second-order step (docs/math.md §0) in place: the DDIM step with the mean of the two clean estimates,
+    ``x <- euler_step(x, (x0 + x0_next) / 2, sigma, sigma_next)`` (the formula's values with the estimates in
+    float64), ``ratio = sigma_next / sigma`` (0-d float64); then, with ``eps``, ``x <- x + scale eps`` (``perturb_``);
+    then, with ``out``, ``out <- float32(x)``.
 
-    ``d = (x - x0) / sigma``, ``x_next = euler_step(x, x0, sigma, sigma_next)``, ``d' = (x_next - x0_next) /
-    sigma_next``, ``x <- x + (sigma_next - sigma) 0.5 (d + d')``; then, with ``eps``, ``x <- x + scale eps``
-    (``perturb_``); then, with ``out``, ``out <- float32(x)``. ``x0`` is the estimate at ``(x, sigma)``, ``x0_next``
-    the one at ``x_next`` (any float dtype); ``sigma``, ``sigma_next`` 0-d float64.
+    ``x0`` is the estimate at ``(x, sigma)``, ``x0_next`` the one at the predictor ``euler_step(x, x0, ..)`` (any
+    float dtype). For ``sigma_next / sigma -> 1`` this is Heun's trapezoid (EDM Alg. 1): they differ by
+    ``O(h^2) (x0_next - x0)`` for a step ``h = 1 - sigma_next / sigma``; unlike the trapezoid written in ``sigma``,
+    whose correction is ``(sigma - sigma_next) / (2 sigma_next) (x0_next - x0)``, it stays bounded when the ratio is
+    large (the first interval of a uniform ``t`` grid spans a ratio of hundreds for FLM).
     """
-    ratio, half_step = sigma_next / sigma, (sigma_next - sigma) * 0.5
     fx, f0, f1, fe, fo = x.view(-1), _flat(x0), _flat(x0_next), _flat(eps), _flat(out)
     for part in element_chunks(fx.numel()):
-        d = f0[part].double()
-        diff = torch.sub(fx[part], d)  # x - x0
-        x_next = torch.mul(diff, ratio).add_(d)  # euler_step: (x - x0) ratio + x0
-        slope = diff.div_(sigma)  # (x - x0) / sigma
-        slope_next = x_next.sub_(f1[part].double()).div_(sigma_next)  # (x_next - x0_next) / sigma_next
-        xp = fx[part].add_(slope.add_(slope_next).mul_(half_step))
+        mean = f0[part].double().add_(f1[part].double()).mul_(0.5)  # (x0 + x0_next) / 2
+        xp = fx[part].sub_(mean).mul_(ratio).add_(mean)  # euler_step(x, mean, sigma, sigma_next)
         if fe is not None:
             xp.addcmul_(fe[part].double(), scale)
         if fo is not None:
