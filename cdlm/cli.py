@@ -10,19 +10,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from cdlm.checkpoint import load
-from cdlm.config import ConfigError, compose, instantiate, load_group, sampler_knobs
+from cdlm import api
+from cdlm.config import ConfigError
+from cdlm.errors import error_message, exit_status
+from cdlm.evaluate import summary
 from cdlm.help import command_help, main_help
-from cdlm.module import NonFiniteLoss
-from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options, resolve_device
-from cdlm.samplers import check_knobs, check_steps, get_sampler
-from cdlm.sampling import draw, draw_sharded
-from cdlm.sweep import SweepError
-from cdlm.trace import render_html
-from cdlm.training import train
+from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options, sample_length
+from cdlm.sweep import sweep_arguments
+from cdlm.trace import render_html, trace_recorder
 
 for _pattern in (
     "'set_vital' is deprecated",
@@ -31,52 +26,19 @@ for _pattern in (
 ):
     warnings.filterwarnings("ignore", message=_pattern)
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-"""Errors in what the user asked for (ConfigError, CheckpointError, RunDirError, data errors are ValueErrors):
-``cdlm: error: ...`` and exit status 2."""
-
-
-def sampler_config(module, chosen: str | None, overrides: dict | None) -> DictConfig:
-    """The run's sampler config, or the named sampler's defaults, with ``sampler.KEY`` overrides; validated."""
-    node = OmegaConf.create(module.config["sampler"])
-    if chosen is not None and chosen != node.name:
-        node = load_group("sampler", chosen)
-    for key, value in (overrides or {}).items():
-        if key not in node:
-            raise ConfigError(f"unknown sampler option {key!r}; valid keys under sampler: {sorted(node)}")
-        node[key] = value
-    spec = get_sampler(node.name, module.objective)
-    node.steps = check_steps(spec, node.steps)
-    node.merge_with(check_knobs(spec, sampler_knobs(node)))
-    return node
-
-
-def check_length(module, length: int) -> int:
-    """``length`` within what the model's positions cover."""
-    max_len = module.config["model"].get("max_len")
-    if max_len is not None and length > max_len:
-        raise ConfigError(f"length={length} exceeds the model's max_len={max_len} positions; use length <= {max_len}")
-    return length
-
 
 def sample(argv: list[str]) -> list[dict]:
     """Load a checkpoint, draw samples (sharded over ``devices``), print them and write JSONL / an HTML trace."""
     opts, chosen, overrides = parse_options(argv, SampleOptions, "sample")
-    device = resolve_device(opts.device)
-    module = load(opts.path, device=device)
-    node = sampler_config(module, chosen, overrides)
-    length = check_length(module, opts.length or module.config["data"]["seq_len"])
-    kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.seed, **sampler_knobs(node))
+    module = api.load_model(opts.path, opts.device)
+    node = api.sampler_config(module, chosen, overrides)
+    length = sample_length(module.config, opts.length)
     recorder = None
-    if opts.trace is not None:
-        from cdlm.trace import TraceRecorder
-
-        recorder = TraceRecorder(getattr(module.objective, "mask_id", None), sampler=node.name, steps=node.steps)
-    if opts.devices > 1:
-        accelerator = torch.device(device).type
-        samples = draw_sharded(module, opts.n, length, opts.devices, accelerator, batch_size=opts.batch_size, **kwargs)
-    else:
-        samples = draw(module, opts.n, length, callback=recorder, batch_size=opts.batch_size, **kwargs)
+    if opts.trace is not None:  # the first sample's steps, shown as the objective's display decode (cdlm.trace)
+        if opts.devices > 1:
+            raise ConfigError("trace= records the sampler steps of one process: use devices=1 with trace=")
+        recorder = trace_recorder(module.objective, length, sampler=node.name, steps=node.steps)
+    samples = api.draw_samples(module, opts, node, length, callback=recorder)
     if samples_is_rank_zero():
         for i, text in enumerate(samples.texts):
             print(f"===== sample {i} (seed {samples.seeds[i]}) =====\n{text}")
@@ -117,52 +79,30 @@ def samples_is_rank_zero() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
+def train_cmd(argv: list[str]) -> dict:
+    """``cdlm train [key=value ...]``: train a run (``cdlm.api.train``); returns the final validation metrics."""
+    return api.train(argv).metrics
+
+
 def evaluate_cmd(argv: list[str]) -> dict:
     """``cdlm eval``: validation bound, Gen PPL + entropy over seeds, the reference row; one JSON file."""
-    from cdlm.evaluate import evaluate, summary, write_result
-
     opts, chosen, overrides = parse_options(argv, EvalOptions, "eval")
-    module = load(opts.path, device=resolve_device(opts.device))
-    node = sampler_config(module, chosen, overrides)
-    length = check_length(module, opts.length) if opts.length is not None else None
-    result = evaluate(
-        module,
-        opts.judge,
-        OmegaConf.to_container(node),
-        n=opts.n,
-        length=length,
-        seeds=opts.seeds,
-        val_batches=opts.val_batches,
-        reference=opts.reference,
-        zero_shot=opts.zero_shot,
-        zero_shot_tokens=opts.zero_shot_tokens,
-        batch_size=opts.batch_size,
-    )
-    result["model"] = str(opts.path)
-    out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")
-    print(summary(result))
-    print(f"cdlm: wrote {write_result(result, out)}")
-    return result
+    evaluation = api.evaluate_options(opts, chosen, overrides)
+    print(summary(evaluation.result))
+    print(f"cdlm: wrote {evaluation.path}")
+    return evaluation.result
 
 
 def sweep(argv: list[str]) -> list[dict]:
     """``cdlm sweep configs/sweep/NAME.yaml [--print] [--skip-done]``: run a grid of train or eval points."""
-    from cdlm.sweep import main_sweep
-
-    return main_sweep(argv)
+    path, execute, skip_done = sweep_arguments(argv)
+    return api.sweep(path, execute=execute, skip_done=skip_done)
 
 
 def schedule_cmd(argv: list[str]) -> Path:
     """``cdlm schedule path=CKPT [out=FILE.png]``: plot the learned noise schedule of a model that has one."""
     opts, _, _ = parse_options(argv, ScheduleOptions, "schedule")
-    module = load(opts.path)
-    schedule = getattr(module.objective, "schedule", None)
-    if not hasattr(schedule, "plot"):
-        raise ConfigError(
-            f"{type(module.objective).__name__} has no learned table schedule to plot; "
-            "`cdlm schedule` plots a bitstream model's entropy-rate schedule"
-        )
-    out = schedule.plot(opts.out or str(Path(opts.path).parent / "schedule.png"))
+    out = api.schedule(opts.path, opts.out)
     print(f"cdlm: wrote {out}")
     return out
 
@@ -170,8 +110,7 @@ def schedule_cmd(argv: list[str]) -> Path:
 def prepare_cmd(argv: list[str]) -> Path:
     """``cdlm prepare [experiment=NAME] [data=NAME] [data.KEY=value ...]``: tokenise the run's source into its token
     cache (what training would do on its first launch), and print what it holds."""
-    datamodule = instantiate(compose(argv).data, "data")
-    path = datamodule.token_cache()
+    path = api.prepare(argv)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"cdlm: token cache {path} ({manifest['dtype']}, tokenizer {manifest['tokenizer']['name']})")
     for split, sizes in manifest["splits"].items():
@@ -184,7 +123,7 @@ def prepare_cmd(argv: list[str]) -> Path:
 
 
 COMMANDS = {
-    "train": train,
+    "train": train_cmd,
     "prepare": prepare_cmd,
     "sample": sample,
     "eval": evaluate_cmd,
@@ -209,12 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     try:
         COMMANDS[command](rest)
-    except USER_ERRORS as err:  # ConfigError, CheckpointError, RunDirError, data errors are ValueErrors
-        fail(err, 2)
-    except ModuleNotFoundError as err:
-        fail(f"{err}; this needs an optional dependency (pip install 'cdlm[hf,plot]')", 2)
-    except (NonFiniteLoss, SweepError) as err:
-        fail(err, 1)
+    except Exception as err:  # cdlm.errors: user errors exit 2, failed runs 1, anything else keeps its traceback
+        status = exit_status(err)
+        if status is None:
+            raise
+        fail(error_message(err), status)
 
 
 def fail(err: BaseException | str, status: int) -> None:

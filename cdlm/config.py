@@ -55,12 +55,19 @@ class RunSettings:
             raise ConfigError(f"resume={self.resume!r} and overwrite=true contradict: resume a run or discard it")
 
 
+SAMPLE_N = 4
+"""Samples drawn by default: ``sample.n`` (printed after training) and ``n`` of ``cdlm sample`` and the API."""
+SAMPLE_LENGTH = 256
+"""Tokens per sample printed after training (``sample.length``); ``cdlm sample`` takes the run's ``data.seq_len``."""
+
+
 @dataclass(frozen=True)
 class SampleSettings:
-    """``sample.n`` samples of ``sample.length`` tokens, printed after training, drawn with ``sample.seed``."""
+    """``sample.n`` samples of ``sample.length`` tokens, printed after training, drawn with ``sample.seed``; these
+    defaults fill the ``sample`` section of ``configs/config.yaml``."""
 
-    n: int = 4
-    length: int = 256
+    n: int = SAMPLE_N
+    length: int = SAMPLE_LENGTH
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -113,6 +120,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONF
 def _compose(overrides: list[str] | tuple[str, ...], config_dir: Path) -> DictConfig:
     pairs = [_split(o) for o in overrides]
     base = OmegaConf.load(config_dir / "config.yaml")
+    base.sample = OmegaConf.merge(dataclasses.asdict(SampleSettings()), base.get("sample") or {})
     choices = dict(base.pop("defaults"))
     experiment = None
     for key, value in pairs:

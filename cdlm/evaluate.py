@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,8 +16,10 @@ from omegaconf import OmegaConf
 
 from cdlm.config import instantiate
 from cdlm.device import device_name
-from cdlm.metrics import DistinctN, GenPPL, LikelihoodMetric, UnigramEntropy, build_judge
+from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, build_judge
+from cdlm.metrics.likelihood import score_batches
 from cdlm.module import DiffusionLM
+from cdlm.options import DEFAULT_EVAL_N, DEFAULT_SEEDS, sample_length
 from cdlm.sampling import draw
 
 
@@ -27,24 +28,6 @@ def run_datamodule(module: DiffusionLM, **overrides):
     datamodule = instantiate(OmegaConf.create({**module.config["data"], **overrides}))
     datamodule.set_tokenizer(module.tokenizer)
     return datamodule
-
-
-@torch.no_grad()
-def score_batches(
-    module: DiffusionLM, batches: Iterable[dict], max_batches: int | None = None, dtype=torch.bfloat16
-) -> LikelihoodMetric:
-    """The objective's ``nll`` summed over ``batches`` with the module's fixed evaluation noise (batch ``i`` under
-    ``module.seeded(-1, i)``, as ``DiffusionLM.validation_step``); ``dtype``: autocast dtype (None: full precision)."""
-    metric = LikelihoodMetric().to(module.device)
-    with torch.autocast(module.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = {k: v.to(module.device) for k, v in batch.items()}
-            with module.seeded(-1, i):
-                out = module.objective.nll(batch)
-            metric.update(out.nll, out.mask, batch["n_chars"])
-    return metric
 
 
 def validation_bound(
@@ -90,9 +73,9 @@ def evaluate(
     module: DiffusionLM,
     judge: str | None,
     sampler: dict,
-    n: int = 16,
+    n: int = DEFAULT_EVAL_N,
     length: int | None = None,
-    seeds: int = 3,
+    seeds: int = DEFAULT_SEEDS,
     val_batches: int | None = None,
     reference: bool = True,
     zero_shot: list[str] | None = None,
@@ -108,7 +91,7 @@ def evaluate(
     """
     from cdlm.zero_shot import resolve, zero_shot_table
 
-    length = length or int(module.config["data"].get("seq_len", 256))
+    length = sample_length(module.config, length)
     # first: a judge that cannot be loaded fails before any work
     scorer = build_judge(judge, device=module.device) if judge else None
     for corpus in zero_shot or []:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from cdlm.config import CONFIG_DIR, GROUPS, group_options, load_group, locate
+from cdlm.config import CONFIG_DIR, GROUPS, SAMPLE_LENGTH, SAMPLE_N, group_options, load_group, locate
 from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, describe_options
 
 COMMANDS = {
@@ -72,7 +72,7 @@ def train_help() -> str:
         "                           memory; false: faster CPU steps, a growing heap (docs/runs.md)",
         "  tf32=true                on CUDA, float32 matmuls run on TF32 tensor cores; false: full float32",
         "  sharded_checkpoints=false  trainer=fsdp: true writes each checkpoint as per-rank shards (a directory)",
-        "  sample.n=4 sample.length=256 sample.seed=0   the samples printed after training",
+        f"  sample.n={SAMPLE_N} sample.length={SAMPLE_LENGTH} sample.seed=0   the samples printed after training",
         "",
         f"experiments (experiment=NAME): {', '.join(group_options('experiment'))}",
         "",

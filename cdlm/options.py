@@ -2,18 +2,26 @@
 
 Each command reads ``key=value`` options (values read as YAML reads them: ``4`` is an int, ``null`` is None) plus
 ``sampler=NAME`` and ``sampler.KEY=value``. An option's type and range are checked before any model is loaded.
+``cdlm.api`` takes the same options as keyword arguments (``checked``) and config overrides as a list or a mapping
+(``as_arguments``); ``sample_length`` is the one rule for a sample's length.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from cdlm.config import ConfigError, _parse_value, build_settings
+from cdlm.config import SAMPLE_LENGTH, SAMPLE_N, ConfigError, _parse_value, build_settings
+
+DEFAULT_EVAL_N = 16
+"""Samples per seed that ``cdlm eval`` (and ``cdlm.api.evaluate``) draw by default."""
+DEFAULT_SEEDS = 3
+"""Seeds that ``cdlm eval`` (and ``cdlm.api.evaluate``) draw samples with by default."""
 
 
 def option(default: Any, help: str) -> Any:
@@ -56,7 +64,7 @@ class SampleOptions:
     """``cdlm sample`` / ``python sample.py``: draw samples from a trained model."""
 
     path: str | None = option(None, "a save_pretrained folder (RUN_DIR/final) or a .ckpt file (required)")
-    n: int = option(4, "number of samples")
+    n: int = option(SAMPLE_N, "number of samples")
     length: int | None = option(None, "tokens per sample (default: the run's data.seq_len)")
     seed: int = option(0, "random seed of the draws")
     batch_size: int | None = option(None, "samples per sampler call (default: all n at once)")
@@ -81,9 +89,9 @@ class EvalOptions:
 
     path: str | None = option(None, "a save_pretrained folder or a .ckpt file (required)")
     judge: str | None = option(None, "an AR run (folder or .ckpt) or a transformers causal LM name / local path")
-    n: int = option(16, "samples per seed")
+    n: int = option(DEFAULT_EVAL_N, "samples per seed")
     length: int | None = option(None, "tokens per sample (default: the run's data.seq_len)")
-    seeds: int = option(3, "number of seeds")
+    seeds: int = option(DEFAULT_SEEDS, "number of seeds")
     val_batches: int | None = option(None, "validation batches for the bound (default: the whole split; 0: none)")
     reference: bool = option(True, "also score real validation text (the reference row)")
     zero_shot: list[str] | None = option(
@@ -114,6 +122,16 @@ class ScheduleOptions:
 
     def __post_init__(self) -> None:
         require_path(self.path)
+
+
+def sample_length(config: Mapping[str, Any], length: int | None) -> int:
+    """Tokens per sample for a run's stored ``config``: ``length``, by default the run's ``data.seq_len``, within the
+    positions the model covers (``model.max_len``); the one rule of ``cdlm sample``, ``cdlm eval`` and the API."""
+    length = length or int(config["data"].get("seq_len", SAMPLE_LENGTH))
+    max_len = config["model"].get("max_len")
+    if max_len is not None and length > max_len:
+        raise ConfigError(f"length={length} exceeds the model's max_len={max_len} positions; use length <= {max_len}")
+    return length
 
 
 def require_path(path: str | None) -> None:
@@ -151,6 +169,32 @@ def parse_options(argv: list[str], cls: type, command: str) -> tuple[Any, str | 
     if unknown := sorted(set(given) - set(valid)):
         raise ConfigError(f"unknown {command} option(s) {unknown}; valid: {valid}, sampler=NAME, sampler.KEY=value")
     return build_settings(cls, "", given), chosen, sampler
+
+
+def checked(cls: type, **given: Any) -> Any:
+    """``cls(**given)`` for an options class, each value's type and range checked as on the command line
+    (``ConfigError``, a ``ValueError``): the typed API's way to take the options of ``cdlm sample`` / ``eval``."""
+    return build_settings(cls, "", given)
+
+
+def override_value(value: Any) -> str:
+    """A value as a command-line ``key=value`` value (``true``/``false``, ``null``, ``[1, 2]``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(override_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def as_arguments(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    """Config overrides as ``key=value`` arguments: a list of them as it is, a mapping ``{key: value}`` formatted."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of key=value strings or a mapping, got the string {overrides!r}")
+    if isinstance(overrides, Mapping):
+        return [f"{key}={override_value(value)}" for key, value in overrides.items()]
+    if not all(isinstance(arg, str) for arg in overrides):
+        raise ConfigError(f"overrides must be key=value strings, got {list(overrides)!r}")
+    return list(overrides)
 
 
 def describe_options(cls: type) -> str:

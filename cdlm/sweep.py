@@ -18,6 +18,7 @@ import json
 import math
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from cdlm.config import ConfigError
+from cdlm.errors import RunFailure, error_message, exit_status
 
 KEYS = {"command", "base", "grid", "grids", "columns", "plot", "out"}
 PLOT_KEYS = {"x", "y", "annotate", "logx", "logy", "title", "lines", "file"}
@@ -37,7 +39,7 @@ Runner = Callable[[str, list[str]], Any]
 FLAGS = {"--print", "--skip-done"}
 
 
-class SweepError(RuntimeError):
+class SweepError(RunFailure):
     """A sweep point that failed while running (its own error was printed above)."""
 
 
@@ -180,13 +182,6 @@ def read_point(sweep: dict, point: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def default_runner(command: str, args: list[str]) -> None:
-    """Run one point in-process through the ``cdlm`` command line."""
-    from cdlm.cli import main  # lazy: the CLI imports Lightning and wires ``cdlm sweep`` to this module
-
-    main([command, *args])
-
-
 def check_points(command: str, argvs: list[list[str]]) -> None:
     """Check every point's arguments before the first point runs: a bad value fails the sweep before any work."""
     from cdlm import rundir
@@ -228,12 +223,19 @@ def check_sampler_options(name: str, knobs: dict) -> None:
 
 
 def run_sweep(
-    path: str | Path, execute: bool = True, runner: Runner | None = None, skip_done: bool = False
+    path: str | Path,
+    execute: bool = True,
+    runner: Runner | None = None,
+    skip_done: bool = False,
+    check: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or with ``execute=False`` print) every point of the sweep at ``path``; write and return the rows.
 
-    ``skip_done``: keep the points whose result file already exists (a sweep cut short, or points run elsewhere
-    from the printed commands) and run only the others.
+    ``runner(command, args)`` runs one point (``cdlm.api.run_point``: through the typed API; ``cdlm.api.sweep``
+    passes it). ``check``: check every point's arguments before the first point runs. ``skip_done``: keep the points
+    whose result file already exists (a sweep cut short, or points run elsewhere from the printed commands) and run
+    only the others. A point whose runner raises a user error or a failed run is reported as ``cdlm: error: ...``
+    and stops the sweep with a ``SweepError``.
     """
     sweep = load_sweep(path)
     points, argvs = grid_points(sweep), expand(sweep)
@@ -242,8 +244,9 @@ def run_sweep(
             print(shlex.join(["cdlm", sweep["command"], *args]))
         return []
     if runner is None:
+        raise ValueError("run_sweep needs a runner to run points; cdlm.api.sweep runs them through cdlm.api")
+    if check:
         check_points(sweep["command"], argvs)
-    runner = runner or default_runner
     out = Path(sweep["out"])
     (out / "points").mkdir(parents=True, exist_ok=True)
     for point, args in zip(points, argvs):
@@ -251,11 +254,7 @@ def run_sweep(
             print(f"cdlm sweep: point {point_name(point)}: done, kept {point_result(sweep, point)}")
             continue
         print(f"cdlm sweep: point {point_name(point)}: {shlex.join(['cdlm', sweep['command'], *args])}")
-        try:
-            runner(sweep["command"], args)
-        except SystemExit as err:
-            if err.code not in (0, None):
-                raise SweepError(f"sweep point {point_name(point)} failed (exit status {err.code})") from err
+        execute_point(runner, sweep["command"], args, point_name(point))
     rows = [read_point(sweep, point) for point in points]
     write_csv(rows, out / "results.csv")
     write_markdown(rows, sweep, out / "results.md")
@@ -263,6 +262,19 @@ def run_sweep(
         write_plot(rows, plot, line_keys(sweep, plot), out / plot.get("file", "plot.png"))
     print(f"cdlm sweep: {len(rows)} points; results in {out}")
     return rows
+
+
+def execute_point(runner: Runner, command: str, args: list[str], name: str) -> None:
+    """``runner(command, args)``; a user error or a failed run is printed as ``cdlm: error: ...`` and raised again
+    as a ``SweepError`` that names the point and the exit status ``cdlm COMMAND`` would have had."""
+    try:
+        runner(command, args)
+    except Exception as err:
+        status = exit_status(err)
+        if status is None:  # a bug, not a failed point: its traceback is the report
+            raise
+        print(f"cdlm: error: {error_message(err)}", file=sys.stderr)
+        raise SweepError(f"sweep point {name} failed (exit status {status})") from err
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -388,12 +400,12 @@ def draw_reference(ax: Any, rows: list[dict[str, Any]], y: str, annotate: str | 
     ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=label)
 
 
-def main_sweep(argv: list[str]) -> list[dict[str, Any]]:
-    """``cdlm sweep <sweep.yaml> [--print] [--skip-done]``: run the sweep or print its commands; returns the rows."""
+def sweep_arguments(argv: list[str]) -> tuple[str, bool, bool]:
+    """``cdlm sweep <sweep.yaml> [--print] [--skip-done]`` as ``(file, execute, skip_done)``."""
     flags = {a for a in argv if a.startswith("-")}
     files = [a for a in argv if not a.startswith("-")]
     if unknown := sorted(flags - FLAGS):
         raise ConfigError(f"cdlm sweep: unknown flag(s) {unknown}; valid: {sorted(FLAGS)} (see cdlm sweep --help)")
     if len(files) != 1:
         raise ConfigError(f"cdlm sweep takes one sweep file (e.g. {CONFIG_EXAMPLE.name}), got {files or 'none'}")
-    return run_sweep(files[0], execute="--print" not in flags, skip_done="--skip-done" in flags)
+    return files[0], "--print" not in flags, "--skip-done" in flags

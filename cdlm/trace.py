@@ -1,7 +1,9 @@
 """Sampling traces: record one sample at every sampler step and render the trace as one self-contained HTML page.
 
 ``TraceRecorder`` is a ``callback`` for ``DiffusionLM.generate``; ``write_html`` turns what it recorded into a page
-with a step slider (and every step as static content, so it reads without JavaScript too).
+with a step slider (and every step as static content, so it reads without JavaScript too). ``trace_recorder`` builds
+the recorder for any objective: ``trace_decoder`` picks, from the objective's sampling contract, how a sampler state
+is shown as token ids (the state itself, the decode of the current clean estimate, or a partly generated sequence).
 """
 
 from __future__ import annotations
@@ -10,22 +12,127 @@ import html
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from cdlm.types import SamplerStep
+from cdlm.types import ContinuousObjective, SamplerStep
 
 DecodeIds = Callable[[SamplerStep], tuple[torch.Tensor, torch.Tensor | None]]
+"""``step -> (ids [B, L], confidence [B, L] in [0, 1] or None)``; ids ``PENDING`` mark positions not generated yet."""
+
+PENDING = -1
+"""The display id of a position not generated yet (autoregressive, later latent blocks): shown like a masked one."""
+
+
+@runtime_checkable
+class ConfidenceDecode(Protocol):
+    """An objective that decodes a clean estimate together with a per-token confidence (optional, for traces)."""
+
+    def decode_confidence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def decode_state_ids(step: SamplerStep) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The default ``decode_ids``: a discrete sampler's state ``x`` already holds token ids, with no confidence."""
+    """A discrete sampler's state ``x`` already holds token ids ``[B, L]``, with no confidence."""
     if step.x.is_floating_point() or step.x.is_complex():
-        raise TypeError(
+        raise ValueError(
             "the sampler state x is dense, not token ids; pass TraceRecorder(decode_ids=...) returning "
-            "(argmax ids [B, L], confidence [B, L] or None)"
+            "(argmax ids [B, L], confidence [B, L] or None), or build it with trace_recorder(objective)"
         )
     return step.x, None
+
+
+def autoregressive_ids(step: SamplerStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The left-to-right canvas ``x`` ``[B, L]`` with the positions after ``step.index`` (not generated yet, the
+    prior's fill) as ``PENDING``."""
+    ids = step.x.clone()  # the sampler writes its canvas in place
+    ids[:, step.index + 1 :] = PENDING
+    return ids, None
+
+
+def dense_estimate(step: SamplerStep, keep: bool = False) -> torch.Tensor:
+    """The clean estimate ``x0`` (else the state ``x``) ``[B, ..., D]`` of a continuous step in float32; ``keep``:
+    a copy, since the samplers update their buffers in place at the next step."""
+    x = step.x0 if step.x0 is not None else step.x
+    return x.detach().to(torch.float32, copy=keep)
+
+
+def estimate_decoder(objective: ContinuousObjective) -> DecodeIds:
+    """Ids of the current clean estimate by ``objective.decode`` (with the objective's confidence where it has
+    ``decode_confidence``)."""
+
+    def decode(step: SamplerStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x0 = dense_estimate(step)  # [B, L, D], decoded now: not kept
+        if step.x0 is not None and isinstance(objective, ConfidenceDecode):  # a clean estimate, not a noisy state
+            return objective.decode_confidence(x0)
+        return objective.decode(x0), None
+
+    return decode
+
+
+class BlockDecoder:
+    """Ids of a block-causal latent prior's sample so far (``LatentDiffusion.sample_blocks``).
+
+    The sampler runs once per block of latents and reports that block's steps only, their index starting again at
+    each block: the finished blocks (each the last estimate of its run) and the current block's estimate are
+    decoded together, and the positions after them are ``PENDING`` up to ``length`` tokens.
+    """
+
+    def __init__(self, objective, length: int) -> None:
+        self.objective, self.length = objective, length
+        self.done: list[torch.Tensor] = []  # the finished blocks' clean latents, [B, K, d_z] each
+        self.current: torch.Tensor | None = None  # the current block's last estimate [B, K, d_z]
+        self.last_index: int | None = None
+
+    def __call__(self, step: SamplerStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.last_index is not None and step.index <= self.last_index and self.current is not None:
+            self.done.append(self.current)  # a new block: the previous one's last estimate is its clean block
+        self.last_index, self.current = step.index, dense_estimate(step, keep=True)
+        ids = self.objective.decode(torch.cat([*self.done, self.current], 1))  # [B, n r]
+        shown = ids.new_full((ids.shape[0], self.length), PENDING)  # [B, L]
+        width = min(ids.shape[1], self.length)
+        shown[:, :width] = ids[:, :width]
+        return shown, None
+
+
+def trace_decoder(objective, length: int | None = None) -> DecodeIds:
+    """How a trace shows ``objective``'s sampler states as ids, chosen from its sampling contract (``cdlm.types``:
+    the ``space`` every objective declares).
+
+    Discrete (masked) states are ids; an autoregressive canvas is ids up to the current position; a continuous
+    state is shown by ``objective.decode`` of its clean estimate (``ContinuousObjective``), with a confidence where
+    the objective has ``decode_confidence`` (``ConfidenceDecode``); a block-causal latent prior by the blocks so far
+    (which needs the sample ``length``). Raises ``ValueError`` when the objective has no way to show its states.
+    """
+    space = getattr(objective, "space", None)
+    if space == "discrete":
+        return decode_state_ids
+    if space == "autoregressive":
+        return autoregressive_ids
+    if space == "continuous":
+        if not callable(getattr(objective, "decode", None)):
+            raise ValueError(f"{type(objective).__name__} has no decode(x) -> ids: its samples cannot be traced")
+        if getattr(objective, "blockwise", False):  # sampled block by block (LatentDiffusion.sample_blocks)
+            if length is None:
+                raise ValueError("a block-causal latent prior's trace needs the sample length: trace_decoder(obj, L)")
+            return BlockDecoder(objective, length)
+        return estimate_decoder(objective)
+    raise ValueError(
+        f"{type(objective).__name__} has space {space!r}; a trace shows discrete, autoregressive or continuous "
+        "objectives (cdlm.types)"
+    )
+
+
+def trace_recorder(
+    objective,
+    length: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    sample_index: int = 0,
+) -> TraceRecorder:
+    """A ``TraceRecorder`` for ``objective``'s samples of ``length`` tokens (its mask id and ``trace_decoder``)."""
+    decode = trace_decoder(objective, length)
+    return TraceRecorder(getattr(objective, "mask_id", None), sample_index, decode, sampler, steps)
 
 
 @dataclass
@@ -36,7 +143,7 @@ class TraceRow:
     t: float
     nfe: int
     ids: torch.Tensor  # int64 token ids
-    masked: torch.Tensor  # bool, still masked after the step
+    masked: torch.Tensor  # bool, still masked (or not generated yet) after the step
     committed: torch.Tensor  # bool, newly committed at this step
     confidence: torch.Tensor | None  # float16 in [0, 1], continuous traces only
 
@@ -49,8 +156,9 @@ class TraceRecorder:
             where "committed" means "decoded id changed since the previous step".
         sample_index: which sample of the whole ``generate`` call to record (batches of ``batch_size`` are
             followed: a step index that does not increase starts the next batch).
-        decode_ids: ``step -> (ids [B, L], confidence [B, L] | None)``; continuous objectives supply their argmax
-            decode of ``step.x0`` or ``step.x`` and its probability. The default reads ids from ``step.x``.
+        decode_ids: ``step -> (ids [B, L], confidence [B, L] | None)``, called with the recorded sample's step only
+            (``B = 1``) and right away (states are updated in place later); ids ``PENDING`` are not generated yet.
+            The default reads ids from ``step.x``; ``trace_recorder`` picks ``trace_decoder(objective)``.
         sampler, steps: shown in the page header.
     """
 
@@ -66,31 +174,40 @@ class TraceRecorder:
         self.decode_ids = decode_ids or decode_state_ids
         self.sampler, self.steps = sampler, steps
         self.rows: list[TraceRow] = []
-        self._offset, self._batch, self._last_index = 0, 0, None
+        self._offset, self._batch, self._last_index, self._last_nfe = 0, 0, None, 0
 
     def __call__(self, step: SamplerStep) -> None:
-        if self._last_index is not None and step.index <= self._last_index:
-            self._offset += self._batch  # a new batch of the same generate call
-        self._last_index, self._batch = step.index, step.x.shape[0]
+        if self._last_index is not None and step.index <= self._last_index and step.nfe <= self._last_nfe:
+            self._offset += self._batch  # a new batch of the same generate call (a new latent block keeps counting)
+        self._last_index, self._last_nfe, self._batch = step.index, step.nfe, step.x.shape[0]
         row = self.sample_index - self._offset
         if not 0 <= row < self._batch:
             return
-        ids, confidence = self.decode_ids(step)
-        ids = ids[row].detach().to("cpu", torch.int64)
-        masked = ids == self.mask_id if self.mask_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        ids, confidence = self.decode_ids(one_sample(step, row))
+        ids = ids[0].detach().to("cpu", torch.int64, copy=True)  # [L]; a copy: samplers update states in place
+        masked = ids < 0  # PENDING: not generated yet
+        if self.mask_id is not None:
+            masked |= ids == self.mask_id
         previous = self.rows[-1] if self.rows else None
         if self.mask_id is not None:
             was_masked = previous.masked if previous is not None else torch.ones_like(masked)
             committed = was_masked & ~masked
-        else:
-            committed = ids != previous.ids if previous is not None else torch.ones_like(masked)
-        conf = None if confidence is None else confidence[row].detach().float().clamp(0, 1).to("cpu", torch.float16)
+        else:  # changed since the previous step, or newly generated
+            changed = (ids != previous.ids) | previous.masked if previous is not None else torch.ones_like(masked)
+            committed = changed & ~masked
+        conf = None if confidence is None else confidence[0].detach().float().clamp(0, 1).to("cpu", torch.float16)
         self.rows.append(TraceRow(step.index, float(step.t), int(step.nfe), ids, masked, committed, conf))
 
     @property
     def nfe(self) -> int:
         """Network evaluations at the last recorded step."""
         return self.rows[-1].nfe if self.rows else 0
+
+
+def one_sample(step: SamplerStep, row: int) -> SamplerStep:
+    """``step`` restricted to sample ``row`` of its batch (views ``[1, ...]``)."""
+    x0 = None if step.x0 is None else step.x0[row : row + 1]
+    return SamplerStep(step.index, step.t, step.x[row : row + 1], x0, step.nfe)
 
 
 CSS = """
@@ -135,7 +252,8 @@ def row_html(row: TraceRow, number: int, decode: Callable[[int], str]) -> str:
     spans = []
     for i, token in enumerate(row.ids.tolist()):
         if row.masked[i]:
-            spans.append(f'<span class="tok m" title="masked, position {i}"></span>')
+            what = "not generated yet" if token < 0 else "masked"
+            spans.append(f'<span class="tok m" title="{what}, position {i}"></span>')
             continue
         cls = "tok new" if row.committed[i] else "tok"
         style = ""
@@ -148,8 +266,10 @@ def row_html(row: TraceRow, number: int, decode: Callable[[int], str]) -> str:
         spans.append(f'<span class="{cls}" title="{title}"{style}>{decode(token)}</span>')
     meta = (
         f"step {number + 1} (sampler index {row.index}) &middot; t={row.t:.4f} &middot; NFE {row.nfe} &middot; "
-        f"committed {int(row.committed.sum())} &middot; masked {int(row.masked.sum())}"
+        f"committed {int(row.committed.sum())} &middot; "
     )
+    pending = int((row.ids < 0).sum())
+    meta += f"to generate {pending}" if pending else f"masked {int(row.masked.sum())}"
     tokens = "".join(spans)
     return (
         f'<div class="step" data-step="{number}"><div class="meta">{meta}</div><div class="tokens">{tokens}</div></div>'
@@ -198,7 +318,9 @@ def render_html(
         f"sample {recorder.sample_index} &middot; length {rows[0].ids.numel()}"
     )
     legend = '<span class="new">x</span> committed at this step'
-    if mask_id is not None:
+    if any(bool((r.ids < 0).any()) for r in rows):
+        legend = '<span class="m"></span> not generated yet &nbsp; ' + legend
+    elif mask_id is not None:
         legend = '<span class="m"></span> masked &nbsp; ' + legend
     if any(r.confidence is not None for r in rows):
         legend += " &nbsp; opacity = confidence"
@@ -217,6 +339,6 @@ def render_html(
 
 def _remask(row: TraceRow, mask_id: int, previous: TraceRow | None) -> TraceRow:
     """``row`` with masked / committed recomputed for ``mask_id`` (when it differs from the recorder's)."""
-    masked = row.ids == mask_id
-    was_masked = previous.ids == mask_id if previous is not None else torch.ones_like(masked)
+    masked = (row.ids == mask_id) | (row.ids < 0)
+    was_masked = (previous.ids == mask_id) | (previous.ids < 0) if previous is not None else torch.ones_like(masked)
     return TraceRow(row.index, row.t, row.nfe, row.ids, masked, was_masked & ~masked, row.confidence)

@@ -30,7 +30,7 @@ from cdlm.data.datamodule import TextDataModule
 from cdlm.data.documents import Documents, LoadedDocuments, digest, files_fingerprint
 from cdlm.data.sources import MissingDependencyError, SourceError, read_file, read_folder
 from cdlm.data.token_cache import MANIFEST
-from cdlm.evaluate import score_batches
+from cdlm.metrics.likelihood import score_batches
 from cdlm.module import DiffusionLM
 
 SCORED = "scored-"  # the token cache's one split is named SCORED + the corpus's split ("all" for a local source)

@@ -1,4 +1,5 @@
-"""The sample command: JSONL output, sharding over 2 CPU processes, and clear errors."""
+"""The sample command: JSONL output, sharding over 2 CPU processes, and clear errors; the typed API behind the
+commands (``cdlm.api``): results returned, bad input raised as ``ValueError``, never an exit."""
 
 import json
 import subprocess
@@ -7,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+import cdlm
 from cdlm.cli import main
+from cdlm.options import as_arguments
+from cdlm.sampling import Samples
+from tests.runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +70,62 @@ def test_train_bad_config_exits_with_message(capsys):
     with pytest.raises(SystemExit):
         main(["train", "model.dept=3"])
     assert "valid keys under model" in capsys.readouterr().err
+
+
+# ---- cdlm.api: the commands as typed functions that raise instead of exiting -----------------------------------
+def test_api_sample_returns_samples(tiny_run):
+    samples = cdlm.api.sample(tiny_run[0] / "final", n=3, length=16, seed=5, sampler_options={"steps": 8})
+    assert isinstance(samples, Samples)
+    assert samples.ids.shape == (3, 16) and len(samples.texts) == 3 and samples.seeds == [5, 5, 5]
+    assert 1 <= samples.nfe <= 9
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 0}, "n must be a positive integer"),
+        ({"n": "4"}, "n='4' is not valid"),
+        ({"sampler_options": {"temprature": 3}}, "unknown sampler option"),
+        ({"sampler": "no-such"}, "available"),
+        ({"length": 10_000}, "exceeds the model's max_len"),
+    ],
+)
+def test_api_sample_bad_option_raises_value_error(tiny_run, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cdlm.api.sample(tiny_run[0] / "final", **kwargs)
+
+
+def test_api_bad_path_and_overrides_raise_value_error(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        cdlm.api.sample(tmp_path / "missing")
+    with pytest.raises(ValueError, match="seeds must be a positive integer"):
+        cdlm.api.evaluate(tmp_path, seeds=0)
+    with pytest.raises(ValueError, match="valid keys under model"):
+        cdlm.api.train({"model.dept": 3})
+    with pytest.raises(ValueError, match="list of key=value strings or a mapping"):
+        cdlm.api.train("model=tiny")
+
+
+def test_api_evaluate_returns_the_result(tiny_run, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluation = cdlm.api.evaluate(
+        tiny_run[0] / "final", n=2, seeds=1, length=16, val_batches=1, sampler_options={"steps": 4}, out=out
+    )
+    assert evaluation.path == out and json.loads(out.read_text()) == evaluation.result
+    assert evaluation.metrics["val_bpc"] > 0 and evaluation.metrics["nfe"] <= 5
+    assert evaluation.result["model"] == str(tiny_run[0] / "final")
+    unwritten = cdlm.api.evaluate(tiny_run[0] / "final", n=1, seeds=1, length=8, val_batches=0, write=False)
+    assert unwritten.path is None and "val_bpc" not in unwritten.metrics
+
+
+def test_api_train_from_a_mapping(tmp_path):
+    overrides = dict(a.split("=", 1) for a in TINY) | {"trainer.max_steps": 2, "run_dir": tmp_path / "run"}
+    run = cdlm.api.train(overrides)
+    assert run.run_dir == tmp_path / "run" and (run.final / "model.safetensors").is_file()
+    assert run.metrics["val/bpc"] > 0
+    assert json.loads((run.run_dir / "metrics.json").read_text()) == run.metrics
+
+
+def test_overrides_as_arguments():
+    assert as_arguments(["a=1"]) == ["a=1"]
+    assert as_arguments({"a": True, "b": None, "c": [1, 2], "d": 0.5}) == ["a=true", "b=null", "c=[1, 2]", "d=0.5"]

@@ -1,4 +1,5 @@
-"""Sweeps: grid expansion, --print mode, in-process execution with a fake runner, tables and the plot."""
+"""Sweeps: grid expansion, --print mode, in-process execution with a fake runner, tables and the plot; a real eval
+sweep through ``cdlm.api``, and how a failing point is reported."""
 
 import csv
 import json
@@ -7,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlm.sweep import CONFIG_EXAMPLE, expand, load_sweep, main_sweep, run_sweep
+from cdlm import api
+from cdlm.cli import main
+from cdlm.config import ConfigError
+from cdlm.sweep import CONFIG_EXAMPLE, SweepError, expand, load_sweep, run_sweep, sweep_arguments
 
 
 def write_sweep(tmp_path: Path, **fields) -> Path:
@@ -57,7 +61,7 @@ def test_expand_product_of_two_keys(tmp_path):
 
 
 def test_print_mode_runs_nothing(tmp_path, capsys):
-    rows = main_sweep([str(write_sweep(tmp_path)), "--print"])
+    rows = api.sweep(write_sweep(tmp_path), execute=False)
     lines = capsys.readouterr().out.strip().splitlines()
     assert rows == [] and len(lines) == 4
     assert all(line.startswith("cdlm eval path=runs/x/final n=4 sampler.steps=") for line in lines)
@@ -194,7 +198,7 @@ def test_grids_sweep_rows_two_plots_and_reference_row(tmp_path):
 
 
 def test_print_mode_leaves_labels_out(tmp_path, capsys):
-    main_sweep([str(write_grids_sweep(tmp_path)), "--print"])
+    main(["sweep", str(write_grids_sweep(tmp_path)), "--print"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and lines[4].startswith("cdlm eval path=runs/x/final n=4 path=runs/a/final sampler=auto")
     assert not any(" label=" in line for line in lines)
@@ -218,3 +222,51 @@ def test_print_mode_leaves_labels_out(tmp_path, capsys):
 def test_bad_grids_and_plots_are_refused(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         load_sweep(write_grids_sweep(tmp_path, **fields))
+
+
+def test_sweep_arguments():
+    assert sweep_arguments(["s.yaml"]) == ("s.yaml", True, False)
+    assert sweep_arguments(["--print", "s.yaml", "--skip-done"]) == ("s.yaml", False, True)
+    with pytest.raises(ConfigError, match="unknown flag"):
+        sweep_arguments(["s.yaml", "--dry-run"])
+    with pytest.raises(ConfigError, match="takes one sweep file"):
+        sweep_arguments(["a.yaml", "b.yaml"])
+
+
+def test_running_needs_a_runner(tmp_path):
+    with pytest.raises(ValueError, match="needs a runner"):
+        run_sweep(write_sweep(tmp_path))
+
+
+def test_a_failing_point_stops_the_sweep_with_its_error(tmp_path, capsys):
+    def refusing(command: str, args: list[str]) -> None:
+        raise ConfigError("sampler.top_p=5 is not in (0, 1]")
+
+    with pytest.raises(SweepError, match=r"sweep point sampler.steps-8_sampler.top_p-0.9 failed \(exit status 2\)"):
+        run_sweep(write_sweep(tmp_path), runner=refusing)
+    assert "cdlm: error: sampler.top_p=5 is not in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_bug_in_a_point_keeps_its_traceback(tmp_path):
+    def broken(command: str, args: list[str]) -> None:
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError, match="bug"):
+        run_sweep(write_sweep(tmp_path), runner=broken)
+
+
+def test_eval_sweep_through_the_api(tiny_run, tmp_path, capsys):
+    final = tiny_run[0] / "final"
+    path = write_sweep(
+        tmp_path,
+        base=[f"path={final}", "n=2", "seeds=1", "length=16", "val_batches=1", "device=cpu"],
+        grid={"sampler.steps": [4, 8]},
+        columns=["sampler.steps", "nfe", "val_bpc"],
+        plot={"x": "sampler.steps", "y": "val_bpc"},
+    )
+    rows = api.sweep(path)
+    assert [r["sampler.steps"] for r in rows] == [4, 8] and all(r["val_bpc"] > 0 for r in rows)
+    assert all(1 <= r["nfe"] <= r["sampler.steps"] + 1 for r in rows)
+    out = capsys.readouterr().out
+    assert out.count("validation bound:") == 2 and out.count("cdlm: wrote") == 2
+    assert (tmp_path / "sweep" / "results.md").is_file()

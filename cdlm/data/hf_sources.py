@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdlm.data.sources import (
+from cdlm.data.source_options import (
     SPLITS,
     SourceError,
     SourceOptions,

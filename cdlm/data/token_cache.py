@@ -186,7 +186,7 @@ def write_split(
 
 def build(directory: Path, documents: Documents, tokenizer: Tokenizer, workers: int) -> dict:
     """Write every split and, last, the manifest into ``directory``."""
-    from cdlm import __version__
+    from cdlm.version import __version__
 
     started = time.perf_counter()
     splits = {split: write_split(directory, documents, split, tokenizer, workers) for split in documents.splits()}

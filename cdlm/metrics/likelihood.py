@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from cdlm.module import DiffusionLM
 
 
 class LikelihoodMetric(Metric):
@@ -31,3 +36,21 @@ class LikelihoodMetric(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         nll = self.nll / self.tokens.clamp_min(1)
         return {"nll": nll, "ppl": nll.exp(), "bpc": self.nll / (math.log(2) * self.chars.clamp_min(1))}
+
+
+@torch.no_grad()
+def score_batches(
+    module: DiffusionLM, batches: Iterable[dict], max_batches: int | None = None, dtype=torch.bfloat16
+) -> LikelihoodMetric:
+    """The objective's ``nll`` summed over ``batches`` with the module's fixed evaluation noise (batch ``i`` under
+    ``module.seeded(-1, i)``, as ``DiffusionLM.validation_step``); ``dtype``: autocast dtype (None: full precision)."""
+    metric = LikelihoodMetric().to(module.device)
+    with torch.autocast(module.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(module.device) for k, v in batch.items()}
+            with module.seeded(-1, i):
+                out = module.objective.nll(batch)
+            metric.update(out.nll, out.mask, batch["n_chars"])
+    return metric

@@ -198,6 +198,13 @@ class Bitstream(nn.Module):
         self.invalid_decoded += int(invalid.sum())
         return ids
 
+    def decode_confidence(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` of an estimate ``x0`` ``[B, L, k]`` (not counted in ``invalid_decoded``) and the probability
+        ``[B, L]`` of each decoded code under independent bits, for traces (``cdlm.trace``)."""
+        p = x0.float().clamp(0.0, 1.0)  # [B, L, k]
+        ids, _ = decode_bits(p, self.vocab_size)
+        return ids, torch.where(ids_to_bits(ids, p.shape[-1]) > 0.5, p, 1 - p).prod(-1)
+
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``-log p(ids | x)`` ``[B, L]`` under independent bits read at ``sigma_min`` (no self-conditioning).
 

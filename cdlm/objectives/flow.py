@@ -273,6 +273,12 @@ class OneHotFlow(SigmaRange, nn.Module):
         """Token ids ``[B, L]``: the argmax of the final state (or of the final ``x0_hat``) over ``V``."""
         return x.argmax(-1)
 
+    def decode_confidence(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` of a clean estimate ``x0`` ``[B, L, V]`` (on the simplex) and its probability ``[B, L]``, for
+        traces (``cdlm.trace``)."""
+        confidence, ids = x0.max(-1)
+        return ids, confidence.clamp(0.0, 1.0)
+
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``-log p(ids | x)`` ``[B, L]`` (the ODE bound's decoder term): the network's logits at ``sigma_min`` times
         the exact Gaussian likelihood of ``x`` under each token, ``softmax(logits + x / sigma_min^2)`` (already the
