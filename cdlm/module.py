@@ -17,7 +17,7 @@ from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFini
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.strategies import is_sharded, shard
-from cdlm.types import Batch
+from cdlm.types import Batch, BlockwiseObjective
 
 
 class DiffusionLM(L.LightningModule):
@@ -181,7 +181,7 @@ class DiffusionLM(L.LightningModule):
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for start in range(0, n, batch_size):
                 x = self.objective.prior(min(batch_size, n - start), length, self.device, generator=generator)
-                if getattr(self.objective, "blockwise", False):  # block by block (a block-causal latent prior)
+                if isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise:  # block by block
                     runner = BlockRunner(spec, ts, generator, callback, knobs)
                     chunks.append(self.objective.sample_blocks(runner, x))
                 else:

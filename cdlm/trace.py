@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from cdlm.types import ContinuousObjective, SamplerStep
+from cdlm.types import BlockwiseObjective, ContinuousObjective, SamplerStep
 
 DecodeIds = Callable[[SamplerStep], tuple[torch.Tensor, torch.Tensor | None]]
 """``step -> (ids [B, L], confidence [B, L] in [0, 1] or None)``; ids ``PENDING`` mark positions not generated yet."""
@@ -112,7 +112,7 @@ def trace_decoder(objective, length: int | None = None) -> DecodeIds:
     if space == "continuous":
         if not callable(getattr(objective, "decode", None)):
             raise ValueError(f"{type(objective).__name__} has no decode(x) -> ids: its samples cannot be traced")
-        if getattr(objective, "blockwise", False):  # sampled block by block (LatentDiffusion.sample_blocks)
+        if isinstance(objective, BlockwiseObjective) and objective.blockwise:  # sampled block by block
             if length is None:
                 raise ValueError("a block-causal latent prior's trace needs the sample length: trace_decoder(obj, L)")
             return BlockDecoder(objective, length)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from cdlm.models.kv_cache import KVCache
 
 Space = Literal["continuous", "discrete", "autoregressive"]
 Batch = dict[str, torch.Tensor]  # input_ids [B, L], attention_mask [B, L], n_chars [B], optional u [B]
@@ -38,12 +42,61 @@ class Objective(Protocol):
 
 @runtime_checkable
 class DiscreteObjective(Objective, Protocol):
-    """Discrete sampling view (docs/math.md §0): ``denoise(z_t, t) -> log p(x0 | z_t)`` ``[B, L, V]``."""
+    """Discrete sampling view (docs/math.md §0): ``denoise(z_t, t) -> log p(x0 | z_t)`` ``[B, L, V]`` on token states
+    ``z_t`` ``[B, L]`` at times ``t`` ``[B]``, and the ``prior`` state at ``t = 1``."""
 
-    mask_id: int
     vocab_size: int
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
+
+
+class MaskSchedule(Protocol):
+    """An absorbing process's schedule: ``alpha(t)``, the probability that a token is still visible at time ``t``
+    (decreasing from ~1 at ``t = 0`` to ~0 at ``t = 1``; docs/math.md §1)."""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AbsorbingObjective(Protocol):
+    """Absorbing-state ("masked") diffusion, MDLM's (docs/math.md §1): what the ancestral and parallel samplers read.
+
+    - ``vocab_size``, ``denoise`` and ``prior``: the ``DiscreteObjective`` sampling view;
+
+    - ``mask_id``: the ``[MASK]`` id (``V``: one past the vocabulary); the ``prior`` is all ``[MASK]``, and
+      ``denoise`` carries visible tokens over unchanged (SUBS);
+    - ``schedule.alpha(t)``: the visible fraction at ``t`` (``MaskSchedule``), from which the samplers take how many
+      positions a step unmasks;
+    - ``time_conditioning``: whether ``denoise`` reads ``t`` (if not, an unchanged state need not be re-scored).
+    """
+
+    vocab_size: int
+    mask_id: int
+    schedule: MaskSchedule
+    time_conditioning: bool
+
+    def denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def prior(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AutoregressiveObjective(Protocol):
+    """Left-to-right sampling view (``space = "autoregressive"``): ``next_logits(prefix, cache)`` -> float32 logits
+    ``[B, V]`` of the next token after ``prefix`` ``[B, t]``; ``new_cache(capacity)`` an empty KV cache that
+    ``next_logits`` extends with the positions it has not seen; ``prior(n, L)`` the canvas ``[n, L]`` it overwrites."""
+
+    vocab_size: int
+
+    def new_cache(self, capacity: int) -> KVCache: ...
+
+    def next_logits(self, prefix: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor: ...
 
     def prior(
         self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
@@ -108,6 +161,19 @@ class FinalPass(ContinuousObjective, Protocol):
     """
 
     def decode_final(self, x: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class BlockwiseObjective(Protocol):
+    """An objective sampled block by block, each block by a continuous sampler given the blocks before it (Cola
+    DLM's block-causal latent prior, docs/math.md §5). ``blockwise`` says whether it is in that mode (a latent
+    objective is only with a block-causal prior); ``sample_blocks(run, x)`` returns ids ``[B, L]`` from the draw
+    ``x`` at ``sigma_max``, calling ``run(view, x_block)`` (a ``cdlm.samplers.blocks.BlockRunner``) on each block's
+    ``ContinuousObjective`` view."""
+
+    blockwise: bool
+
+    def sample_blocks(self, run: Callable[[object, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

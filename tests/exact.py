@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cdlm.types import ContinuousObjective, DiscreteObjective, FlowMapObjective
+from cdlm.types import AbsorbingObjective, AutoregressiveObjective, ContinuousObjective, FlowMapObjective
 
 FLOOR = 1e-30  # log-probabilities of impossible tokens: log(FLOOR), finite so gaps and sorts stay defined
 FLOW_MAP_RESOLUTION = 64  # DDIM steps of the exact flow map per unit of log sigma (each lowers sigma by 1.6%)
@@ -108,7 +108,7 @@ def per_state(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
     return rows
 
 
-def masked_oracle(objective: DiscreteObjective, law: Law) -> None:
+def masked_oracle(objective: AbsorbingObjective, law: Law) -> None:
     """``denoise(z, t)``: SUBS ``log p(x0 | z)`` ``[B, L, V]``: visible tokens kept, masked ones from the law."""
     vocab, mask_id = objective.vocab_size, objective.mask_id
 
@@ -123,7 +123,7 @@ def masked_oracle(objective: DiscreteObjective, law: Law) -> None:
     objective.denoise = lambda z, t, padding=None: posterior(z)
 
 
-def autoregressive_oracle(objective: object, law: Law) -> None:
+def autoregressive_oracle(objective: AutoregressiveObjective, law: Law) -> None:
     """``next_logits(prefix)``: ``log p(x_i | x_<i)`` ``[B, V]`` for a prefix ``[B, i]``."""
     vocab = objective.vocab_size
 
@@ -187,9 +187,9 @@ def continuous_oracle(objective: ContinuousObjective, law: Law) -> None:
 
 def install_oracle(objective: object, law: Law) -> None:
     """Replace ``objective``'s network by the exact posterior of ``law``, by the contract the objective satisfies."""
-    if getattr(objective, "space", None) == "autoregressive":
+    if isinstance(objective, AutoregressiveObjective):
         autoregressive_oracle(objective, law)
-    elif isinstance(objective, DiscreteObjective):
+    elif isinstance(objective, AbsorbingObjective):
         masked_oracle(objective, law)
     elif isinstance(objective, ContinuousObjective):
         continuous_oracle(objective, law)

@@ -9,24 +9,12 @@ one new position; ``cache=False`` reruns the whole prefix (the reference the cac
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
-from cdlm.models.kv_cache import KVCache
 from cdlm.samplers.categorical import sample_categorical, top_p_filter
 from cdlm.samplers.registry import Range, register_sampler
-from cdlm.types import SamplerStep
-
-
-class AutoregressiveObjective(Protocol):
-    """The sampling view of ``cdlm.objectives.autoregressive.Autoregressive``."""
-
-    vocab_size: int
-
-    def new_cache(self, capacity: int) -> KVCache: ...
-
-    def next_logits(self, prefix: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor: ...
+from cdlm.types import AutoregressiveObjective, SamplerStep
 
 
 def position_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -67,6 +55,7 @@ def next_token(
     "autoregressive",
     space="autoregressive",
     grid=position_grid,
+    requires=AutoregressiveObjective,
     knobs={
         "temperature": Range(0, note="0 = greedy"),
         "top_p": Range(0, 1, low_open=True, note="1 = off"),

@@ -20,7 +20,7 @@ from cdlm.samplers.categorical import nucleus, renormalise, row_chunks, sample_c
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import remask, remask_sigma
-from cdlm.types import DiscreteObjective, SamplerStep
+from cdlm.types import AbsorbingObjective, SamplerStep
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class CleanProbs:
 
 
 def clean_probs(
-    objective: DiscreteObjective, x: torch.Tensor, t: torch.Tensor, top_p: float, where: torch.Tensor
+    objective: AbsorbingObjective, x: torch.Tensor, t: torch.Tensor, top_p: float, where: torch.Tensor
 ) -> CleanProbs:
     """``p_theta(x0 | x)`` at the positions ``where`` ``[B, L]`` (bool): ``N`` rows, nucleus-filtered (``top_p``)."""
     logp = objective.denoise(x, t.expand(x.shape[0]).float())  # [B, L, V] float32
@@ -103,6 +103,7 @@ def ancestral_draws(
     "ancestral",
     space="discrete",
     grid=linear_grid,
+    requires=AbsorbingObjective,
     knobs={
         "top_p": Range(0, 1, low_open=True, note="1 = off"),
         "final": Choice("argmax", "sample"),
@@ -111,7 +112,7 @@ def ancestral_draws(
 )
 @torch.no_grad()
 def sample_ancestral(
-    objective: DiscreteObjective,
+    objective: AbsorbingObjective,
     x: torch.Tensor,
     ts: torch.Tensor,
     *,

@@ -38,7 +38,7 @@ from cdlm.samplers.selectors import (
     top2_gap,
     topk_count,
 )
-from cdlm.types import DiscreteObjective, SamplerStep
+from cdlm.types import AbsorbingObjective, SamplerStep
 
 SELECTORS = ("topk", "threshold", "prophet")
 
@@ -146,6 +146,7 @@ def parallel_step(
     "parallel",
     space="discrete",
     grid=linear_grid,
+    requires=AbsorbingObjective,
     knobs={
         "selector": Choice(*SELECTORS),
         "tau": Range(0, 1, low_open=True),
@@ -157,7 +158,7 @@ def parallel_step(
 )
 @torch.no_grad()
 def sample_parallel(
-    objective: DiscreteObjective,
+    objective: AbsorbingObjective,
     x: torch.Tensor,
     ts: torch.Tensor,
     *,
@@ -209,7 +210,7 @@ class BlockDecoder:
 
     def __init__(
         self,
-        objective: DiscreteObjective,
+        objective: AbsorbingObjective,
         policy: Policy,
         generated: torch.Tensor,
         steps: int,
