@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
+from cdlm.optim import adamw, warmup_cosine
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.strategies import is_sharded, shard
@@ -139,12 +139,9 @@ class DiffusionLM(L.LightningModule):
         torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         fused = self.device.type == "cuda" and scaler is None  # a scaler unscales before clipping: not fused then
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
+        optimizer = adamw(self.parameters(), self.lr, self.weight_decay, self.betas, fused)
         total = max(self.trainer.max_steps, 1) if self._trainer is not None else 1
         multiplier = lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
@@ -195,11 +192,3 @@ class DiffusionLM(L.LightningModule):
         """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory`` (``state``: a full state
         dict gathered beforehand from sharded weights)."""
         return save_pretrained(self, directory, state)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlm.module import warmup_cosine
+from cdlm.optim import warmup_cosine
 from tests.runs import TINY, CrashAt, LossRecorder, fit
 
 ROOT = Path(__file__).resolve().parents[1]
