@@ -27,6 +27,7 @@ from cdlm.config import SAMPLE_N, ConfigError, compose, instantiate, load_group,
 from cdlm.evaluate import evaluate as evaluation
 from cdlm.evaluate import summary, write_result
 from cdlm.module import DiffusionLM
+from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.options import (
     DEFAULT_EVAL_N,
     DEFAULT_SEEDS,
@@ -39,6 +40,7 @@ from cdlm.options import (
     resolve_device,
     sample_length,
 )
+from cdlm.plots import plot_entropy_rate
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.sampling import Samples, draw, draw_sharded
 from cdlm.sweep import run_sweep
@@ -223,12 +225,12 @@ def schedule(path: str | Path, out: str | Path | None = None) -> Path:
     opts = checked(ScheduleOptions, path=str(path), out=None if out is None else str(out))
     module = load(opts.path)
     table = getattr(module.objective, "schedule", None)
-    if not hasattr(table, "plot"):
+    if not isinstance(table, EntropyRateSchedule):
         raise ConfigError(
             f"{type(module.objective).__name__} has no learned table schedule to plot; "
             "`cdlm schedule` plots a bitstream model's entropy-rate schedule"
         )
-    return table.plot(opts.out or str(Path(opts.path).parent / "schedule.png"))
+    return plot_entropy_rate(table, opts.out or str(Path(opts.path).parent / "schedule.png"))
 
 
 def sweep(path: str | Path, *, execute: bool = True, skip_done: bool = False) -> list[dict[str, Any]]:

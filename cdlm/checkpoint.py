@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import pickle
 import tempfile
-from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +19,13 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
 from cdlm.components import MODEL_SLOTS, RUN_SLOTS
-from cdlm.config import ConfigError, instantiate, is_base_name, locate, save_config, validate
+from cdlm.config import ConfigError, apply_attention, instantiate, is_base_name, locate, save_config, validate
+from cdlm.objectives.latent_legacy import migrate
+from cdlm.objectives.teacher import frozen_inputs, load_frozen_with
 from cdlm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_ckpt
 
 if TYPE_CHECKING:
     from cdlm.module import DiffusionLM
-
-
-LOADING: ContextVar[bool] = ContextVar("cdlm_loading", default=False)
-"""True while ``load`` builds a module whose weights it then replaces: a constructor may skip work that only sets
-initial weights (a distillation student reading its teacher)."""
 
 
 class CheckpointError(ValueError):
@@ -69,15 +65,53 @@ def tokenizer_from_state(state: dict[str, torch.Tensor]):
         return load_tokenizer(tmp)
 
 
-def build_module(config: dict, tokenizer: Any) -> DiffusionLM:
-    """Build the module a config describes: backbone -> objective -> ``DiffusionLM``."""
+def build_module(config: dict, tokenizer: Any, inputs: bool = True, datamodule: Any = None) -> DiffusionLM:
+    """Build the module a config describes: backbone -> objective -> ``DiffusionLM``.
+
+    ``inputs``: a run built to train: the objective's frozen inputs (a teacher, a latent prior's VAE, an alignment
+    encoder; ``cdlm.components.FROZEN_INPUTS``) are loaded from the paths of its config
+    (``cdlm.objectives.teacher.frozen_inputs``), and an objective that normalises by data statistics
+    (``fit_statistics``) fits them on rows of the training split (``statistics_batch``; of ``datamodule`` when given,
+    else of one built from the config's ``data``). Else (``load``) neither: the saved weights and buffers hold them.
+    """
     cfg = OmegaConf.create(config)
     backbone = instantiate(cfg.model, "model")
+    target = str(cfg.objective._target_)
     injected = {"backbone": backbone, "vocab_size": tokenizer.vocab_size}
-    if "tokenizer" in inspect.signature(locate(cfg.objective._target_)).parameters:
+    if "tokenizer" in inspect.signature(locate(target)).parameters:
         injected["tokenizer"] = tokenizer  # objectives that turn ids back into text (a latent VAE's alignment)
+    injected.update(frozen_inputs(target, cfg.objective, read_objective if inputs else None))
     objective = instantiate(cfg.objective, "objective", **injected)
+    if inputs and callable(getattr(objective, "fit_statistics", None)):
+        objective.fit_statistics(statistics_batch(cfg, tokenizer, datamodule))
     return instantiate(cfg.module, "module", objective=objective, tokenizer=tokenizer, config=config)
+
+
+def read_objective(path: Path) -> torch.nn.Module:
+    """The objective of the saved run at ``path`` (``load``)."""
+    return load(path).objective
+
+
+def load_frozen(path: str | Path, expected: tuple[type, ...], what: str) -> torch.nn.Module:
+    """The frozen objective of the saved run at ``path``, of one of the ``expected`` classes; a ``ConfigError`` that
+    names ``what`` (the config key) for a missing, unreadable or wrong run (``teacher.load_frozen_with``)."""
+    return load_frozen_with(path, expected, what, read_objective)
+
+
+def statistics_batch(cfg: DictConfig, tokenizer: Any, datamodule: Any = None) -> dict[str, torch.Tensor]:
+    """``data.batch_size`` rows of the run's training split, evenly spread over it (the first ones of a stream): the
+    same rows on every rank, so the statistics fitted on them agree without communication."""
+    from torch.utils.data import DataLoader, Subset
+
+    if datamodule is None:
+        datamodule = instantiate(cfg.data, "data")
+        datamodule.set_tokenizer(tokenizer)
+    rows = datamodule.dataset("train")
+    size = datamodule.batch_size
+    if hasattr(rows, "__len__") and hasattr(rows, "__getitem__"):
+        rows = Subset(rows, torch.linspace(0, len(rows) - 1, min(size, len(rows))).long().tolist())
+    batch = next(iter(DataLoader(rows, batch_size=size)))
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def save_pretrained(module: DiffusionLM, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -102,13 +136,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> DiffusionLM:
     """
     path = Path(path)
     config, tokenizer, state = read_checkpoint(path)
-    token = LOADING.set(True)
     try:
-        module = build_module(config, tokenizer)
+        module = build_module(config, tokenizer, inputs=False)  # the saved weights hold the frozen inputs
     except ConfigError as err:
         raise CheckpointError(f"{path}: its stored config cannot be built: {err}") from err
-    finally:
-        LOADING.reset(token)
     load_weights(module, state, path)
     return module.to(device).eval()
 
@@ -122,15 +153,12 @@ def read_checkpoint(path: Path) -> tuple[dict, Any, dict[str, torch.Tensor]]:
     if path.is_dir() and not is_sharded_checkpoint(path):
         if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} is not a save_pretrained folder (config.yaml + model.safetensors)")
-        config = checked_config(_read(lambda: OmegaConf.load(path / "config.yaml"), path / "config.yaml"), path)
-        tokenizer = load_tokenizer(path / "tokenizer")
-        return config, tokenizer, _read(lambda: load_file(str(path / "model.safetensors")), path)
+        config = _read(lambda: OmegaConf.load(path / "config.yaml"), path / "config.yaml")
+        config, state = migrate(config, _read(lambda: load_file(str(path / "model.safetensors")), path))
+        return checked_config(config, path), load_tokenizer(path / "tokenizer"), state
     ckpt = read_ckpt(path)
-    return (
-        checked_config(ckpt["cdlm"]["config"], path),
-        tokenizer_from_state(ckpt["cdlm"]["tokenizer"]),
-        ckpt["state_dict"],
-    )
+    config, state = migrate(ckpt["cdlm"]["config"], ckpt["state_dict"])  # a former LatentDiffusion run
+    return checked_config(config, path), tokenizer_from_state(ckpt["cdlm"]["tokenizer"]), state
 
 
 def read_ckpt(path: Path) -> dict:
@@ -159,6 +187,7 @@ def checked_config(config: Any, source: Path) -> dict:
         raise CheckpointError(f"{source}: its stored config must be a mapping with {list(MODEL_SLOTS)} sections")
     try:
         validate(node, RUN_SLOTS, settings=False)
+        apply_attention(node)  # a config saved before the objective's attention was written into model.mask_mode
         return OmegaConf.to_container(node, resolve=True)
     except (ConfigError, OmegaConfBaseException) as err:
         raise CheckpointError(f"{source}: its stored config is refused: {err}") from err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 OBJECTIVES = (
@@ -23,7 +24,8 @@ OBJECTIVES = (
     "cdlm.objectives.flow_map.FlowMap",
     "cdlm.objectives.embedding_flow.EmbeddingFlow",
     "cdlm.objectives.bitstream.Bitstream",
-    "cdlm.objectives.latent.LatentDiffusion",
+    "cdlm.objectives.text_vae.TextVAEObjective",
+    "cdlm.objectives.latent_prior.LatentFlowPrior",
 )
 
 MODEL_SLOTS: dict[str, tuple[str, ...]] = {
@@ -61,6 +63,54 @@ a config that sets one is refused, so no config can move checkpoints or logs out
 
 OBJECTIVE_INJECTED = frozenset({"backbone", "vocab_size", "tokenizer"})
 
+SENTENCE_ENCODER = "sentence_encoder"
+
+
+@dataclass(frozen=True)
+class FrozenInput:
+    """A config key whose value is the path of something an objective builds on, loaded by the run builder
+    (``cdlm.objectives.teacher.frozen_inputs``) and passed to the constructor as ``argument`` (None inside
+    ``cdlm.load``). ``kind``: the objective classes the saved run may hold (``|``-separated paths of ``OBJECTIVES``),
+    or ``SENTENCE_ENCODER``; ``required``: training refuses an unset path; ``describes``: what the key should name."""
+
+    argument: str
+    kind: str
+    required: bool
+    describes: str
+
+
+FROZEN_INPUTS: dict[str, dict[str, FrozenInput]] = {
+    "cdlm.objectives.masked_distill.MaskedDistill": {
+        "teacher": FrozenInput(
+            "teacher_model",
+            "cdlm.objectives.masked.MaskedDiffusion|cdlm.objectives.masked_distill.MaskedDistill",
+            True,
+            "the masked run to distil, e.g. runs/quickstart/final from experiment=quickstart",
+        )
+    },
+    "cdlm.objectives.flow_map.FlowMap": {
+        "teacher": FrozenInput(
+            "teacher_model",
+            "cdlm.objectives.flow.OneHotFlow",
+            True,
+            "the FLM run to distil, e.g. runs/flow_quickstart/final from experiment=flow_quickstart",
+        )
+    },
+    "cdlm.objectives.latent_prior.LatentFlowPrior": {
+        "vae": FrozenInput(
+            "vae_model",
+            "cdlm.objectives.text_vae.TextVAEObjective",
+            True,
+            "the text VAE run to build on, e.g. runs/latent_vae/final from experiment=latent_vae",
+        )
+    },
+    "cdlm.objectives.text_vae.TextVAEObjective": {
+        "align": FrozenInput("aligner", SENTENCE_ENCODER, False, "the sentence encoder to align to")
+    },
+}
+"""Objective arguments that are loaded modules, keyed by the config key that holds their path. Their ``argument``
+is set by cdlm (a config that names it is refused)."""
+
 BASE_NAMES: dict[str, frozenset[str]] = {
     "lightning.pytorch.callbacks.ModelCheckpoint": frozenset({"filename"}),
     "lightning.pytorch.loggers.TensorBoardLogger": frozenset({"sub_dir"}),
@@ -83,7 +133,9 @@ def allowed_targets(slots: dict[str, tuple[str, ...]] = RUN_SLOTS) -> tuple[str,
 
 def injected(path: str) -> frozenset[str]:
     """The constructor arguments of ``path`` that cdlm sets itself."""
-    return OBJECTIVE_INJECTED if path in OBJECTIVES else INJECTED.get(path, frozenset())
+    if path in OBJECTIVES:
+        return OBJECTIVE_INJECTED | {spec.argument for spec in FROZEN_INPUTS.get(path, {}).values()}
+    return INJECTED.get(path, frozenset())
 
 
 def missing_extra(path: str) -> str | None:

@@ -27,6 +27,10 @@ from cdlm.typecheck import conforms, describe, hints
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 GROUPS = ("data", "model", "objective", "sampler", "trainer", "logger")
+SINGLE_DEFAULTS = (
+    "sampler",
+    "objective",
+)  # groups whose files may name one other file of the group as ``defaults`` to extend
 RESOLVER = re.compile(r"\$\{[^}]*:")  # ${name:...}: a resolver call (oc.env, oc.decode, ...), not a key reference
 
 
@@ -90,7 +94,20 @@ def load_group(group: str, name: str, config_dir: Path = CONFIG_DIR) -> DictConf
     if name not in options:
         hint = " or a path to a .yaml file" if group == "experiment" else ""
         raise ConfigError(f"no {group} config named {name!r}; available: {options}{hint}")
-    return load_yaml(config_dir / group / f"{name}.yaml", f"{group} config")
+    return inherit(group, load_yaml(config_dir / group / f"{name}.yaml", f"{group} config"), config_dir, (name,))
+
+
+def inherit(group: str, node: DictConfig, config_dir: Path, chain: tuple[str, ...]) -> DictConfig:
+    """``node`` on top of the config of its group that its ``defaults`` key names, if any (a preset states only what
+    it changes: ``defaults: parallel`` then ``selector: prophet``); ``chain``: the names read so far (a loop is
+    refused)."""
+    if "defaults" not in node or group not in SINGLE_DEFAULTS:
+        return node
+    base = node.pop("defaults")
+    if not isinstance(base, str) or base not in group_options(group, config_dir) or base in chain:
+        raise ConfigError(f"{group} config {chain[-1]!r}: defaults={base!r} must name another {group} config")
+    parent = load_yaml(config_dir / group / f"{base}.yaml", f"{group} config")
+    return OmegaConf.merge(inherit(group, parent, config_dir, (*chain, base)), node)
 
 
 def load_yaml(path: Path, what: str) -> DictConfig:
@@ -108,10 +125,12 @@ def load_yaml(path: Path, what: str) -> DictConfig:
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Build the run config from the defaults, an optional experiment, group choices and dot-list overrides;
-    validated (keys, ``_target_`` slots, types, resolvers, sampler options) before it is returned."""
+    validated (keys, ``_target_`` slots, types, resolvers, sampler options) and with the objective's attention
+    written into ``model.mask_mode`` (``apply_attention``) before it is returned."""
     try:
         cfg = _compose(overrides, config_dir)
         validate(cfg)
+        apply_attention(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {err}") from err
     return cfg
@@ -222,6 +241,26 @@ def validate(cfg: DictConfig, slots: dict[str, tuple[str, ...]] = components.RUN
             check_arguments(slot, values[slot])
     if "sampler" in values:
         check_sampler(values["sampler"])
+
+
+def apply_attention(cfg: DictConfig) -> None:
+    """Write the attention mask the objective declares (its class's ``attention``, e.g. ``causal`` for the
+    autoregressive objective) into ``model.mask_mode`` when the model config leaves it unset, so that the backbone is
+    built with it and the saved config says what runs; a model config that sets another mode is a ``ConfigError``.
+    Objectives that declare none leave the model config alone. Idempotent (stored configs go through it again)."""
+    model, objective = cfg.get("model"), cfg.get("objective")
+    if not isinstance(model, DictConfig) or not isinstance(objective, DictConfig) or "_target_" not in objective:
+        return
+    declared = getattr(locate(str(objective._target_)), "attention", None)
+    given = model.get("mask_mode")
+    if declared is None or given == declared:
+        return
+    if given is not None:
+        raise ConfigError(
+            f"objective {objective._target_} attends with mask_mode={declared!r}, but model.mask_mode={given!r}: "
+            f"remove model.mask_mode or set it to {declared}"
+        )
+    model.mask_mode = declared
 
 
 def check_no_resolvers(cfg: DictConfig | ListConfig, where: str = "") -> None:

@@ -1,11 +1,16 @@
 """Autoregressive reference: exact NLL, causality, KV-cached decoding, sampler registry, a tiny end-to-end run."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+import cdlm
+from cdlm.checkpoint import checked_config
+from cdlm.config import ConfigError, compose, to_dict
 from cdlm.models.kv_cache import KVCache
 from cdlm.objectives.autoregressive import Autoregressive
 from cdlm.samplers import SAMPLERS, get_sampler
@@ -23,10 +28,27 @@ def ar_objective() -> Autoregressive:
     return Autoregressive(tiny_backbone(), vocab_size=V).eval()
 
 
-def test_constructor_makes_backbone_causal():
-    obj = Autoregressive(tiny_backbone(mask_mode="bidirectional"), vocab_size=V)
-    assert obj.backbone.mask_mode == "causal" and obj.bos_id == V and obj.space == "autoregressive"
+def test_constructor_declares_causal_attention_and_refuses_another():
+    obj = Autoregressive(tiny_backbone(), vocab_size=V)  # mask_mode unset: the objective's declared mode
+    assert Autoregressive.attention == "causal" and obj.backbone.mask_mode == "causal" and obj.backbone.mask_mode_given
+    assert obj.bos_id == V and obj.space == "autoregressive"
     assert obj.embed.num_embeddings == V + 1 and obj.head.out_features == V
+    assert Autoregressive(tiny_backbone(mask_mode="causal"), vocab_size=V).backbone.mask_mode == "causal"
+    bidirectional = tiny_backbone(mask_mode="bidirectional")
+    with pytest.raises(ValueError, match="needs mask_mode='causal' attention, but .* built with mask_mode='bidir"):
+        Autoregressive(bidirectional, vocab_size=V)
+    assert bidirectional.mask_mode == "bidirectional"  # never switched behind the config's back
+
+
+def test_config_writes_the_declared_attention_into_the_model_config():
+    cfg = compose(["objective=autoregressive", "sampler=autoregressive", "model=tiny"])
+    assert cfg.model.mask_mode == "causal"  # what runs is what config.yaml and checkpoints say
+    assert "mask_mode" not in compose(["model=tiny"]).model  # objectives that declare nothing leave it alone
+    with pytest.raises(ConfigError, match="attends with mask_mode='causal', but model.mask_mode='bidirectional'"):
+        compose(["objective=autoregressive", "sampler=autoregressive", "model.mask_mode=bidirectional"])
+    stored = to_dict(cfg)
+    del stored["model"]["mask_mode"]  # a config saved before the mode was written down
+    assert checked_config(stored, Path("old.ckpt"))["model"]["mask_mode"] == "causal"
 
 
 def test_loss_and_nll_shapes_and_padding(ar_objective):
@@ -152,6 +174,12 @@ def test_tiny_run_loss_falls_and_generates(tmp_path):
     losses = [recorder.losses[s] for s in sorted(recorder.losses)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-8:]) / 8 < 0.85 * sum(losses[:8]) / 8
-    assert module.objective.backbone.mask_mode == "causal"
+    assert module.objective.backbone.mask_mode == "causal" and module.config["model"]["mask_mode"] == "causal"
+    folder = module.save_pretrained(tmp_path / "pretrained")
+    assert cdlm.load(folder).objective.backbone.mask_mode == "causal"
+    stored = yaml.safe_load((folder / "config.yaml").read_text())
+    del stored["model"]["mask_mode"]  # an AR model saved before the mode was written into its config
+    (folder / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert cdlm.load(folder).objective.backbone.mask_mode == "causal"
     ids, texts = module.generate(2, 32, "autoregressive", steps=1, seed=0)
     assert ids.shape == (2, 32) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)

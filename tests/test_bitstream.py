@@ -12,6 +12,8 @@ from cdlm.cli import schedule_cmd
 from cdlm.objectives.bits import bit_width, bits_to_ids, code_table, decode_bits, ids_to_bits
 from cdlm.objectives.bitstream import Bitstream, matched_filter
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
+from cdlm.objectives.noise_schedule import NoiseSchedule
+from cdlm.plots import plot_entropy_rate
 from cdlm.samplers import get_sampler
 from tests.conftest import tiny_backbone
 from tests.runs import CrashAt, LossRecorder, fit
@@ -230,14 +232,22 @@ def test_tiny_bitstream_run_learns_beyond_the_matched_filter(tmp_path) -> None:
         assert trained < 0.97 * filter_only, (s, float(trained), float(filter_only))
 
 
+def test_the_schedule_is_a_noise_schedule_and_plots_live_outside_the_objectives() -> None:
+    objective = Bitstream(tiny_backbone(), 11)
+    assert isinstance(objective.schedule, NoiseSchedule) and objective.state_width == objective.bits
+    assert all(not hasattr(objective.schedule, name) for name in ("plot", "plot_laws", "plot_rate"))
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    assert torch.equal(objective.sigma(t), objective.schedule.sigma_of_t(t))
+
+
 def test_schedule_plot(tmp_path) -> None:
     objective = Bitstream(tiny_backbone(), 11, schedule={"bins": 16, "fifo_size": 512, "warmup_batches": 0})
     assert "warm-up law" in objective.schedule.law_name() and "not fitted" in objective.schedule.law_name()
-    unfitted = objective.schedule.plot(tmp_path / "none.png")  # the warm-up law, said so in the title
+    unfitted = plot_entropy_rate(objective.schedule, tmp_path / "none.png")  # the warm-up law, said so in the title
     assert unfitted.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     observed(objective.schedule, n=512)
     assert objective.schedule.ramp() < 1.0 and "ramp in progress" in objective.schedule.law_name()
-    png = objective.schedule.plot(tmp_path / "schedule.png")
+    png = plot_entropy_rate(objective.schedule, tmp_path / "schedule.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -55,3 +55,23 @@ def test_instantiate_builds_allowed_target_and_rejects_unknown_argument():
     assert locate("lightning.pytorch.callbacks.ModelCheckpoint").__name__ == "ModelCheckpoint"
     with pytest.raises(ConfigError, match="not allowed"):
         locate("torch.nn.Linear")  # a class, but not one a config may name
+
+
+def test_sampler_presets_extend_their_base_and_a_bad_defaults_is_refused(tmp_path):
+    """A preset states only what it changes (``defaults: parallel``); the rest comes from the base file."""
+    from cdlm.config import load_group
+
+    prophet, parallel = load_group("sampler", "prophet"), load_group("sampler", "parallel")
+    assert "defaults" not in prophet and prophet.selector == "prophet"
+    assert {k: v for k, v in prophet.items() if k != "selector"} == {
+        k: v for k, v in parallel.items() if k != "selector"
+    }
+    assert load_group("sampler", "remdm").remask_eta == 0.02 and load_group("sampler", "remdm").name == "ancestral"
+
+    (tmp_path / "sampler").mkdir()
+    (tmp_path / "sampler" / "a.yaml").write_text("defaults: b\nname: euler\n")
+    (tmp_path / "sampler" / "b.yaml").write_text("defaults: a\nsteps: 4\n")
+    (tmp_path / "sampler" / "c.yaml").write_text("defaults: ../x\n")
+    for name in ("a", "c"):
+        with pytest.raises(ConfigError, match="must name another sampler config"):
+            load_group("sampler", name, tmp_path)

@@ -16,10 +16,11 @@ from cdlm.objectives.embedding_flow import EmbeddingFlow
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.objectives.flow import OneHotFlow
 from cdlm.objectives.flow_map import FlowMap
-from cdlm.objectives.latent import LatentDiffusion
+from cdlm.objectives.latent_prior import LatentFlowPrior
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.masked_distill import MaskedDistill
 from cdlm.objectives.schedules import build_schedule
+from cdlm.objectives.text_vae import TextVAEObjective
 from tests.conftest import tiny_backbone
 
 V = 11
@@ -49,7 +50,8 @@ BUILDERS: dict[str, Callable[..., object]] = {
     "flow_map": objective(FlowMap),
     "langflow": objective(EmbeddingFlow),
     "bitstream": objective(Bitstream),
-    "latent": objective(LatentDiffusion, **VAE),
+    "latent_vae": objective(TextVAEObjective, **VAE),
+    "latent_prior": objective(LatentFlowPrior, **VAE),
     "distill": objective(MaskedDistill),
     "entropy_rate": EntropyRateSchedule,
     "schedule": build_schedule,
@@ -111,18 +113,20 @@ CASES = [
     ("entropy_rate", {"g_power": -3.0}, r"g_power must be a finite number >= 0, got -3.0"),
     ("entropy_rate", {"fifo_size": 10}, r"fifo_size >= bins.*got bins=128, fifo_size=10"),
     # latent diffusion
-    ("latent", {"stage": "joint"}, r"stage must be one of \('vae', 'prior'\), got 'joint'"),
-    ("latent", {"compression": 0}, r"compression must be an integer >= 1, got 0"),
-    ("latent", {"latent_dim": -8}, r"latent_dim must be an integer >= 1, got -8"),
-    ("latent", {"vae_depth": 0}, r"vae_depth must be an integer >= 1, got 0"),
-    ("latent", {"vae_width": 30, "vae_heads": 4}, r"vae_width=30 must be divisible by vae_heads=4"),
-    ("latent", {"mask_prob": 1.0}, r"need 0 <= mask_prob < 1, .*got 1.0"),
-    ("latent", {"beta": -0.01}, r"beta >= 0; got .*-0.01"),
-    ("latent", {"t_min": 0.0}, r"need 0 < t_min < t_max < 1 .*got 0.0, 0.999"),
-    ("latent", {"prior_block": 0}, r"prior_block must be a positive number of latents or null, got 0"),
-    ("latent", {"time_std": 0.0}, r"time_std must be a finite number > 0, got 0.0"),
-    ("latent", {"ode_steps": 0}, r"ode_steps must be an integer >= 1, got 0"),
-    ("latent", {"align_weight": -1.0}, r"align_weight must be a finite number >= 0, got -1.0"),
+    ("latent_vae", {"compression": 0}, r"compression must be an integer >= 1, got 0"),
+    ("latent_vae", {"latent_dim": -8}, r"latent_dim must be an integer >= 1, got -8"),
+    ("latent_vae", {"vae_depth": 0}, r"vae_depth must be an integer >= 1, got 0"),
+    ("latent_vae", {"vae_width": 30, "vae_heads": 4}, r"vae_width=30 must be divisible by vae_heads=4"),
+    ("latent_vae", {"mask_prob": 1.0}, r"need 0 <= mask_prob < 1, .*got 1.0"),
+    ("latent_vae", {"beta": -0.01}, r"beta >= 0; got .*-0.01"),
+    ("latent_vae", {"t_min": 0.0}, r"need 0 < t_min < t_max < 1 .*got 0.0, 0.999"),
+    ("latent_vae", {"align_weight": -1.0}, r"align_weight must be a finite number >= 0, got -1.0"),
+    ("latent_prior", {"latent_dim": -8}, r"latent_dim must be an integer >= 1, got -8"),
+    ("latent_prior", {"vae_width": 30, "vae_heads": 4}, r"vae_width=30 must be divisible by vae_heads=4"),
+    ("latent_prior", {"t_min": 0.0}, r"need 0 < t_min < t_max < 1 .*got 0.0, 0.999"),
+    ("latent_prior", {"prior_block": 0}, r"prior_block must be a positive number of latents or null, got 0"),
+    ("latent_prior", {"time_std": 0.0}, r"time_std must be a finite number > 0, got 0.0"),
+    ("latent_prior", {"ode_steps": 0}, r"ode_steps must be an integer >= 1, got 0"),
     # masked distillation
     ("distill", {"kl_weight": 1.5}, r"kl_weight \(lambda\) must be in \[0, 1\], got 1.5"),
     ("distill", {"temperature": 0.0}, r"temperature must be > 0, got 0.0"),
@@ -154,7 +158,8 @@ def test_bad_argument_is_a_value_error_naming_it(target: str, kwargs: dict, matc
         ("langflow", {"loc": -2.0, "embed_dim": 8, "self_condition": 0.0}),
         ("bitstream", {"vocab_size": 2, "schedule": {"bins": 8, "fifo_size": 16, "warmup_batches": 0}}),
         ("distill", {"student_ratio": [0.5, 0.5], "teacher_keep": (0.0, 1.0), "kl_weight": 1.0}),
-        ("latent", {"prior_block": 2, "beta": 0.0, "latent_noise": 0.0, "mask_prob": 0.0, "align_weight": 0.0}),
+        ("latent_vae", {"beta": 0.0, "latent_noise": 0.0, "mask_prob": 0.0, "align_weight": 0.0}),
+        ("latent_prior", {"prior_block": 2, "time_mean": -1.0}),
     ],
 )
 def test_edge_values_stay_valid(target: str, kwargs: dict) -> None:

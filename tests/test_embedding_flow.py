@@ -8,6 +8,7 @@ import torch
 
 from cdlm.objectives.embedding_flow import EmbeddingFlow, c_skip
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
+from cdlm.objectives.noise_schedule import NoiseSchedule
 from cdlm.samplers.continuous import euler_step
 from cdlm.types import ContinuousObjective
 from tests.conftest import tiny_backbone
@@ -59,6 +60,7 @@ def test_sigma_is_increasing_float64_and_bounded_by_min_max() -> None:
     assert sigma.dtype == torch.float64 and (sigma.diff() > 0).all()
     assert math.isclose(sigma[0].item(), objective.sigma_min) and math.isclose(sigma[-1].item(), objective.sigma_max)
     torch.testing.assert_close(2 * sigma.log(), objective.schedule.gamma(t))
+    assert isinstance(objective.schedule, NoiseSchedule) and objective.state_width == objective.dim
 
 
 def test_fit_rule_recovers_a_gumbel_shaped_ce_curve() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cdlm
+from cdlm.checkpoint import read_objective
 from cdlm.config import compose, load_group
 from cdlm.models.backbone import Backbone
 from cdlm.objectives.flow import OneHotFlow
@@ -23,6 +24,7 @@ from cdlm.objectives.flow_map import (
     row_kinds,
     time_pairs,
 )
+from cdlm.objectives.teacher import frozen_inputs
 from cdlm.samplers import SAMPLERS, check_knobs, get_sampler
 from cdlm.samplers.continuous import euler_step
 from cdlm.types import ContinuousObjective, FlowMapObjective, SamplerStep
@@ -168,8 +170,11 @@ def test_loss_needs_a_teacher_and_a_matching_one() -> None:
     ids = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="none is attached"):
         FlowMap(tiny_backbone(), V).loss({"input_ids": ids, "attention_mask": ids == 0})
-    with pytest.raises(ValueError, match="does not exist"):
-        FlowMap(tiny_backbone(), V, teacher="/no/such/run")
+    with pytest.raises(ValueError, match=r"objective.teacher \(the FLM run to distil.*no run at '/no/such/run'"):
+        frozen_inputs("cdlm.objectives.flow_map.FlowMap", {"teacher": "/no/such/run"}, read_objective)
+    assert frozen_inputs("cdlm.objectives.flow_map.FlowMap", {"teacher": "/no/such/run"}, None) == {
+        "teacher_model": None
+    }
     with pytest.raises(ValueError, match="soft_cap"):
         FlowMap(tiny_backbone(), V, soft_cap=30.0).attach_teacher(teacher())
     with pytest.raises(ValueError, match="width"):

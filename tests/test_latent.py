@@ -1,4 +1,5 @@
-"""Latent diffusion through a text VAE (docs/math.md §5): the VAE, the staged objective, the bound and sampling."""
+"""Latent diffusion through a text VAE (docs/math.md §5): the VAE objective, the flow prior on a frozen VAE run, their
+bounds, the prior's statistics and sampling."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 import cdlm
+from cdlm.checkpoint import build_module, read_objective
+from cdlm.config import ConfigError, compose, instantiate, to_dict
 from cdlm.models.vae import TextVAE
-from cdlm.objectives.latent import LatentDiffusion
+from cdlm.objectives.latent_prior import LatentFlowPrior
+from cdlm.objectives.teacher import frozen_inputs
+from cdlm.objectives.text_vae import TextVAEObjective
 from cdlm.types import ContinuousObjective
 from tests.conftest import tiny_backbone
-from tests.runs import LossRecorder, fit
+from tests.runs import TINY, LossRecorder, fit
 
 V, L = 13, 16
 VAE_SETTINGS = dict(compression=2, latent_dim=8, vae_width=32, vae_depth=1, vae_heads=2)
-LATENT = ["objective=latent", *(f"objective.{k}={v}" for k, v in VAE_SETTINGS.items()), "sampler=euler"]
+SIZES = [f"objective.{k}={v}" for k, v in VAE_SETTINGS.items()]
+LATENT = ["objective=latent_vae", *SIZES, "sampler=euler"]
+PRIOR = ["objective=latent_prior", *SIZES, "sampler=euler"]
 
 
 def batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -53,8 +60,8 @@ def test_encode_decode_reconstructs_a_fixed_batch(r: int) -> None:
     """Trained on one fixed batch (augmentations on), the posterior mean decodes back to every token."""
     torch.manual_seed(0)
     settings = {**VAE_SETTINGS, "compression": r, "latent_dim": 16}
-    objective = LatentDiffusion(tiny_backbone(), V, stage="vae", **settings)
-    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=3e-3)
+    objective = TextVAEObjective(tiny_backbone(), V, **settings)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=3e-3)
     data = batch(8)
     for _ in range(150):
         optimizer.zero_grad()
@@ -64,10 +71,10 @@ def test_encode_decode_reconstructs_a_fixed_batch(r: int) -> None:
     assert objective.nll(data).logs["recon_accuracy"] >= 0.99
 
 
-def test_vae_stage_bound_is_the_elbo() -> None:
-    """Stage vae: per sequence, the bound is the decoder CE at one posterior draw plus the closed-form KL."""
+def test_vae_bound_is_the_elbo() -> None:
+    """Per sequence, the VAE's bound is the decoder CE at one posterior draw plus the closed-form KL."""
     torch.manual_seed(0)
-    objective = LatentDiffusion(tiny_backbone(), V, stage="vae", **VAE_SETTINGS).eval()
+    objective = TextVAEObjective(tiny_backbone(), V, **VAE_SETTINGS).eval()
     data = batch()
     torch.manual_seed(5)
     out = objective.nll(data)
@@ -80,10 +87,10 @@ def test_vae_stage_bound_is_the_elbo() -> None:
     assert out.nll.shape == (4, L) and bool(out.mask.all())
 
 
-def test_vae_stage_samples_the_standard_normal_prior() -> None:
-    """Stage vae's denoiser is the exact one of N(0, I) data: Euler from sigma_max lands on unit-variance latents."""
+def test_vae_samples_the_standard_normal_prior() -> None:
+    """The VAE's denoiser is the exact one of N(0, I) data: Euler from sigma_max lands on unit-variance latents."""
     torch.manual_seed(0)
-    module_objective = LatentDiffusion(tiny_backbone(), V, stage="vae", **VAE_SETTINGS)
+    module_objective = TextVAEObjective(tiny_backbone(), V, **VAE_SETTINGS)
     assert isinstance(module_objective, ContinuousObjective)
     from cdlm.samplers import get_sampler
 
@@ -102,55 +109,104 @@ def test_vae_stage_samples_the_standard_normal_prior() -> None:
     assert abs(state.var().item() - 1.0) < 0.05
 
 
-def test_prior_needs_a_vae_and_refuses_a_mismatched_one(tmp_path) -> None:
-    with pytest.raises(ValueError, match="set objective.vae"):
-        LatentDiffusion(tiny_backbone(), V, stage="prior", **VAE_SETTINGS)
-    with pytest.raises(ValueError, match="stage must be one of"):
-        LatentDiffusion(tiny_backbone(), V, stage="joint", **VAE_SETTINGS)
+def test_vae_run_holds_no_prior() -> None:
+    """The VAE objective keeps no prior network: its weights are the VAE's (and the alignment head's) only."""
+    objective = TextVAEObjective(tiny_backbone(), V, **VAE_SETTINGS)
+    assert all(k.startswith("vae.") for k in objective.state_dict())
+    assert not hasattr(objective, "backbone")
+
+
+def prior_config(tmp_path, *overrides: str):
+    return compose([*TINY, f"run_dir={tmp_path / 'prior'}", *PRIOR, *overrides])
+
+
+def test_prior_needs_a_vae_run_and_refuses_a_mismatched_one(tmp_path) -> None:
+    """Building a prior run loads its VAE run: none, a missing path, another objective's run or other sizes are
+    clear errors then, before any training."""
+    cfg = prior_config(tmp_path, "objective.vae=null")
+    tokenizer = instantiate(cfg.data).prepare_tokenizer()
+    with pytest.raises(ConfigError, match=r"objective.vae \(the text VAE run to build on.* is required"):
+        build_module(to_dict(cfg), tokenizer)
+    with pytest.raises(ConfigError, match=r"objective.vae .*there is no run at .*missing"):
+        build_module(to_dict(prior_config(tmp_path, f"objective.vae={tmp_path / 'missing'}")), tokenizer)
+    masked, _, _ = fit(tmp_path / "masked", "trainer.max_steps=1")
+    masked.save_pretrained(tmp_path / "masked" / "final")
+    with pytest.raises(ConfigError, match="holds a MaskedDiffusion run, not a TextVAEObjective run"):
+        build_module(to_dict(prior_config(tmp_path, f"objective.vae={tmp_path / 'masked' / 'final'}")), tokenizer)
     vae_run, _, _ = fit(tmp_path / "vae", *LATENT, "trainer.max_steps=2")
     vae_run.save_pretrained(tmp_path / "vae" / "final")
+    vae = frozen_inputs(
+        "cdlm.objectives.latent_prior.LatentFlowPrior", {"vae": str(tmp_path / "vae" / "final")}, read_objective
+    )["vae_model"]
+    assert isinstance(vae, TextVAEObjective) and not any(p.requires_grad for p in vae.parameters())
     vocab = vae_run.tokenizer.vocab_size
     with pytest.raises(ValueError, match="does not match objective settings"):
-        LatentDiffusion(
-            tiny_backbone(),
-            vocab,
-            stage="prior",
-            vae=str(tmp_path / "vae" / "final"),
-            **{**VAE_SETTINGS, "latent_dim": 4},
-        )
+        LatentFlowPrior(tiny_backbone(), vocab, vae_model=vae, **{**VAE_SETTINGS, "latent_dim": 4})
+    with pytest.raises(ValueError, match="vocab_size"):
+        LatentFlowPrior(tiny_backbone(), vocab + 1, vae_model=vae, **VAE_SETTINGS)
 
 
-def test_staged_training_freezes_the_vae_and_keeps_the_statistics(tmp_path) -> None:
-    """VAE run -> prior run on it: the prior's loss falls, the VAE weights are untouched, the normalisation
-    statistics are fitted and survive save/load, the checkpoint samples and scores without the VAE run."""
-    vae_module, _, _ = fit(tmp_path / "vae", *LATENT, "trainer.max_steps=6")
-    vae_module.save_pretrained(tmp_path / "vae" / "final")
-    vae_weights = {k: v.clone() for k, v in vae_module.objective.vae.state_dict().items()}
-    prior, recorder = fit_prior(tmp_path)
-    for key, value in prior.objective.vae.state_dict().items():
-        torch.testing.assert_close(value, vae_weights[key], rtol=0, atol=0, msg=f"VAE weight {key} changed")
-    assert all(not p.requires_grad for p in prior.objective.vae.parameters())
-    losses = list(recorder.losses.values())
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the flow-matching loss falls
-    objective = prior.objective
-    assert bool(objective.stats_ready)
-    assert not torch.allclose(objective.latent_scale, torch.ones_like(objective.latent_scale))
+def test_statistics_are_the_aggregate_posterior_moments_and_the_bound_waits_for_them() -> None:
+    """``fit_statistics``: per-dimension mean and std of the mixture of the posteriors over the real latents; before
+    it, the prior's bound and loss refuse to run (no silent ELBO)."""
+    torch.manual_seed(0)
+    prior = LatentFlowPrior(
+        tiny_backbone(), V, vae_model=TextVAEObjective(tiny_backbone(), V, **VAE_SETTINGS), **VAE_SETTINGS
+    )
+    data = batch(8)
+    data["attention_mask"][0, 8:] = 0  # a padded row: its last latents do not count
+    for call in (prior.nll, prior.loss):
+        with pytest.raises(ValueError, match="statistics are not fitted"):
+            call(data)
+    prior.fit_statistics(data)
+    mean, logvar = prior.vae.encode(data["input_ids"], data["attention_mask"].bool())
+    keep = prior.vae.latent_padding(data["attention_mask"].bool())
+    draws = torch.cat(
+        [torch.distributions.Normal(m, (0.5 * lv).exp()).sample((4000,)) for m, lv in zip(mean[keep], logvar[keep])]
+    )
+    torch.testing.assert_close(prior.latent_shift, draws.mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(prior.latent_scale, draws.std(0), atol=0.02, rtol=0.02)
+    assert bool(prior.stats_ready) and math.isfinite(prior.nll(data).loss.item())
 
-    prior.save_pretrained(tmp_path / "prior" / "final")
-    shutil.rmtree(tmp_path / "vae")  # the prior's checkpoint holds the VAE
-    loaded = cdlm.load(tmp_path / "prior" / "final")
-    for name in ("latent_shift", "latent_scale", "stats_ready"):
-        torch.testing.assert_close(getattr(loaded.objective, name), getattr(objective, name))
-    ids, texts = loaded.generate(2, 32, sampler="euler", steps=4, seed=0)
-    assert ids.shape == (2, 32) and len(texts) == 2
-    again, _ = loaded.generate(2, 32, sampler="euler", steps=4, seed=0)
-    assert torch.equal(ids, again)
-    with pytest.raises(ValueError, match="not a multiple"):
-        loaded.generate(1, 31, sampler="euler", steps=2)
-    data = next(iter(_val_batches(loaded)))
-    out = loaded.objective.nll(data)
-    assert math.isfinite(out.loss.item()) and out.loss.item() > 0
-    assert set(out.logs) == {"recon_accuracy", "decoder_nll", "latent_nll"}
+
+def as_legacy(folder, dest, stage: str):
+    """A copy of the ``save_pretrained`` folder ``folder`` as the former ``LatentDiffusion`` objective wrote it: one
+    class with a ``stage`` key and every setting, a VAE run with an idle prior, a prior's network on the objective."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    config = yaml.safe_load((dest / "config.yaml").read_text())
+    old = {"stage": stage, "vae": None, "beta": 0.01, "mask_prob": 0.1, "latent_noise": 0.5, "time_mean": 0.0}
+    old |= {"time_std": 1.0, "ode_steps": 32, "align": None, "align_weight": 1.0, "align_dim": 384, "prior_block": None}
+    config["objective"] = {**old, **config["objective"], "_target_": "cdlm.objectives.latent.LatentDiffusion"}
+    (dest / "config.yaml").write_text(yaml.safe_dump(config))
+    state = load_file(str(dest / "model.safetensors"))
+    state = {k.replace("objective.network.", "objective."): v for k, v in state.items()}
+    if stage == "vae":  # the idle prior and unfitted statistics of a stage=vae run
+        state |= {"objective.in_proj.weight": torch.zeros(3, 2), "objective.stats_ready": torch.tensor(False)}
+    save_file(state, str(dest / "model.safetensors"))
+
+
+def test_former_latent_diffusion_checkpoints_load_as_the_new_objectives(tmp_path) -> None:
+    """A ``stage=vae`` / ``stage=prior`` folder of the former single class loads as ``TextVAEObjective`` /
+    ``LatentFlowPrior`` with the same weights (``cdlm.objectives.latent_legacy``)."""
+    torch.manual_seed(0)
+    vae_run, _, _ = fit(tmp_path / "vae", *LATENT, "trainer.max_steps=1")
+    vae_run.save_pretrained(tmp_path / "vae" / "final")
+    prior_run = build_module(
+        to_dict(prior_config(tmp_path, f"objective.vae={tmp_path / 'vae' / 'final'}")), vae_run.tokenizer
+    )
+    prior_run.save_pretrained(tmp_path / "prior")
+    for stage, source, cls in (
+        ("vae", tmp_path / "vae" / "final", TextVAEObjective),
+        ("prior", tmp_path / "prior", LatentFlowPrior),
+    ):
+        as_legacy(source, tmp_path / f"legacy_{stage}", stage)
+        loaded, fresh = cdlm.load(tmp_path / f"legacy_{stage}"), cdlm.load(source)
+        assert type(loaded.objective) is cls
+        assert loaded.state_dict().keys() == fresh.state_dict().keys()
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def fit_prior(tmp_path, *overrides: str) -> tuple[cdlm.DiffusionLM, LossRecorder]:
@@ -158,9 +214,7 @@ def fit_prior(tmp_path, *overrides: str) -> tuple[cdlm.DiffusionLM, LossRecorder
     recorder = LossRecorder()
     vae = f"objective.vae={tmp_path / 'vae' / 'final'}"
     steps = ("trainer.max_steps=30", "module.lr=3e-3")
-    prior, _, _ = fit(
-        tmp_path / "prior", *LATENT, "objective.stage=prior", vae, *steps, *overrides, callbacks=(recorder,)
-    )
+    prior, _, _ = fit(tmp_path / "prior", *PRIOR, vae, *steps, *overrides, callbacks=(recorder,))
     return prior, recorder
 
 
@@ -210,6 +264,13 @@ def test_alignment_to_a_frozen_local_encoder(tmp_path) -> None:
     assert not any(k.startswith("aligner") for k in objective.state_dict())
     module.save_pretrained(tmp_path / "final")
     shutil.rmtree(tmp_path / "encoder")  # cdlm.load never reads the encoder
-    assert cdlm.load(tmp_path / "final").objective.aligner is None
-    with pytest.raises(FileNotFoundError, match="neither a packaged name"):
-        LatentDiffusion(tiny_backbone(), V, align=str(tmp_path / "missing"), tokenizer=module.tokenizer, **VAE_SETTINGS)
+    loaded = cdlm.load(tmp_path / "final").objective
+    assert loaded.aligner.objective is None
+    with pytest.raises(ValueError, match="no encoder is attached"):
+        loaded.train().loss(data)
+    target = "cdlm.objectives.text_vae.TextVAEObjective"
+    with pytest.raises(ConfigError, match=r"objective.align .*neither a packaged name"):
+        frozen_inputs(target, {"align": str(tmp_path / "missing")}, read_objective)
+    assert frozen_inputs(target, {"align": None}, read_objective) == {"aligner": None}
+    with pytest.raises(ValueError, match="set objective.align_dim=16"):
+        TextVAEObjective(tiny_backbone(), V, align="x", align_dim=8, tokenizer=module.tokenizer, aligner=frozen)

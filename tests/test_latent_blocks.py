@@ -11,8 +11,9 @@ import torch
 import cdlm
 from cdlm.models.backbone import two_stream_mask
 from cdlm.models.kv_cache import KVCache
-from cdlm.objectives.latent import LatentDiffusion
-from cdlm.objectives.latent_blocks import ConditionalPrior
+from cdlm.objectives.latent_blocks import ConditionalPrior, sample_blocks
+from cdlm.objectives.latent_network import BlockCausalNetwork
+from cdlm.objectives.latent_prior import LatentFlowPrior
 from cdlm.samplers import get_sampler
 from cdlm.sampling import draw
 from tests.conftest import tiny_backbone
@@ -22,12 +23,12 @@ from tests.test_latent import LATENT, VAE_SETTINGS, V, _val_batches, fit_prior
 BLOCK, N, D = 3, 8, VAE_SETTINGS["latent_dim"]  # 8 latents in blocks of 3: the last block is short
 
 
-def block_prior() -> LatentDiffusion:
+def block_prior() -> LatentFlowPrior:
     """A block-causal prior with random weights everywhere (adaLN and the output layer start at zero)."""
     torch.manual_seed(0)
-    objective = LatentDiffusion(tiny_backbone(), V, stage="vae", prior_block=BLOCK, **VAE_SETTINGS).eval()
+    objective = LatentFlowPrior(tiny_backbone(), V, prior_block=BLOCK, **VAE_SETTINGS).eval()
     with torch.no_grad():
-        for p in objective.prior_parts().parameters():
+        for p in objective.network.parameters():
             p.normal_(0, 0.3)
     return objective
 
@@ -59,25 +60,26 @@ def test_two_stream_mask_structure() -> None:
 
 def test_prior_block_sets_the_backbone_and_is_validated() -> None:
     objective = block_prior()
-    assert objective.backbone.mask_mode == "block_causal" and objective.backbone.block_size == BLOCK
+    assert isinstance(objective.network, BlockCausalNetwork) and objective.blockwise
+    assert objective.network.backbone.mask_mode == "block_causal" and objective.network.backbone.block_size == BLOCK
+    assert not LatentFlowPrior(tiny_backbone(), V, **VAE_SETTINGS).blockwise
     with pytest.raises(ValueError, match="prior_block must be a positive"):
-        LatentDiffusion(tiny_backbone(), V, stage="vae", prior_block=0, **VAE_SETTINGS)
+        LatentFlowPrior(tiny_backbone(), V, prior_block=0, **VAE_SETTINGS)
     with pytest.raises(ValueError, match="denoises block by block"):
-        objective.stage = "prior"
         objective.denoise(latents(0), torch.ones(2))
 
 
 def test_each_block_sees_its_own_noisy_block_and_earlier_clean_blocks_only() -> None:
-    objective = block_prior()
+    network = block_prior().network
     z, clean, t = latents(0), latents(1), torch.rand(2, N, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        v = objective.block_velocity(z, t, clean)
+        v = network.two_stream(z, t, clean)
         z2 = z.clone()
         z2[:, BLOCK : 2 * BLOCK] += 1.0  # another noisy block 1
-        v_noisy = objective.block_velocity(z2, t, clean)
+        v_noisy = network.two_stream(z2, t, clean)
         clean2 = clean.clone()
         clean2[:, BLOCK : 2 * BLOCK] += 1.0  # another clean block 1
-        v_clean = objective.block_velocity(z, t, clean2)
+        v_clean = network.two_stream(z, t, clean2)
     torch.testing.assert_close(v_noisy[:, :BLOCK], v[:, :BLOCK])
     torch.testing.assert_close(v_noisy[:, 2 * BLOCK :], v[:, 2 * BLOCK :])
     assert not torch.allclose(v_noisy[:, BLOCK : 2 * BLOCK], v[:, BLOCK : 2 * BLOCK])
@@ -87,20 +89,19 @@ def test_each_block_sees_its_own_noisy_block_and_earlier_clean_blocks_only() -> 
 
 def test_cached_velocity_equals_the_two_stream_pass() -> None:
     """Block 2 over a KV cache of the clean blocks 0 and 1 (fed at t = 0) = the two-stream pass's block 2."""
-    objective = block_prior()
+    network = block_prior().network
     z, clean, t = latents(0), latents(1), torch.full((2,), 0.4)
-    cache = KVCache(objective.backbone.depth, capacity=N)
+    cache = KVCache(network.backbone.depth, capacity=N)
     with torch.no_grad():
         for start in (0, BLOCK):
-            block = clean[:, start : start + BLOCK]
-            objective.backbone(objective.in_proj(block), objective.time_embed(torch.zeros(2)), cache=cache)
-        cached = objective.cached_velocity(cache, z[:, 2 * BLOCK :], t)
-        full = objective.block_velocity(z, t[:, None].expand(2, N), clean)
+            network.extend(cache, clean[:, start : start + BLOCK])
+        cached = network.cached(cache, z[:, 2 * BLOCK :], t)
+        full = network.two_stream(z, t[:, None].expand(2, N), clean)
     assert cache.offset == 2 * BLOCK  # the scratch pass left the cache as it was
     torch.testing.assert_close(cached, full[:, 2 * BLOCK :], rtol=1e-4, atol=1e-5)
     cache.truncate(1)  # not at a block boundary
     with pytest.raises(ValueError, match="one block at a time"):
-        objective.backbone(objective.in_proj(z[:, :2]), None, cache=cache)
+        network.backbone(network.in_proj(z[:, :2]), None, cache=cache)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "churn"])
@@ -116,12 +117,7 @@ def test_blockwise_sampling_matches_an_uncached_reference(sampler: str) -> None:
         return spec.fn(view, xb, ts, generator=torch.Generator().manual_seed(7), callback=None, **knobs)
 
     with torch.no_grad():
-        decode = objective.decode
-        objective.decode = lambda lat: lat  # compare latents, not argmax ids
-        try:
-            cached = objective.sample_blocks(run, x)
-        finally:
-            objective.decode = decode
+        cached = sample_blocks(objective.network, objective, run, x)  # latents, not argmax ids
         done = torch.zeros_like(x)
         for start in range(0, N, BLOCK):
             width = min(BLOCK, N - start)
@@ -129,7 +125,7 @@ def test_blockwise_sampling_matches_an_uncached_reference(sampler: str) -> None:
             def velocity(z, t, start=start, width=width):
                 full = x.float().clone()
                 full[:, start : start + width] = z
-                v = objective.block_velocity(full, t[:, None].expand(2, N), done)
+                v = objective.network.two_stream(full, t[:, None].expand(2, N), done)
                 return v[:, start : start + width]
 
             done[:, start : start + width] = run(ConditionalPrior(objective, velocity), x[:, start : start + width])
@@ -146,7 +142,7 @@ def test_staged_run_with_a_block_causal_prior(tmp_path) -> None:
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     prior.save_pretrained(tmp_path / "prior" / "final")
     loaded = cdlm.load(tmp_path / "prior" / "final")
-    assert loaded.objective.blockwise and loaded.objective.backbone.mask_mode == "block_causal"
+    assert loaded.objective.blockwise and loaded.objective.network.backbone.mask_mode == "block_causal"
     ids, texts = loaded.generate(2, 32, sampler="heun", steps=3, seed=0)
     again, _ = loaded.generate(2, 32, sampler="heun", steps=3, seed=0)
     assert ids.shape == (2, 32) and len(texts) == 2 and torch.equal(ids, again)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import cdlm
-from cdlm.checkpoint import build_module
+from cdlm.checkpoint import build_module, load_frozen
 from cdlm.config import ConfigError, compose, instantiate, to_dict
+from cdlm.objectives.flow import OneHotFlow
+from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.masked_distill import MaskedDistill, nested_masks
 from cdlm.samplers import get_sampler
 from cdlm.types import DiscreteObjective
@@ -29,8 +31,10 @@ def teacher_dir(tmp_path_factory):
 def distill(teacher_dir, **kwargs) -> MaskedDistill:
     """A student of the tiny config's shape distilling from ``teacher_dir``."""
     cfg = compose(TINY)
-    teacher = cdlm.load(teacher_dir).objective
-    return MaskedDistill(instantiate(cfg.model), teacher.vocab_size, teacher=str(teacher_dir), **kwargs)
+    teacher = load_frozen(teacher_dir, (MaskedDiffusion,), "objective.teacher")
+    return MaskedDistill(
+        instantiate(cfg.model), teacher.vocab_size, teacher=str(teacher_dir), teacher_model=teacher, **kwargs
+    )
 
 
 def batch_of(vocab_size: int, rows: int = 4, length: int = 40, seed: int = 0) -> dict:
@@ -121,13 +125,26 @@ def test_padding_is_ignored(teacher_dir):
 
 def test_missing_teacher_and_mismatched_student_are_clear(teacher_dir, tmp_path):
     cfg = compose(TINY)
-    orphan = MaskedDistill(instantiate(cfg.model), 11, teacher=str(tmp_path / "gone"))  # loads for sampling ...
+    orphan = MaskedDistill(instantiate(cfg.model), 11, teacher=str(tmp_path / "gone"))  # as cdlm.load builds it ...
     with pytest.raises(ConfigError, match="no teacher"):
-        orphan.loss(batch_of(11))  # ... but cannot train
+        orphan.loss(batch_of(11))  # ... it cannot train
+    with pytest.raises(ConfigError, match=r"objective.teacher .*there is no run at .*gone"):
+        load_frozen(tmp_path / "gone", (MaskedDiffusion,), "objective.teacher (a masked run)")
+    with pytest.raises(ConfigError, match="holds a MaskedDiffusion run, not a OneHotFlow run"):
+        load_frozen(teacher_dir, (OneHotFlow,), "objective.teacher")
+    teacher = load_frozen(teacher_dir, (MaskedDiffusion,), "objective.teacher")
     wide = compose([*TINY, "model.width=32"])
-    vocab = cdlm.load(teacher_dir).objective.vocab_size
     with pytest.raises(ConfigError, match="model group"):
-        MaskedDistill(instantiate(wide.model), vocab, teacher=str(teacher_dir))
+        MaskedDistill(instantiate(wide.model), teacher.vocab_size, teacher=str(teacher_dir), teacher_model=teacher)
+
+
+def test_a_missing_teacher_fails_when_the_run_is_built(tmp_path):
+    """Building the run to train loads the teacher: a missing path (or none) is a ConfigError before any work."""
+    for value in (str(tmp_path / "gone"), "null"):
+        cfg = compose([*TINY, "objective=masked_distill", f"objective.teacher={value}"])
+        tokenizer = instantiate(cfg.data).prepare_tokenizer()
+        with pytest.raises(ConfigError, match=r"objective.teacher \(the masked run to distil"):
+            build_module(to_dict(cfg), tokenizer)
 
 
 def test_distillation_run_then_the_student_loads_and_samples_without_the_teacher(teacher_dir, tmp_path):

@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from cdlm.objectives.ode_likelihood import gaussian_log_density, log_sigma_grid, ode_log_density, ode_nll
+from cdlm.objectives.ve import VEObjective, row_sigma, training_u
 from tests.toys import GaussianToy
 
 
@@ -96,3 +98,39 @@ def test_ode_nll_under_inference_mode():
     with torch.inference_mode():
         out = ode_nll(obj, batch, steps=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.nll, expected.nll)
+
+
+class DeclaredToy(VEObjective, GaussianToy):
+    """The toy with ``prior`` and ``nll`` from ``VEObjective``: it only declares the numbers (and the width ``D``)."""
+
+    @property
+    def state_width(self) -> int:
+        return self.dim
+
+
+def test_ve_objective_prior_and_bound_from_declared_numbers():
+    obj, toy = DeclaredToy(ode_steps=4), GaussianToy(ode_steps=4)
+    draw = obj.prior(5, 3, torch.device("cpu"), generator=torch.Generator().manual_seed(2))  # [5, 3, D]
+    same = toy.prior(5, 3, torch.device("cpu"), generator=torch.Generator().manual_seed(2))  # the toy's own formula
+    assert draw.shape == (5, 3, obj.dim) and draw.dtype == torch.float32 and torch.equal(draw, same)
+    batch = {"input_ids": torch.randint(0, obj.vocab_size, (3, 4), generator=torch.Generator().manual_seed(0))}
+    torch.manual_seed(0)
+    bound = obj.nll(batch)
+    torch.manual_seed(0)
+    assert torch.equal(bound.nll, ode_nll(toy, batch, steps=4).nll)
+
+
+@pytest.mark.parametrize("sigma", [0.5, torch.tensor(0.5), torch.tensor([0.5]), torch.full((4,), 0.5)])
+def test_row_sigma_is_float64_per_row(sigma):
+    out = row_sigma(sigma, torch.zeros(4, 2, 3))
+    assert out.shape == (4,) and out.dtype == torch.float64 and (out == 0.5).all()
+
+
+def test_training_u_reads_the_batch_or_draws_from_the_global_rng():
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    u = torch.tensor([0.1, 0.2, 0.3])
+    assert training_u({"input_ids": ids, "u": u}) is u
+    torch.manual_seed(7)
+    drawn = training_u({"input_ids": ids})
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(3))

@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from cdlm.objectives.entropy_rate import EntropyRateSchedule
+from cdlm.objectives.gumbel_schedule import GumbelSchedule
+from cdlm.objectives.noise_schedule import NoiseSchedule
 from cdlm.objectives.schedules import SCHEDULES, build_schedule
 
 
@@ -34,3 +37,13 @@ def test_known_values():
 def test_unknown_schedule_lists_valid():
     with pytest.raises(ValueError, match="cosine"):
         build_schedule("linearish")
+
+
+def test_mask_and_noise_schedules_are_different_kinds():
+    """A masked objective's ``schedule`` gives ``alpha(t)``; a continuous one's gives ``sigma(t)`` (a NoiseSchedule)."""
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for schedule in (GumbelSchedule(), EntropyRateSchedule(bins=8, fifo_size=8)):
+        assert isinstance(schedule, NoiseSchedule)
+        sigma = schedule.sigma_of_t(t)
+        assert sigma.dtype == torch.float64 and (sigma.diff() > 0).all() and isinstance(schedule.logs(), dict)
+    assert not any(isinstance(build_schedule(name), NoiseSchedule) for name in SCHEDULES)

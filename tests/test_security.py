@@ -18,8 +18,8 @@ import torch
 import yaml
 
 import cdlm
-from cdlm.checkpoint import CheckpointError
-from cdlm.config import ConfigError, compose
+from cdlm.checkpoint import CheckpointError, checked_config
+from cdlm.config import ConfigError, compose, to_dict
 from tests.runs import TINY, refused
 
 
@@ -223,3 +223,24 @@ def test_allowed_targets_are_exactly_the_listed_classes():
     for path in ("torch.nn.Linear", "lightning.pytorch.loggers.CSVLogger", "cdlm.checkpoint.load", "cdlm.cli.main"):
         with pytest.raises(ConfigError, match="not allowed"):
             compose([*TINY, f"model._target_={path}"])
+
+
+@pytest.mark.parametrize(
+    ("objective", "key"),
+    [
+        ("masked_distill", "teacher_model"),
+        ("flow_map", "teacher_model"),
+        ("latent_prior", "vae_model"),
+        ("latent_vae", "aligner"),
+    ],
+)
+def test_loaded_inputs_cannot_be_set_by_a_config(objective, key):
+    """The modules cdlm loads for an objective (``components.FROZEN_INPUTS``) are set by cdlm only: a command line or
+    a stored config that names one is refused."""
+    with pytest.raises(ConfigError, match="set by cdlm itself"):
+        compose([*TINY, f"objective={objective}", f"objective.{key}=/tmp/x"])
+    cfg = compose([*TINY, f"objective={objective}"])
+    stored = to_dict(cfg)
+    stored["objective"][key] = "/tmp/x"
+    with pytest.raises(CheckpointError, match="set by cdlm itself"):
+        checked_config(stored, Path("stored"))

@@ -6,7 +6,6 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from cdlm.checkpoint import LOADING
 from cdlm.cli import main
 from cdlm.components import OBJECTIVES
 from cdlm.config import compose
@@ -17,9 +16,10 @@ from cdlm.objectives.bitstream import Bitstream
 from cdlm.objectives.embedding_flow import EmbeddingFlow
 from cdlm.objectives.flow import OneHotFlow
 from cdlm.objectives.flow_map import FlowMap
-from cdlm.objectives.latent import LatentDiffusion
+from cdlm.objectives.latent_prior import LatentFlowPrior
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.masked_distill import MaskedDistill
+from cdlm.objectives.text_vae import TextVAEObjective
 from cdlm.samplers import SAMPLERS
 from cdlm.trace import (
     PENDING,
@@ -114,17 +114,13 @@ LENGTH, STEPS = 8, 3
 LATENT_SETTINGS = dict(compression=2, latent_dim=8, vae_width=32, vae_depth=1, vae_heads=2)
 
 
-def latent(stage: str, prior_block: int | None = None) -> Callable[[int], torch.nn.Module]:
-    """A tiny untrained ``LatentDiffusion`` of ``stage`` (stage ``prior`` built as ``cdlm.load`` does: no VAE run)."""
+def latent_prior(prior_block: int | None = None) -> Callable[[int], torch.nn.Module]:
+    """A tiny untrained ``LatentFlowPrior`` (built as ``cdlm.load`` does: no VAE run) whose network moves."""
 
     def build(vocab: int) -> torch.nn.Module:
-        token = LOADING.set(True)
-        try:
-            objective = LatentDiffusion(tiny_backbone(), vocab, stage, prior_block=prior_block, **LATENT_SETTINGS)
-        finally:
-            LOADING.reset(token)
+        objective = LatentFlowPrior(tiny_backbone(), vocab, prior_block=prior_block, **LATENT_SETTINGS)
         with torch.no_grad():  # a prior that moves (its output layer starts at zero)
-            for p in objective.prior_parts().parameters():
+            for p in objective.network.parameters():
                 p.normal_(0, 0.3)
         return objective
 
@@ -139,10 +135,12 @@ BUILDERS: dict[str, dict[str, Callable[[int], torch.nn.Module]]] = {
     "cdlm.objectives.flow_map.FlowMap": {"flow_map": lambda v: FlowMap(tiny_backbone(), v)},
     "cdlm.objectives.embedding_flow.EmbeddingFlow": {"langflow": lambda v: EmbeddingFlow(tiny_backbone(), v)},
     "cdlm.objectives.bitstream.Bitstream": {"bitstream": lambda v: Bitstream(tiny_backbone(), v)},
-    "cdlm.objectives.latent.LatentDiffusion": {
-        "latent_vae": latent("vae"),
-        "latent_prior": latent("prior"),
-        "latent_prior_blocks": latent("prior", prior_block=3),  # 4 latents: a block of 3, then a short one
+    "cdlm.objectives.text_vae.TextVAEObjective": {
+        "latent_vae": lambda v: TextVAEObjective(tiny_backbone(), v, **LATENT_SETTINGS)
+    },
+    "cdlm.objectives.latent_prior.LatentFlowPrior": {
+        "latent_prior": latent_prior(),
+        "latent_prior_blocks": latent_prior(prior_block=3),  # 4 latents: a block of 3, then a short one
     },
 }
 """Tiny untrained builds ``vocab -> objective`` of every objective ``cdlm.components.OBJECTIVES`` names."""
@@ -212,7 +210,7 @@ def test_block_prior_trace_follows_the_chosen_sample_across_batches() -> None:
     new block from a new batch, and the decoder shows the blocks so far, the rest not generated yet."""
     tokenizer = build_tokenizer("char", texts=[TOKENIZER_TEXT])
     torch.manual_seed(0)
-    objective = latent("prior", prior_block=2)(tokenizer.vocab_size).eval()
+    objective = latent_prior(prior_block=2)(tokenizer.vocab_size).eval()
     model = DiffusionLM(objective, tokenizer)
     recorder = trace_recorder(objective, LENGTH, "heun", STEPS, sample_index=2)
     ids, _ = model.generate(3, LENGTH, "heun", steps=STEPS, seed=0, batch_size=2, dtype=None, callback=recorder)
@@ -248,7 +246,7 @@ def test_dense_state_without_a_decoder_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="space 'nowhere'"):
         trace_decoder(type("Odd", (), {"space": "nowhere"})())
     with pytest.raises(ValueError, match="needs the sample length"):
-        trace_decoder(latent("prior", prior_block=2)(14))
+        trace_decoder(latent_prior(prior_block=2)(14))
 
 
 def test_bitstream_trace_decode_leaves_the_invalid_count_alone() -> None:

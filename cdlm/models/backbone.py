@@ -182,13 +182,35 @@ class Block(nn.Module):
         return x  # [B, L, D]
 
 
+def adopt_attention(backbone: Backbone, mode: MaskMode, owner: str) -> None:
+    """Give ``backbone`` the attention mask ``mode`` that the objective ``owner`` declares (its ``attention``).
+
+    A backbone built with ``mask_mode`` unset (None) takes ``mode``; one built with ``mode`` is left as it is; one
+    built with another mode is refused with an ``ArgumentError`` naming both, never switched behind the config's
+    back. (A config run fills ``model.mask_mode`` in from the objective before the backbone is built:
+    ``cdlm.config.apply_attention``.)
+    """
+    if backbone.mask_mode == mode:
+        return
+    if backbone.mask_mode_given:
+        raise checks.ArgumentError(
+            f"{owner} needs mask_mode={mode!r} attention, but the backbone was built with "
+            f"mask_mode={backbone.mask_mode!r}: set model.mask_mode={mode} or leave it unset"
+        )
+    if mode == "block_causal":
+        checks.positive_ints(block_size=backbone.block_size)
+    backbone.mask_mode, backbone.mask_mode_given = mode, True
+
+
 class Backbone(nn.Module):
     """Transformer trunk: ``forward(h, c, padding) -> h`` ``[B, L, width]``; ``c`` ``[B, (L,) cond_width]`` or None.
 
     Args:
         width, depth, heads, mlp_ratio, dropout: the usual sizes.
         max_len: longest sequence the rotary table covers.
-        mask_mode: ``bidirectional`` (diffusion), ``causal`` (autoregressive) or ``block_causal``.
+        mask_mode: ``bidirectional`` (diffusion), ``causal`` (autoregressive) or ``block_causal``; None (the
+            default): the mask the objective declares (its ``attention``, taken by ``adopt_attention``),
+            bidirectional until then. ``mask_mode_given`` records whether it was set.
         block_size: block length for ``block_causal`` (checked only in that mode).
         cond_width: width of the conditioning vector feeding adaLN (128 as in MDLM's DiT, not ``width``,
             so that unconditioned objectives carry few idle parameters).
@@ -212,7 +234,7 @@ class Backbone(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.0,
         max_len: int = 4096,
-        mask_mode: MaskMode = "bidirectional",
+        mask_mode: MaskMode | None = None,
         block_size: int = 32,
         cond_width: int = 128,
         compile: bool = False,
@@ -223,12 +245,13 @@ class Backbone(nn.Module):
         check_backbone(width, depth, heads, mlp_ratio, dropout, max_len, cond_width)
         checks.one_of("attention", attention, ATTENTION_KERNELS)
         checks.booleans(compile=compile, activation_checkpointing=activation_checkpointing)
-        if not isinstance(mask_mode, str) or mask_mode not in MASK_MODES:
-            raise checks.ArgumentError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES}")
+        if mask_mode is not None and (not isinstance(mask_mode, str) or mask_mode not in MASK_MODES):
+            raise checks.ArgumentError(f"mask_mode={mask_mode!r} is not one of {MASK_MODES} (or None)")
         if mask_mode == "block_causal":
             checks.positive_ints(block_size=block_size)
         self.width, self.depth, self.heads, self.cond_width = width, depth, heads, cond_width
-        self.mask_mode, self.block_size = mask_mode, block_size
+        self.mask_mode: MaskMode = mask_mode or "bidirectional"
+        self.mask_mode_given, self.block_size = mask_mode is not None, block_size
         self.rotary = Rotary(width // heads, max_len)
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, dropout, cond_width, attention) for _ in range(depth)

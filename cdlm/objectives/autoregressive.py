@@ -9,12 +9,14 @@ so all ``L`` tokens are scored, the first one from ``BOS`` alone:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cdlm import checks
-from cdlm.models.backbone import Backbone, all_real
+from cdlm.models.backbone import Backbone, MaskMode, adopt_attention, all_real
 from cdlm.models.kv_cache import KVCache
 from cdlm.types import Batch, LossOutput
 
@@ -22,20 +24,24 @@ from cdlm.types import Batch, LossOutput
 class Autoregressive(nn.Module):
     """Next-token objective; owns the token embedding (``V + 1`` rows, the last is ``BOS``) and the output head.
 
-    The constructor sets ``backbone.mask_mode = "causal"``, whatever the model config says: position ``l`` may
-    only see ``x^{<l}``. The backbone is not time-conditioned (``c = None``).
+    It declares causal attention (``attention``): position ``l`` may only see ``x^{<l}``. A config run writes
+    ``model.mask_mode: causal`` into the model config before the backbone is built (``cdlm.config.apply_attention``,
+    so the saved config says what runs) and refuses a model config that sets another mode; a backbone built here
+    with ``mask_mode`` unset takes causal, one built with another mode is refused (``adopt_attention``). The
+    backbone is not time-conditioned (``c = None``).
 
     Args:
-        backbone: the shared transformer (its mask is switched to causal).
+        backbone: the shared transformer, causal or with ``mask_mode`` unset.
         vocab_size: ``V``, the tokenizer's vocabulary; ``bos_id = V`` (an input row only, never predicted).
     """
 
     space = "autoregressive"
+    attention: ClassVar[MaskMode] = "causal"
 
     def __init__(self, backbone: Backbone, vocab_size: int) -> None:
         super().__init__()
         checks.positive_ints(vocab_size=vocab_size)
-        backbone.mask_mode = "causal"
+        adopt_attention(backbone, self.attention, type(self).__name__)
         self.backbone, self.vocab_size, self.bos_id = backbone, vocab_size, vocab_size
         width = backbone.width
         self.embed = nn.Embedding(vocab_size + 1, width)

@@ -20,7 +20,6 @@ The likelihood is the shared ODE bound (docs/math.md §6).
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 
 import torch
@@ -34,7 +33,7 @@ from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
 from cdlm.objectives.coin import coin
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE
-from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.objectives.ve import VEObjective, training_u
 from cdlm.types import Batch, LossOutput
 
 
@@ -58,7 +57,7 @@ def check_schedule_keys(schedule: dict | None) -> None:
         raise checks.ArgumentError(f"schedule has unknown keys {unknown}; valid keys: {valid}")
 
 
-class Bitstream(nn.Module):
+class Bitstream(VEObjective, nn.Module):
     """CoBit objective; owns the bit-patch input map, the self-conditioning channel, the head and the schedule.
 
     Args:
@@ -73,6 +72,9 @@ class Bitstream(nn.Module):
     The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not docs/math.md's
     ``c_in (x0_hat - 1/2)``: the estimate is a clean quantity, and scaling it by ``c_in ~ 1/sigma`` would silence
     it at high noise, where self-conditioning helps most.
+
+    ``prior`` (``N(1/2, (sigma_max^2 + 1/4) I)``, the exact marginal's mean and variance) and ``nll`` (the ODE bound)
+    are ``VEObjective``'s.
     """
 
     space = "continuous"
@@ -99,6 +101,7 @@ class Bitstream(nn.Module):
         self.backbone, self.vocab_size = backbone, vocab_size
         self.sigma_data, self.self_condition, self.clip, self.ode_steps = sigma_data, self_condition, clip, ode_steps
         self.bits = k = bit_width(vocab_size)
+        # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
         self.schedule = EntropyRateSchedule(**(schedule or {}))
         width = backbone.width
         self.proj_in = nn.Linear(2 * k, width)  # [c_in (x - 1/2) ; (x0_sc - 1/2) / sigma_d] -> width
@@ -115,6 +118,11 @@ class Bitstream(nn.Module):
     @property
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
+
+    @property
+    def state_width(self) -> int:
+        """``k``: the bits per token."""
+        return self.bits
 
     # ---- the network ------------------------------------------------------------------------------------------
     def logits(
@@ -149,8 +157,7 @@ class Bitstream(nn.Module):
         returned ``LossOutput`` is the weighted error per token (summed over bits), not a likelihood.
         """
         ids, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
-        u = batch["u"] if "u" in batch else torch.rand(ids.shape[0], device=ids.device)
-        sigma = self.schedule.sample_training_sigma(u).float().to(ids.device)  # [B]
+        sigma = self.schedule.sample_training_sigma(training_u(batch)).float().to(ids.device)  # [B]
         b = self.clean_state(ids)  # [B, L, k]
         x = b + sigma[:, None, None] * torch.randn_like(b)  # [B, L, k]
         x_sc = None
@@ -169,10 +176,6 @@ class Bitstream(nn.Module):
         logs = {**self.schedule.logs(), "mse": ((sq.mean(-1) * valid).sum() / valid.sum().clamp_min(1)).detach()}
         return LossOutput(loss, per_token.detach(), padding, logs)
 
-    def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (docs/math.md §6) with ``ode_steps`` Heun steps."""
-        return ode_nll(self, batch, steps=self.ode_steps)
-
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """``sigma(t)``: the inverse CDF of the schedule's training law (``EntropyRateSchedule.sigma_of_t``): the
@@ -182,14 +185,6 @@ class Bitstream(nn.Module):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``x0_hat = sigmoid(logit)`` ``[B, L, k]`` (per-bit probability of a one) at ``sigma`` ``[B]``."""
         return self.logits(x, sigma, x0_prev).sigmoid().to(x.dtype)
-
-    def prior(
-        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A draw at ``sigma_max`` ``[n, length, k]``: ``N(1/2, (sigma_max^2 + 1/4) I)``, the Gaussian the ODE bound
-        scores (the exact marginal's mean and variance)."""
-        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
-        return self.data_mean + std * torch.randn(n, length, self.bits, device=device, generator=generator)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Ids ``[B, L]`` from the final estimate (bits ``> 1/2``); invalid codes (``>= V``) become the most

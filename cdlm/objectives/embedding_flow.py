@@ -30,8 +30,8 @@ from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.coin import coin
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
-from cdlm.objectives.ode_likelihood import ode_nll
 from cdlm.objectives.sigma_range import SigmaRange
+from cdlm.objectives.ve import VEObjective, row_sigma, training_u
 from cdlm.types import Batch, LossOutput
 
 REFERENCE_WIDTH = 768  # LangFlow's published loc = 4.723, scale = 0.852 are for D = 768
@@ -56,7 +56,7 @@ def default_loc(dim: int) -> float:
     return REFERENCE_LOC + math.log(dim / REFERENCE_WIDTH)
 
 
-class EmbeddingFlow(SigmaRange, nn.Module):
+class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
     """LangFlow objective; owns the token embedding, self-conditioning map, time embedding, head and schedule.
 
     Args:
@@ -68,7 +68,9 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         embed_dim: embedding width ``D`` (None: the backbone width; otherwise linear maps in and out).
 
     The clean state ``x0 = E_n[ids]`` has norm ``sqrt(D)``: each coordinate has unit second moment on average
-    over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``.
+    over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``
+    (``VEObjective.prior``; the data term is ~1e-6 of the variance there, kept so that the prior is exactly the
+    Gaussian the ODE bound scores). ``nll`` is ``VEObjective``'s ODE bound.
     """
 
     space = "continuous"
@@ -99,6 +101,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         self.self_condition, self.ode_steps = self_condition, ode_steps
         width = backbone.width
         self.dim = dim = embed_dim or width
+        # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
         self.schedule = GumbelSchedule(default_loc(dim) if loc is None else loc, scale, math.log(vocab_size))
         self.embed = nn.Embedding(vocab_size, dim)  # rows are normalised to norm sqrt(D) in every use
         nn.init.normal_(self.embed.weight)
@@ -110,6 +113,11 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         self.head = nn.Linear(width, vocab_size)  # zero at init: the model starts as the factorised posterior
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    @property
+    def state_width(self) -> int:
+        """``D``: the embedding width."""
+        return self.dim
 
     # ---- embeddings and the network ---------------------------------------------------------------------------
     def embeddings(self) -> torch.Tensor:
@@ -155,8 +163,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         1: it is dimensionless and reaches only the schedule's parameters (see ``GumbelSchedule.fit_loss``).
         """
         x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
-        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
-        gamma = self.schedule.gamma(u.float())  # [B]
+        gamma = self.schedule.gamma(training_u(batch).float())  # [B]
         z = self.noisy(self.clean_state(x), gamma)  # [B, L, D]
         x_sc = torch.zeros_like(z)
         if coin(self.self_condition):
@@ -171,10 +178,6 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         logs = {**self.schedule.logs(), "ce": mean_ce.detach(), "fit_loss": fit.detach()}
         return LossOutput(mean_ce + fit, ce, padding, logs)
 
-    def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (docs/math.md §6) with ``ode_steps`` Heun steps."""
-        return ode_nll(self, batch, steps=self.ode_steps)
-
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """``sigma(t) = exp(gamma(t) / 2)``, float64, increasing; sampler time ``t`` in [0, 1] (1 = noisiest)."""
@@ -183,7 +186,7 @@ class EmbeddingFlow(SigmaRange, nn.Module):
     def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """VE state ``x~`` ``[B, L, D]`` and ``sigma`` (``[B]`` or scalar) to float32 ``z = x~ / sqrt(1 + sigma^2)``
         and ``gamma = 2 log sigma`` ``[B]``."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        sigma = row_sigma(sigma, x)  # [B] float64
         z = x.to(torch.float64) / torch.sqrt(1 + sigma.square())[:, None, None]  # [B, L, D]
         return z.float(), (2 * sigma.log()).float()
 
@@ -195,17 +198,6 @@ class EmbeddingFlow(SigmaRange, nn.Module):
         z, gamma = self._native(x, sigma)
         x_sc = torch.zeros_like(z) if x0_prev is None else x0_prev.float()
         return self.estimate(self.logits(z, gamma, x_sc)).to(x.dtype)
-
-    def prior(
-        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A draw at ``sigma_max`` ``[n, length, D]``: ``N(data_mean, (sigma_max^2 + data_scale^2) I)``.
-
-        The data term is ~1e-6 of the variance at ``sigma_max`` (hundreds); it is kept so the prior is exactly the
-        Gaussian the ODE bound scores.
-        """
-        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
-        return self.data_mean + std * torch.randn(n, length, self.dim, device=device, generator=generator)
 
     def decoder_logits(self, x: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min``, self-conditioned on ``x0_prev``

@@ -22,7 +22,6 @@ live in checkpoints and ``save_pretrained`` files.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,6 +45,9 @@ def check_counts(bins: int, fifo_size: int, warmup_batches: int, ramp_batches: i
 
 class EntropyRateSchedule(nn.Module):
     """Histogram law of ``log sigma`` learned from the denoising error (CoBit's entropy-rate schedule).
+
+    A ``cdlm.objectives.noise_schedule.NoiseSchedule`` (``sigma_of_t``, ``logs``); ``cdlm.plots.plot_entropy_rate``
+    draws it.
 
     Args:
         sigma_min, sigma_max: the noise range (docs/math.md §4: 0.002 and 80).
@@ -158,7 +160,7 @@ class EntropyRateSchedule(nn.Module):
         return self.inverse_cdf(self.training_mass(), t)
 
     def law_name(self) -> str:
-        """What ``sigma_of_t`` follows now, in words (for plots and messages)."""
+        """What ``sigma_of_t`` follows now, in words (for plots, ``cdlm.plots.plot_entropy_rate``, and messages)."""
         if not self.fitted:
             return (
                 f"warm-up law N({self.warmup_mean:g}, {self.warmup_std:g}²) on log σ, truncated (table not fitted: "
@@ -223,53 +225,6 @@ class EntropyRateSchedule(nn.Module):
             return {"sched_ramp": torch.tensor(0.0)}
         median = self.inverse_cdf(self.mass, torch.tensor(0.5, dtype=torch.float64))
         return {"sched_ramp": torch.tensor(self.ramp()), "sched_median_sigma": median.float()}
-
-    def plot(self, path: str | Path) -> Path:
-        """Write a PNG of the sampling law ``sigma_of_t`` follows (density over ``log sigma``) and the rate ``r``.
-
-        A fitted table is drawn against the warm-up law; an unfitted one draws the warm-up law the model was trained
-        and is sampled under, and the title says so.
-        """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        centres = (0.5 * (self.log_edges[1:] + self.log_edges[:-1])).exp().cpu()
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-        self.plot_laws(a, centres)
-        self.plot_rate(b, centres)
-        fig.suptitle(f"sampling law σ(t): {self.law_name()}", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-    def plot_laws(self, ax, centres: torch.Tensor) -> None:
-        """Densities per unit ``log sigma`` on ``ax``: the warm-up law, ``q`` if fitted, the mixture mid-ramp."""
-        width = float(self.log_edges[1] - self.log_edges[0])
-        warm = f"warm-up N({self.warmup_mean:g}, {self.warmup_std:g}²)"
-        if self.fitted:
-            ax.plot(centres, (self.mass / width).cpu(), label="learned q (entropy rate)")
-            if self.ramp() < 1.0:
-                ax.plot(centres, (self.training_mass() / width).cpu(), ":", label=f"mixture, w = {self.ramp():.3g}")
-        ax.plot(centres, (self.warm_mass / width).cpu(), "--" if self.fitted else "-", label=warm)
-        title = "training / sampling law" if self.fitted else "warm-up law (table not fitted)"
-        ax.set(xscale="log", xlabel="σ", ylabel="density per unit log σ", title=title)
-        ax.legend()
-
-    def plot_rate(self, ax, centres: torch.Tensor) -> None:
-        """The information rate ``r(sigma)`` of the last fit on ``ax``, or a note that there is none yet."""
-        ax.set(xscale="log", xlim=(self.sigma_min, self.sigma_max), xlabel="σ", ylabel="mean mse / σ²")
-        ax.set_title("information rate r(σ)")
-        if self.fitted:
-            ax.plot(centres, self.rate.cpu())
-            ax.set_yscale("log")
-        else:
-            note = f"not measured yet: the table is fitted\nafter warmup_batches = {self.warmup_batches}"
-            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
 
 def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ from cdlm import checks
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.chunked_ce import chunk_rows
-from cdlm.objectives.ode_likelihood import ode_nll
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.time_warps import OneHotTimeWarp
+from cdlm.objectives.ve import VEObjective, row_sigma, training_u
 from cdlm.types import Batch, LossOutput
 
 # log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's
@@ -93,7 +93,7 @@ def check_flow(
     checks.positive_ints(ode_steps=ode_steps, **({} if ode_rows is None else {"ode_rows": ode_rows}))
 
 
-class OneHotFlow(SigmaRange, nn.Module):
+class OneHotFlow(SigmaRange, VEObjective, nn.Module):
     """FLM objective; owns the token embedding ``E`` ``[V, width]``, the time embedding, the head and the warp.
 
     Args:
@@ -116,7 +116,10 @@ class OneHotFlow(SigmaRange, nn.Module):
             ``V`` a few rows at a time keep validation within memory. The noise is then drawn chunk by chunk, so the
             figures differ from a whole-batch solve by the bound's sampling noise only.
 
-    The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``.
+    The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``. ``prior`` and
+    ``nll`` (the ODE bound) are ``VEObjective``'s. FLM itself starts from ``z = (1 - c) eps`` at ``c -> 0``, i.e.
+    ``x~ = sigma_max eps``; the prior's data mean and variance are negligible at ``sigma_max`` (170 for
+    ``V = 2048``) and make it the Gaussian the bound scores.
     """
 
     space = "continuous"
@@ -147,6 +150,11 @@ class OneHotFlow(SigmaRange, nn.Module):
         self.head = nn.Linear(width, vocab_size)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+
+    @property
+    def state_width(self) -> int:
+        """``D = V``: the one-hot state has one coordinate per token."""
+        return self.vocab_size
 
     # ---- the network ------------------------------------------------------------------------------------------
     def logits(self, z: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,8 +225,7 @@ class OneHotFlow(SigmaRange, nn.Module):
         width ``W`` (``noisy_input``); the CE is averaged over ``attention_mask``.
         """
         x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
-        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
-        c = self.c_of_t(u)  # [B] float64
+        c = self.c_of_t(training_u(batch))  # [B] float64
         log_sigma = torch.log((1 - c) / c).float()  # [B]
         c = c.float()[:, None, None]  # [B, 1, 1]
         if self.matched_filter:  # the filter needs the dense state
@@ -230,15 +237,11 @@ class OneHotFlow(SigmaRange, nn.Module):
         loss = ce.sum() / padding.sum().clamp_min(1)
         return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
 
-    def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (docs/math.md §6): ``ode_steps`` Heun steps, ``ode_rows`` sequences at a time."""
-        return ode_nll(self, batch, steps=self.ode_steps, rows=self.ode_rows)
-
     # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------
     def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """VE state ``x~`` ``[B, L, V]`` and ``sigma`` (``[B]`` or scalar) to the float32 native state ``z = c x~``,
         ``c = 1 / (1 + sigma)``, and ``log sigma`` ``[B]``."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        sigma = row_sigma(sigma, x)  # [B] float64
         c = 1 / (1 + sigma)  # [B]
         return ScaleFloat32.apply(c, x), sigma.log().float()  # z = c x~ [B, L, V]
 
@@ -249,20 +252,6 @@ class OneHotFlow(SigmaRange, nn.Module):
         """
         z, log_sigma = self._native(x, sigma)
         return self.logits(z, log_sigma).softmax(-1)
-
-    def prior(
-        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A draw at ``sigma_max`` ``[n, length, V]``: ``N(data_mean, (sigma_max^2 + data_scale^2) I)``.
-
-        FLM starts from ``z = (1 - c) eps`` at ``c -> 0``, i.e. ``x~ = sigma_max eps`` in VE form; the exact state at
-        ``c_min`` is ``x~ = x0 + sigma_max eps``, whose moment-matched Gaussian over the data adds the mean ``1/V``
-        and the variance ``(1/V)(1 - 1/V)`` per coordinate. Both are negligible at ``sigma_max`` (170 for
-        ``V = 2048``), and this is exactly the Gaussian the ODE bound scores, so the prior uses it.
-        """
-        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
-        eps = torch.randn(n, length, self.vocab_size, device=device, generator=generator)  # [n, L, V]
-        return eps.mul_(std).add_(self.data_mean)  # data_mean + std eps, in place: no second [n, L, V]
 
     def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min``."""

@@ -31,17 +31,14 @@ Training (``loss``), one batch split by rows:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from cdlm.checkpoint import LOADING
 from cdlm.checks import ArgumentError, is_real
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE, OneHotFlow
-from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
+from cdlm.objectives.teacher import FrozenTeacher, state_differences
 from cdlm.types import Batch, LossOutput
 
 DIAGONAL, JUMP, BOUNDARY = 0, 1, 2  # row kinds of a training batch
@@ -55,11 +52,13 @@ class FlowMap(OneHotFlow):
     Args:
         backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter: as ``OneHotFlow``; they must equal
             the teacher's (checked when the teacher is attached), so that the student starts as the teacher.
-        teacher: path of the FLM teacher (a ``save_pretrained`` folder or a ``.ckpt``, read by ``cdlm.load``): it is
-            loaded, checked, copied into the student and kept frozen for the diagonal targets; a missing path fails
-            here. Inside ``cdlm.load`` (``cdlm.checkpoint.LOADING``), which replaces the weights, it is not read at
-            all, so a student checkpoint loads and samples without its teacher; training and resuming need it.
-            None: no teacher (attach one with ``attach_teacher``; ``loss`` refuses to run without).
+        teacher: path of the FLM teacher run (a ``save_pretrained`` folder or a ``.ckpt``). The run builder loads it
+            (``cdlm.checkpoint.load_frozen``: a missing path fails there, before any work) and passes it as
+            ``teacher_model``; the constructor never reads disk.
+        teacher_model: the loaded teacher (injected): checked, copied into the student and kept frozen for the
+            diagonal targets. None inside ``cdlm.load``, which replaces the weights, so a student checkpoint loads
+            and samples without its teacher (training and resuming need it), or for a student built in code (attach
+            one with ``attach_teacher``; ``loss`` refuses to run without).
         diagonal_fraction: share of the rows trained on the diagonal against the teacher (FMLM: 0.5).
         boundary_fraction: share of the rows at the one-jump pair ``(s, t) = (0, 1)`` (FMLM: 0.5 / 32).
 
@@ -79,6 +78,7 @@ class FlowMap(OneHotFlow):
         matched_filter: bool = False,
         diagonal_fraction: float = 0.5,
         boundary_fraction: float = 0.5 / 32,
+        teacher_model: OneHotFlow | None = None,
     ) -> None:
         super().__init__(backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter)
         fractions = (diagonal_fraction, boundary_fraction)
@@ -92,8 +92,8 @@ class FlowMap(OneHotFlow):
         nn.init.zeros_(self.target_embed.mlp[-1].weight)  # g = 0 at init: D_{s,t} = D_s
         nn.init.zeros_(self.target_embed.mlp[-1].bias)
         self.teacher_path, self.frozen = teacher, FrozenTeacher()
-        if teacher is not None and not LOADING.get():  # cdlm.load overwrites the weights: the teacher is not needed
-            self.attach_teacher(*load_teacher(teacher))
+        if teacher_model is not None:
+            self.attach_teacher(teacher_model)
 
     # ---- the teacher --------------------------------------------------------------------------------------------
     def attach_teacher(self, teacher: OneHotFlow, model_config: dict | None = None, initialise: bool = True) -> None:
@@ -219,16 +219,6 @@ class FlowMap(OneHotFlow):
 
 
 # ---- the pieces of the objective, as functions ----------------------------------------------------------------------
-def load_teacher(path: str | Path) -> tuple[OneHotFlow, dict | None]:
-    """The objective of the FLM run at ``path`` and its model config; a clear error if there is no such run."""
-    if not Path(path).exists():
-        raise ValueError(
-            f"FlowMap teacher {str(path)!r} does not exist: train the FLM teacher first (experiment=flow_quickstart "
-            "writes runs/flow_quickstart/final) or set objective.teacher to a flow run's final/ folder or .ckpt"
-        )
-    return load_objective(path)
-
-
 def log_sigma_of_c(c: torch.Tensor) -> torch.Tensor:
     """``log sigma = log((1 - c) / c)`` float32 ``[B]`` from ``c`` ``[B]`` (float64)."""
     return torch.log((1 - c) / c).float()

@@ -28,6 +28,8 @@ U_CLAMP = 1e-5  # gamma(u) is clamped at the 1e-5 and 1 - 1e-5 quantiles (docs/m
 class GumbelSchedule(nn.Module):
     """Learnable Gumbel(loc, scale) law of ``gamma``, with ``scale = exp(log_scale) > 0`` and ``A = exp(log_amp)``.
 
+    A ``cdlm.objectives.noise_schedule.NoiseSchedule`` (``sigma_of_t``, ``logs``).
+
     Args:
         loc, scale: initial Gumbel location and scale of ``gamma`` (published: 4.723, 0.852 for ``D = 768``).
         amplitude: initial ``A``, the modelled CE at infinite noise (``log V`` is a natural start).

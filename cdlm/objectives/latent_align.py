@@ -2,6 +2,8 @@
 
 The pooled posterior mean of each training text, through a linear head and L2 normalisation, regresses the frozen
 encoder's unit-norm feature of the same text: ``|normalise(head(mean_n mu)) - f(text)|^2``, averaged over the batch.
+The encoder is loaded when the run is built (``cdlm.objectives.teacher.load_encoder``) and checked by the
+``TextVAEObjective`` it is passed to.
 """
 
 from __future__ import annotations
@@ -9,21 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from cdlm.objectives.teacher import FrozenTeacher
-
-
-def frozen_encoder(name_or_path: str, align_dim: int) -> FrozenTeacher:
-    """The frozen encoder, held outside the module tree (never saved); a clear error unless its width is align_dim."""
-    from cdlm.models.sentence_encoder import SentenceEncoder
-
-    encoder = SentenceEncoder(name_or_path)
-    if encoder.dim != align_dim:
-        raise ValueError(
-            f"the alignment encoder {name_or_path!r} has width {encoder.dim}; set objective.align_dim"
-            f"={encoder.dim} (got {align_dim})"
-        )
-    return FrozenTeacher(encoder)
 
 
 def alignment_loss(

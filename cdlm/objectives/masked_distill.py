@@ -34,40 +34,27 @@ student as they do on any MDLM.
 
 The teacher is *not* part of the module: it is held outside ``nn.Module``'s registry, so it is absent from
 ``parameters()`` (the optimizer, EMA), from ``state_dict()`` (checkpoints, ``save_pretrained``) and from
-``.to()`` (it follows the batch's device lazily). ``cdlm.load`` never reads the teacher (``checkpoint.LOADING``): a
-student checkpoint loads and samples whether or not the teacher folder still exists, with one model in memory; only
-``loss`` needs the teacher (training and resuming through ``cdlm train``).
+``.to()`` (it follows the batch's device lazily). The objective never reads disk: the run builder loads the teacher
+(``cdlm.checkpoint.load_frozen``) and passes it in; ``cdlm.load`` passes none, so a student checkpoint loads
+and samples whether or not the teacher folder still exists, with one model in memory; only ``loss`` needs the teacher
+(training and resuming through ``cdlm train``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdlm.checkpoint import LOADING
 from cdlm.checks import is_real
 from cdlm.config import ConfigError
 from cdlm.models.backbone import Backbone
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.schedules import Schedule
-from cdlm.objectives.teacher import FrozenTeacher, load_objective, state_differences
+from cdlm.objectives.teacher import FrozenTeacher, state_differences
 from cdlm.types import Batch, LossOutput
-
-
-def load_teacher(path: str | Path) -> MaskedDiffusion:
-    """The masked objective of the checkpoint at ``path`` (``cdlm.load``: safetensors or weights-only ``.ckpt``).
-
-    A distilled student can teach in turn: a ``MaskedDistill`` checkpoint gives its student.
-    """
-    objective, _ = load_objective(path)
-    objective = getattr(objective, "student", objective)
-    if not isinstance(objective, MaskedDiffusion):
-        raise ConfigError(f"teacher {path} holds a {type(objective).__name__}; distillation needs a masked checkpoint")
-    return objective
 
 
 def nested_masks(
@@ -111,14 +98,17 @@ class MaskedDistill(nn.Module):
     Args:
         backbone: the student's transformer, built from the run's ``model`` group: it must be the teacher's.
         vocab_size: ``V`` of the run's tokenizer (the teacher's tokenizer: same data group).
-        teacher: a masked ``save_pretrained`` folder or ``.ckpt``. When it exists, the student starts as a copy of
-            it. When it does not (or is None), or when ``cdlm.load`` builds the module (its saved weights replace the
-            initial ones, so the teacher is never read), there is no teacher and ``loss`` refuses to run.
+        teacher: path of the masked run to distil (a ``save_pretrained`` folder or ``.ckpt``); the run builder loads
+            it (``cdlm.checkpoint.load_frozen``; a missing path fails there, before any work) and passes it
+            as ``teacher_model``.
         student_ratio: ``(lo, hi)`` of the student's mask ratio ``r_S ~ U(lo, hi)``.
         teacher_keep: ``(lo, hi)`` of the fraction ``k ~ U(lo, hi)`` of the student's masks the teacher keeps.
         kl_weight: ``λ``, the weight of the KL term (``1 - λ`` on the CE).
         temperature: ``T`` of the softened distributions in the KL (the term is scaled by ``T²``).
         schedule, eps, time_conditioning: the student ``MaskedDiffusion``'s; they must be the teacher's.
+        teacher_model: the loaded teacher (injected; a ``MaskedDistill`` teaches through its student): the student
+            starts as a copy of it. None inside ``cdlm.load`` (the saved weights replace the initial ones) or for a
+            student built in code: then ``loss`` refuses to run.
     """
 
     space = "discrete"
@@ -135,6 +125,7 @@ class MaskedDistill(nn.Module):
         schedule: str = "loglinear",
         eps: float = 1e-3,
         time_conditioning: bool = False,
+        teacher_model: MaskedDiffusion | MaskedDistill | None = None,
     ) -> None:
         super().__init__()
         self.student_ratio = check_range("student_ratio", student_ratio)
@@ -147,9 +138,10 @@ class MaskedDistill(nn.Module):
         self.student = MaskedDiffusion(backbone, vocab_size, schedule, eps, time_conditioning=time_conditioning)
         self.mask_id, self.vocab_size = self.student.mask_id, self.student.vocab_size
         self.teacher: FrozenTeacher | None = None
-        if teacher is not None and Path(teacher).exists() and not LOADING.get():
-            self.teacher = FrozenTeacher(load_teacher(teacher))
-            copy_teacher(self.student, self.teacher.objective, teacher)
+        if teacher_model is not None:
+            source = getattr(teacher_model, "student", teacher_model)  # a distilled student teaches in turn
+            self.teacher = FrozenTeacher(source)
+            copy_teacher(self.student, source, teacher)
 
     # ---- the student's sampling view (docs/math.md §0, discrete) ---------------------------------------------
     @property
@@ -183,9 +175,9 @@ class MaskedDistill(nn.Module):
         """
         if self.teacher is None:
             raise ConfigError(
-                f"MaskedDistill has no teacher: objective.teacher={self.teacher_path!r} does not exist, or the module "
-                "came from cdlm.load, which never reads it. Training (and resuming, through `cdlm train`) needs the "
-                "masked checkpoint to distil from; sampling a distilled student does not."
+                f"MaskedDistill has no teacher (objective.teacher={self.teacher_path!r}): the module came from "
+                "cdlm.load, which never reads it, or was built in code without teacher_model. Training (and resuming, "
+                "through `cdlm train`) needs the masked run to distil from; sampling a distilled student does not."
             )
         x, padding = batch["input_ids"], batch["attention_mask"].bool()
         u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
@@ -241,7 +233,7 @@ def check_range(name: str, bounds: tuple[float, float] | list[float]) -> tuple[f
     return float(bounds[0]), float(bounds[1])
 
 
-def copy_teacher(student: MaskedDiffusion, teacher: MaskedDiffusion, source: str | Path) -> None:
+def copy_teacher(student: MaskedDiffusion, teacher: MaskedDiffusion, source: str | None) -> None:
     """Start the student as a copy of the teacher; refuse a teacher of another shape or schedule."""
     same_schedule = type(student.schedule) is type(teacher.schedule) and student.schedule.eps == teacher.schedule.eps
     if not same_schedule or student.time_conditioning != teacher.time_conditioning:

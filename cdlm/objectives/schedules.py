@@ -2,6 +2,8 @@
 
 ``alpha(t)`` is the probability that a token is still visible at time ``t`` in [0, 1]; ``t = 1`` is the
 noisiest. ``weight(t) = -alpha'(t) / (1 - alpha(t))`` is the NELBO weight of a masked token's CE (MDLM eq. 10).
+These are a masked objective's ``schedule`` (``cdlm.types.MaskSchedule``), which the discrete samplers read; the
+continuous objectives' noise schedules are another kind (``cdlm.objectives.noise_schedule.NoiseSchedule``).
 """
 
 from __future__ import annotations
