@@ -33,7 +33,8 @@ from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
 from cdlm.objectives.coin import coin
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE
-from cdlm.objectives.ve import VEObjective, training_u
+from cdlm.objectives.training_time import training_u
+from cdlm.objectives.ve import VEObjective
 from cdlm.types import Batch, LossOutput
 
 

@@ -31,7 +31,8 @@ from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.coin import coin
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
 from cdlm.objectives.sigma_range import SigmaRange
-from cdlm.objectives.ve import VEObjective, row_sigma, training_u
+from cdlm.objectives.training_time import training_u
+from cdlm.objectives.ve import VEObjective, row_sigma
 from cdlm.types import Batch, LossOutput
 
 REFERENCE_WIDTH = 768  # LangFlow's published loc = 4.723, scale = 0.852 are for D = 768

@@ -31,7 +31,8 @@ from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.chunked_ce import chunk_rows
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.time_warps import OneHotTimeWarp
-from cdlm.objectives.ve import VEObjective, row_sigma, training_u
+from cdlm.objectives.training_time import training_u
+from cdlm.objectives.ve import VEObjective, row_sigma
 from cdlm.types import Batch, LossOutput
 
 # log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's

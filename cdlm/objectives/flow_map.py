@@ -39,6 +39,8 @@ from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE, OneHotFlow
 from cdlm.objectives.teacher import FrozenTeacher, state_differences
+from cdlm.objectives.training_time import training_u
+from cdlm.objectives.ve import row_sigma
 from cdlm.types import Batch, LossOutput
 
 DIAGONAL, JUMP, BOUNDARY = 0, 1, 2  # row kinds of a training batch
@@ -182,7 +184,7 @@ class FlowMap(OneHotFlow):
         """
         x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
         teacher = self.teacher(x.device)
-        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        u = training_u(batch)
         kind = row_kinds(x.shape[0], self.diagonal_fraction, self.boundary_fraction, x.device)  # [B]
         tau_s, tau_t = time_pairs(u, kind)  # [B] float64 each
         c_s, c_t = self.c_of_t(tau_s), self.c_of_t(tau_t)  # [B] float64, c_s <= c_t
@@ -214,7 +216,7 @@ class FlowMap(OneHotFlow):
         The jump itself is ``euler_step(x, D_{s,t}, sigma_s, sigma_t)`` (see the module docstring).
         """
         z, log_sigma_s = self._native(x, sigma_s)
-        sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        sigma_t = row_sigma(sigma_t, x)  # [B] float64
         return self.map_logits(z, log_sigma_s, sigma_t.log().float()).softmax(-1)
 
 

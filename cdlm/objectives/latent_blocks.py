@@ -17,6 +17,7 @@ import torch
 from cdlm.models.kv_cache import KVCache
 from cdlm.objectives.latent_network import BlockCausalNetwork
 from cdlm.objectives.sigma_range import SigmaRange
+from cdlm.objectives.ve import row_sigma
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [B, N, d], t [B]) -> v_hat [B, N, d]
 
@@ -36,7 +37,7 @@ def x0_from_velocity(x: torch.Tensor, sigma: torch.Tensor, velocity: Velocity) -
     ``z_t = x / (1 + sigma)`` and ``t = sigma / (1 + sigma)`` map VE to the flow's coordinates (docs/math.md §0
     with ``a = 1 - t``, ``b = t``), and ``x0_hat = z_t - t v_hat(z_t, t)``.
     """
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])  # [B]
+    sigma = row_sigma(sigma, x)  # [B] float64
     t = sigma / (1 + sigma)
     z = (x.double() / (1 + sigma[:, None, None])).float()
     return (z.double() - t[:, None, None] * velocity(z, t).double()).to(x.dtype)

@@ -22,8 +22,6 @@ run it came from.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -35,7 +33,8 @@ from cdlm.objectives.latent_network import BlockCausalNetwork, PriorNetwork
 from cdlm.objectives.ode_likelihood import ode_log_density
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.teacher import state_differences
-from cdlm.objectives.text_vae import TextVAEObjective, bound_per_token, posterior
+from cdlm.objectives.text_vae import LatentState, TextVAEObjective, bound_per_token, posterior
+from cdlm.objectives.training_time import training_u
 from cdlm.types import Batch, LossOutput
 
 NO_STATISTICS = (
@@ -44,7 +43,7 @@ NO_STATISTICS = (
 )
 
 
-class LatentFlowPrior(SigmaRange, nn.Module):
+class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
     """Rectified-flow prior over the normalised latents of a frozen text VAE; docs/math.md §5.
 
     Args:
@@ -180,7 +179,7 @@ class LatentFlowPrior(SigmaRange, nn.Module):
         with torch.no_grad():
             mean, logvar, padding, latent_padding = posterior(self.vae, batch)
             x0 = self.normalise(TextVAE.sample(mean, logvar))  # [B, N, d_z]
-        u = batch["u"] if "u" in batch else torch.rand(x0.shape[0], device=x0.device)  # [B]
+        u = training_u(batch)  # [B]
         if self.prior_block is not None:  # a time per block, stratified over the blocks of a sequence
             n_blocks = -(-x0.shape[1] // self.prior_block)
             u = (u[:, None] + torch.arange(n_blocks, device=u.device) / n_blocks) % 1.0  # [B, n_blocks]
@@ -233,15 +232,6 @@ class LatentFlowPrior(SigmaRange, nn.Module):
         if self.prior_block is None:
             raise ValueError("sample_blocks needs a block-causal prior (objective.prior_block)")
         return self.decode(sample_blocks(self.network, self, run, x))
-
-    def prior(
-        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A draw at ``sigma_max`` ``[n, length / r, d_z]``: ``N(0, (sigma_max^2 + 1) I)``."""
-        self.vae.check_length(length)
-        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
-        shape = (n, length // self.compression, self.vae.latent_dim)
-        return std * torch.randn(shape, device=device, generator=generator)
 
     def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen decoder's logits ``[B, L, V]`` at the unnormalised latents of ``x`` ``[B, N, d_z]``."""

@@ -18,6 +18,7 @@ from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.chunked_ce import chunked_cross_entropy
 from cdlm.objectives.schedules import build_schedule
+from cdlm.objectives.training_time import training_u
 from cdlm.types import Batch, LossOutput
 
 NEG_INF = -1e6  # the SUBS "-inf" for the mask logit: large but finite, so bf16/float32 stay NaN-free
@@ -123,7 +124,7 @@ class MaskedDiffusion(nn.Module):
     def loss(self, batch: Batch) -> LossOutput:
         """Training loss: NELBO per valid token with ``t = t_min + (1 - t_min) u`` (``u`` low-discrepancy)."""
         x, padding = batch["input_ids"], batch["attention_mask"]
-        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        u = training_u(batch)
         t = self.t_min + (1 - self.t_min) * u
         nll, masked = self.nelbo(x, padding, t)
         loss = nll.sum() / padding.sum().clamp_min(1)
@@ -132,7 +133,7 @@ class MaskedDiffusion(nn.Module):
     def nll(self, batch: Batch) -> LossOutput:
         """The bound for evaluation: one-sample NELBO with ``t ~ U(0, 1]``, the whole continuous-time range."""
         x, padding = batch["input_ids"], batch["attention_mask"]
-        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        u = training_u(batch)
         t = u.clamp_min(1e-6)
         nll, _ = self.nelbo(x, padding, t)
         return LossOutput(nll.sum() / padding.sum().clamp_min(1), nll, padding)

@@ -54,6 +54,7 @@ from cdlm.models.backbone import Backbone
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.schedules import Schedule
 from cdlm.objectives.teacher import FrozenTeacher, state_differences
+from cdlm.objectives.training_time import training_u
 from cdlm.types import Batch, LossOutput
 
 
@@ -180,7 +181,7 @@ class MaskedDistill(nn.Module):
                 "through `cdlm train`) needs the masked run to distil from; sampling a distilled student does not."
             )
         x, padding = batch["input_ids"], batch["attention_mask"].bool()
-        u = batch["u"] if "u" in batch else torch.rand(x.shape[0], device=x.device)
+        u = training_u(batch)
         r_student = self.student_ratio[0] + (self.student_ratio[1] - self.student_ratio[0]) * u.float()  # [B]
         keep = torch.empty_like(r_student).uniform_(*self.teacher_keep)  # [B]
         student_masked, teacher_masked = nested_masks(padding, r_student, keep)  # [B, L] each, teacher's ⊆ student's

@@ -10,8 +10,6 @@ prior) and decodes it. The prior of stage 2 is ``cdlm.objectives.latent_prior.La
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -22,6 +20,7 @@ from cdlm.objectives.latent_align import alignment_loss
 from cdlm.objectives.latent_checks import check_align, check_times, check_training, check_vae
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.teacher import FrozenTeacher
+from cdlm.objectives.ve import VEObjective, row_sigma
 from cdlm.types import Batch, LossOutput
 
 
@@ -51,7 +50,20 @@ def bound_per_token(
     return LossOutput((nll.sum() / all_tokens).float(), nll.float(), padding, {k: v.float() for k, v in logs.items()})
 
 
-class TextVAEObjective(SigmaRange, nn.Module):
+class LatentState(VEObjective):
+    """The state of the latent objectives: ``L / r`` latents of width ``d_z`` per sequence (``VEObjective.prior``
+    draws ``[n, L / r, d_z]`` at ``sigma_max``). Needs ``vae`` (a ``TextVAE``) and ``compression``."""
+
+    vae: TextVAE
+    compression: int
+
+    def state_shape(self, n: int, length: int) -> tuple[int, ...]:
+        """``[n, length / r, d_z]``; a ``length`` that is not a multiple of ``r`` is refused (``check_length``)."""
+        self.vae.check_length(length)
+        return (n, length // self.compression, self.vae.latent_dim)
+
+
+class TextVAEObjective(SigmaRange, LatentState, nn.Module):
     """The text VAE of latent diffusion, its ELBO and its ``N(0, I)`` sampling view; docs/math.md §5.
 
     Args:
@@ -187,17 +199,8 @@ class TextVAEObjective(SigmaRange, nn.Module):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """The exact posterior mean of unit Gaussian data, ``x / (1 + sigma^2)`` ``[B, N, d_z]``, so that sampling
         draws the VAE's own prior ``N(0, I)``; ``x0_prev`` is ignored."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        sigma = row_sigma(sigma, x)  # [B] float64
         return (x.double() / (1 + sigma[:, None, None].square())).to(x.dtype)
-
-    def prior(
-        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A draw at ``sigma_max`` ``[n, length / r, d_z]``: ``N(0, (sigma_max^2 + 1) I)``."""
-        self.vae.check_length(length)
-        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
-        shape = (n, length // self.compression, self.vae.latent_dim)
-        return std * torch.randn(shape, device=device, generator=generator)
 
     def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder's logits ``[B, L, V]`` at the latents ``x`` ``[B, N, d_z]``."""

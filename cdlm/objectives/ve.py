@@ -22,6 +22,7 @@ import math
 import torch
 
 from cdlm.objectives.ode_likelihood import ode_nll
+from cdlm.objectives.training_time import training_u  # noqa: F401  (re-exported)
 from cdlm.types import Batch, LossOutput
 
 
@@ -32,16 +33,6 @@ def row_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     the result is a (possibly expanded, read-only) view, so write into a copy.
     """
     return torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
-
-
-def training_u(batch: Batch) -> torch.Tensor:
-    """The training time ``u`` ``[B]`` of a batch: ``batch["u"]`` (the low-discrepancy times of docs/math.md §0, set
-    by the training step), or, for a batch without one, i.i.d. ``U(0, 1)`` from the global torch RNG on the device of
-    ``input_ids``."""
-    if "u" in batch:
-        return batch["u"]
-    ids = batch["input_ids"]  # [B, L]
-    return torch.rand(ids.shape[0], device=ids.device)
 
 
 class VEObjective:
