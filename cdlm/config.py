@@ -244,23 +244,30 @@ def validate(cfg: DictConfig, slots: dict[str, tuple[str, ...]] = components.RUN
 
 
 def apply_attention(cfg: DictConfig) -> None:
-    """Write the attention mask the objective declares (its class's ``attention``, e.g. ``causal`` for the
-    autoregressive objective) into ``model.mask_mode`` when the model config leaves it unset, so that the backbone is
-    built with it and the saved config says what runs; a model config that sets another mode is a ``ConfigError``.
-    Objectives that declare none leave the model config alone. Idempotent (stored configs go through it again)."""
+    """Write the attention the objective declares into the model config before the backbone is built, so that the
+    saved config says what runs: ``model.mask_mode`` from the objective class's ``attention`` (e.g. ``causal`` for the
+    autoregressive objective), or from its ``attention_for(options)`` when the mask depends on its options (a
+    block-causal latent prior: ``mask_mode`` and ``block_size``). A model config that sets another ``mask_mode`` is a
+    ``ConfigError``; objectives that declare none leave the model config alone. Idempotent (stored configs go
+    through it again)."""
     model, objective = cfg.get("model"), cfg.get("objective")
     if not isinstance(model, DictConfig) or not isinstance(objective, DictConfig) or "_target_" not in objective:
         return
-    declared = getattr(locate(str(objective._target_)), "attention", None)
-    given = model.get("mask_mode")
-    if declared is None or given == declared:
+    cls = locate(str(objective._target_))
+    if hasattr(cls, "attention_for"):
+        declared = cls.attention_for(OmegaConf.to_container(objective, resolve=False))
+    else:
+        declared = {"mask_mode": getattr(cls, "attention", None)}
+    mode, given = declared.get("mask_mode"), model.get("mask_mode")
+    if mode is None:
         return
-    if given is not None:
+    if given is not None and given != mode:
         raise ConfigError(
-            f"objective {objective._target_} attends with mask_mode={declared!r}, but model.mask_mode={given!r}: "
-            f"remove model.mask_mode or set it to {declared}"
+            f"objective {objective._target_} attends with mask_mode={mode!r}, but model.mask_mode={given!r}: "
+            f"remove model.mask_mode or set it to {mode}"
         )
-    model.mask_mode = declared
+    for key, value in declared.items():
+        model[key] = value
 
 
 def check_no_resolvers(cfg: DictConfig | ListConfig, where: str = "") -> None:

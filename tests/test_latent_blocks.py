@@ -150,3 +150,15 @@ def test_staged_run_with_a_block_causal_prior(tmp_path) -> None:
     assert samples.nfe == 4 * 5 and torch.equal(samples.ids, ids)
     out = loaded.objective.nll(next(iter(_val_batches(loaded))))
     assert math.isfinite(out.loss.item()) and out.loss.item() > 0
+
+
+def test_the_block_causal_prior_declares_its_attention_in_the_run_config():
+    """The composed config says what runs: ``model.mask_mode: block_causal`` and the block size come from
+    ``objective.prior_block``; a model config that sets another mask is refused before anything is built."""
+    from cdlm.config import ConfigError, compose
+
+    cfg = compose(["experiment=latent_prior", "objective.prior_block=16"])
+    assert cfg.model.mask_mode == "block_causal" and cfg.model.block_size == 16
+    assert compose(["experiment=latent_prior"]).model.get("mask_mode") is None
+    with pytest.raises(ConfigError, match="attends with mask_mode='block_causal'"):
+        compose(["experiment=latent_prior", "objective.prior_block=16", "model.mask_mode=bidirectional"])

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cdlm.models.backbone import Backbone
+from cdlm import checks
+from cdlm.models.backbone import Backbone, adopt_attention
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.models.kv_cache import KVCache
 
@@ -35,12 +36,21 @@ class PriorNetwork(nn.Module):
 
 
 class BlockCausalNetwork(PriorNetwork):
-    """``PriorNetwork`` over blocks of ``block`` latents; sets the backbone's mask to ``block_causal``."""
+    """``PriorNetwork`` over blocks of ``block`` latents: the backbone attends ``block_causal`` over blocks of ``block``
+    (a config run builds it so, ``LatentFlowPrior.attention_for``; a backbone built with its mask unset takes it, one
+    built with another mask or block size is refused)."""
 
     def __init__(self, backbone: Backbone, latent_dim: int, block: int) -> None:
         super().__init__(backbone, latent_dim)
         self.block = block
-        backbone.mask_mode, backbone.block_size = "block_causal", block
+        if not backbone.mask_mode_given:
+            backbone.block_size = block
+        elif backbone.block_size != block:
+            raise checks.ArgumentError(
+                f"a block-causal prior over blocks of {block} latents needs model.block_size={block}, "
+                f"got {backbone.block_size}: leave model.block_size and model.mask_mode unset"
+            )
+        adopt_attention(backbone, "block_causal", "LatentFlowPrior")
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         raise ValueError("a block-causal prior denoises block by block: sample it through sample_blocks")

@@ -22,6 +22,9 @@ run it came from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -63,6 +66,13 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
     space = "continuous"
     data_mean = 0.0
     data_scale = 1.0  # the prior models normalised latents
+
+    @staticmethod
+    def attention_for(options: Mapping[str, Any]) -> dict[str, Any]:
+        """The backbone settings these ``options`` (the objective's config) need: with ``prior_block = K``, a
+        ``block_causal`` mask over blocks of ``K`` latents; else nothing (``cdlm.config.apply_attention``)."""
+        block = options.get("prior_block")
+        return {} if block is None else {"mask_mode": "block_causal", "block_size": block}
 
     def __init__(
         self,
