@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -56,8 +57,8 @@ def generative_scores(judge, texts: list[str], ids: torch.Tensor) -> dict:
 def reference_texts(module: DiffusionLM, n: int, length: int) -> tuple[list[str], torch.Tensor]:
     """``n`` windows of ``length`` tokens of real validation text, evenly spaced over the whole split (the run's
     ``max_val_tokens`` cap, which bounds the cost of the likelihood bound, does not apply)."""
-    ids = run_datamodule(module, max_val_tokens=None).dataset("validation").ids.reshape(-1)  # the packed stream
-    ids = ids[ids != module.tokenizer.pad_id]
+    rows = run_datamodule(module, max_val_tokens=None).dataset("validation")  # rows over the split's token map
+    ids = torch.from_numpy(rows.tokens[:].astype(np.int64))  # [N]: the split's token stream, EOS between documents
     if ids.numel() < n * length:
         raise ValueError(f"the validation split has {ids.numel()} tokens, fewer than n * length = {n * length}")
     starts = torch.linspace(0, ids.numel() - length, n).long()
