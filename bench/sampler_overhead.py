@@ -121,20 +121,18 @@ def build(objective: str, device: torch.device):
             return ""
 
     cfg = compose(["model=mini", f"objective={objective}", "data.seq_len=256"])
-    module = build_module(to_dict(cfg), Tokenizer())
+    module = build_module(to_dict(cfg), Tokenizer(), inputs=False)  # random weights: no teacher or VAE is read
     return module.to(device).eval()
 
 
 def presets() -> dict[str, dict[str, Any]]:
     """The sampler presets of ``cdlm/configs/sampler/*.yaml`` as ``{preset: {name, steps, knobs}}``."""
-    from omegaconf import OmegaConf
-
-    from cdlm.config import CONFIG_DIR, sampler_knobs
+    from cdlm.config import group_options, load_group, sampler_knobs
 
     out = {}
-    for path in sorted((CONFIG_DIR / "sampler").glob("*.yaml")):
-        node = OmegaConf.load(path)
-        out[path.stem] = {"name": str(node.name), "steps": int(node.steps), "knobs": sampler_knobs(node)}
+    for preset in group_options("sampler"):
+        node = load_group("sampler", preset)  # a preset's ``defaults`` filled in from its base
+        out[preset] = {"name": str(node.name), "steps": int(node.steps), "knobs": sampler_knobs(node)}
     return out
 
 
