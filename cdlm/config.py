@@ -245,19 +245,15 @@ def validate(cfg: DictConfig, slots: dict[str, tuple[str, ...]] = components.RUN
 
 def apply_attention(cfg: DictConfig) -> None:
     """Write the attention the objective declares into the model config before the backbone is built, so that the
-    saved config says what runs: ``model.mask_mode`` from the objective class's ``attention`` (e.g. ``causal`` for the
-    autoregressive objective), or from its ``attention_for(options)`` when the mask depends on its options (a
-    block-causal latent prior: ``mask_mode`` and ``block_size``). A model config that sets another ``mask_mode`` is a
-    ``ConfigError``; objectives that declare none leave the model config alone. Idempotent (stored configs go
-    through it again)."""
+    saved config says what runs: the model settings the objective class's ``attention_for(options)`` returns
+    (``causal`` for the autoregressive objective; ``block_causal`` and the block size for a block-causal latent prior).
+    A model config that sets another ``mask_mode`` is a ``ConfigError``; objectives without ``attention_for`` (or that
+    return no ``mask_mode``) leave the model config alone. Idempotent (stored configs go through it again)."""
     model, objective = cfg.get("model"), cfg.get("objective")
     if not isinstance(model, DictConfig) or not isinstance(objective, DictConfig) or "_target_" not in objective:
         return
-    cls = locate(str(objective._target_))
-    if hasattr(cls, "attention_for"):
-        declared = cls.attention_for(OmegaConf.to_container(objective, resolve=False))
-    else:
-        declared = {"mask_mode": getattr(cls, "attention", None)}
+    attention_for = getattr(locate(str(objective._target_)), "attention_for", None)
+    declared = {} if attention_for is None else attention_for(OmegaConf.to_container(objective, resolve=False))
     mode, given = declared.get("mask_mode"), model.get("mask_mode")
     if mode is None:
         return

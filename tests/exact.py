@@ -89,11 +89,12 @@ def log_floor(p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the oracles ------------------------------------------------------------------------------------------------
-def unique_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct ``keys`` ``[S]``, the index of one row holding each ``[S]``, and each row's distinct key ``[B]``."""
+def unique_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the ``S`` distinct values of ``keys`` ``[B]``: the index of one row holding each ``[S]``, and the distinct
+    value of each row ``[B]`` (an index into the ``S``)."""
     unique, inverse = torch.unique(keys, return_inverse=True)
     first = torch.empty_like(unique).scatter_(0, inverse, torch.arange(keys.shape[0]))
-    return unique, first, inverse
+    return first, inverse
 
 
 def per_state(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -102,7 +103,7 @@ def per_state(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
     def rows(z: torch.Tensor) -> torch.Tensor:
         base = int(z.max()) + 1
         keys = (z * base ** torch.arange(z.shape[1])).sum(-1)  # [B]: one integer per row
-        unique, first, inverse = unique_rows(keys)
+        first, inverse = unique_rows(keys)
         return fn(z[first])[inverse]
 
     return rows

@@ -9,7 +9,8 @@ so all ``L`` tokens are scored, the first one from ``BOS`` alone:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,12 @@ class Autoregressive(nn.Module):
 
     space = "autoregressive"
     attention: ClassVar[MaskMode] = "causal"
+
+    @classmethod
+    def attention_for(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The backbone settings a run of this objective needs, whatever its ``options``: the causal mask
+        (``cdlm.config.apply_attention``)."""
+        return {"mask_mode": cls.attention}
 
     def __init__(self, backbone: Backbone, vocab_size: int) -> None:
         super().__init__()
