@@ -162,14 +162,32 @@ def sample_ancestral(
             clean = None
         if callback is not None:
             callback(SamplerStep(i, float(s), x, x0, nfe))
+    return commit_remaining(objective, x, ts, clean, nfe, top_p, final, generator, callback)
+
+
+def commit_remaining(
+    objective: AbsorbingObjective,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    clean: CleanProbs | None,
+    nfe: int,
+    top_p: float,
+    final: str,
+    generator: torch.Generator | None,
+    callback: Callable[[SamplerStep], None] | None,
+) -> torch.Tensor:
+    """``x`` ``[B, L]`` with the positions still masked after the grid ``ts`` committed by ``final`` (``argmax`` or
+    ``sample`` of ``p_theta``), reusing ``clean`` (``p_theta`` of the current ``x``) when given; ``nfe``: the calls
+    so far, reported to the ``callback`` with the one this may make."""
     masked = x == objective.mask_id
-    if masked.any():
-        if clean is None:
-            clean, nfe = clean_probs(objective, x, ts[-1], top_p, masked), nfe + 1
-        chunks = (clean.probs(rows) for rows in clean.rows())  # [n, V] float64 each
-        fill = torch.cat([p.argmax(-1) if final == "argmax" else sample_categorical(p, generator) for p in chunks])
-        x = x.clone()
-        x[masked] = fill
-        if callback is not None:
-            callback(SamplerStep(len(ts) - 1, 0.0, x, x, nfe))
+    if not masked.any():
+        return x
+    if clean is None:
+        clean, nfe = clean_probs(objective, x, ts[-1], top_p, masked), nfe + 1
+    chunks = (clean.probs(rows) for rows in clean.rows())  # [n, V] float64 each
+    fill = torch.cat([p.argmax(-1) if final == "argmax" else sample_categorical(p, generator) for p in chunks])
+    x = x.clone()
+    x[masked] = fill
+    if callback is not None:
+        callback(SamplerStep(len(ts) - 1, 0.0, x, x, nfe))
     return x
