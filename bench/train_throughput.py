@@ -148,13 +148,11 @@ def linear_weights(modules: list[nn.Module]) -> int:
 
 
 def optimizer_for(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW as cdlm's ``DiffusionLM.configure_optimizers``: no decay on parameters of rank < 2."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=device.type == "cuda")
+    """cdlm's AdamW (``cdlm.optim.adamw``, as ``DiffusionLM.configure_optimizers`` builds it: no decay on parameters
+    of rank < 2, the fused kernel on CPUs and GPUs), for both models: the step compared is the model's."""
+    from cdlm.optim import FUSED_ADAMW, adamw
+
+    return adamw(model.parameters(), LR, WEIGHT_DECAY, BETAS, fused=device.type in FUSED_ADAMW)
 
 
 def cdlm_loss(objective: nn.Module) -> Callable[[Batch], tuple[torch.Tensor, float]]:
@@ -366,7 +364,13 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "data": data_source,
-        "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS)},
+        "optimizer": {
+            "name": "AdamW",
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "betas": list(BETAS),
+            "fused": device.type in ("cuda", "cpu"),
+        },
         "step": "forward (autocast) + backward + AdamW step + zero_grad",
         "flops_formula": FLOPS_FORMULA,
         "flops_notes": (

@@ -13,7 +13,7 @@ from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
-from cdlm.optim import adamw, warmup_cosine
+from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.strategies import is_sharded, shard
@@ -130,7 +130,7 @@ class DiffusionLM(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
         """Clip by the global norm here when no gradient is scaled (float32, bf16): Lightning's mixed-precision
-        plugin refuses to clip for a fused optimizer (which cdlm uses on GPUs) even in bf16, where nothing is
+        plugin refuses to clip for a fused optimizer (which cdlm uses) even in bf16, where nothing is
         scaled. With a gradient scaler (``16-mixed``) or clipping by value, Lightning clips as usual."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if not gradient_clip_val or scaler is not None or gradient_clip_algorithm not in (None, "norm"):
@@ -140,7 +140,7 @@ class DiffusionLM(L.LightningModule):
 
     def configure_optimizers(self):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        fused = self.device.type == "cuda" and scaler is None  # a scaler unscales before clipping: not fused then
+        fused = self.device.type in FUSED_ADAMW and scaler is None  # a scaler unscales before clipping: not fused then
         optimizer = adamw(self.parameters(), self.lr, self.weight_decay, self.betas, fused)
         total = max(self.trainer.max_steps, 1) if self._trainer is not None else 1
         multiplier = lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)

@@ -166,19 +166,11 @@ def test_a_compiled_backbone_matches_the_eager_one_with_the_same_weight_names():
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
-def fused_adamw(monkeypatch) -> None:
-    """Make DiffusionLM build a fused AdamW on the CPU too, as it does on GPUs."""
-    import cdlm.module as module
-
-    original = torch.optim.AdamW
-    monkeypatch.setattr(module.torch.optim, "AdamW", lambda *a, fused=None, **k: original(*a, fused=True, **k))
-
-
-def test_gradient_clipping_works_with_a_fused_optimizer_under_bf16_mixed(tmp_path, monkeypatch):
-    """Lightning's mixed-precision plugin refuses to clip for fused optimizers; DiffusionLM clips itself."""
+def test_gradient_clipping_works_with_a_fused_optimizer_under_bf16_mixed(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip for fused optimizers (cdlm's AdamW is fused on CPUs and
+    GPUs); DiffusionLM clips itself."""
     from tests.runs import fit
 
-    fused_adamw(monkeypatch)
     module, trainer, _ = fit(tmp_path, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "ema=null")
     assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"]
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -193,7 +185,6 @@ def test_the_device_side_check_skips_a_non_finite_step_and_stops_at_the_next_log
     from cdlm.module import NonFiniteLoss
     from cdlm.training import prepare
 
-    fused_adamw(monkeypatch)
     run = prepare(compose([*TINY, f"run_dir={tmp_path}", "trainer.log_every_n_steps=4", "ema=null"]))
     run.module.sync_free_checks = True
     objective_loss = run.module.objective.loss
@@ -212,3 +203,18 @@ def test_the_device_side_check_skips_a_non_finite_step_and_stops_at_the_next_log
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
     state = run.trainer.optimizers[0].state
     assert {int(s["step"]) for s in state.values()} == {6}  # steps 0-6 less the skipped 5 (7 raised before its update)
+
+
+def test_the_compiled_gelu_form_is_the_tanh_gelu_and_is_what_a_compiled_block_runs():
+    import torch.nn.functional as F
+
+    from cdlm.models.activations import GeluTanh, gelu_tanh_sigmoid
+
+    x = torch.linspace(-12, 12, 100_001, dtype=torch.float64).float()
+    torch.testing.assert_close(gelu_tanh_sigmoid(x), F.gelu(x, approximate="tanh"), rtol=0, atol=2e-6)
+    assert gelu_tanh_sigmoid(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(GeluTanh()(x), F.gelu(x, approximate="tanh"))  # eager: the fused kernel itself
+    seen = []
+    compiled = torch.compile(lambda t: GeluTanh()(t), backend=lambda gm, _: seen.append(str(gm.code)) or gm)
+    compiled(x)
+    assert "sigmoid" in seen[0] and "gelu" not in seen[0]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cdlm import checks
+from cdlm.models.activations import GeluTanh
 from cdlm.models.attend import ATTENTION_KERNELS, AttentionKernel, attend
 from cdlm.models.kv_cache import KVCache
 from cdlm.models.rotary import Rotary, apply_rotary
@@ -166,9 +167,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
         self.attn = Attention(width, heads, dropout, kernel)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
-        )
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), GeluTanh(), nn.Linear(mlp_ratio * width, width))
         self.drop = nn.Dropout(dropout)
         self.ada = nn.Linear(cond_width, 6 * width)
 
