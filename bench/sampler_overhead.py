@@ -45,7 +45,7 @@ from cdlm.device import device_name, synchronize  # noqa: E402
 
 VOCAB = 2048
 OBJECTIVES = ("masked", "flow", "langflow", "bitstream", "flow_map", "autoregressive")
-NETWORK = ("denoise", "flow_denoise", "next_logits", "logits")
+NETWORK = ("denoise", "flow_denoise", "denoise_projected", "flow_denoise_projected", "next_logits", "logits")
 
 
 class NetworkTimer:

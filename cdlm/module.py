@@ -16,6 +16,7 @@ from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFini
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
+from cdlm.samplers.coordinates import initial_state
 from cdlm.strategies import is_sharded, shard
 from cdlm.types import Batch, BlockwiseObjective
 
@@ -177,7 +178,8 @@ class DiffusionLM(L.LightningModule):
         ts = spec.grid(steps, self.device)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for start in range(0, n, batch_size):
-                x = self.objective.prior(min(batch_size, n - start), length, self.device, generator=generator)
+                rows = min(batch_size, n - start)
+                x = initial_state(self.objective, spec.space, rows, length, self.device, generator)
                 if isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise:  # block by block
                     runner = BlockRunner(spec, ts, generator, callback, knobs)
                     chunks.append(self.objective.sample_blocks(runner, x))

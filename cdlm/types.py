@@ -163,6 +163,53 @@ class FinalPass(ContinuousObjective, Protocol):
     def decode_final(self, x: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class StateProjection:
+    """A fixed linear map ``P`` ``[D, K]`` (``K < D``) through which a network reads the VE state, and a factor ``M``
+    ``[K, K]`` with ``M^T M = P^T P``, so that ``g @ M`` (``g ~ N(0, I_K)``) has the law of ``eps @ P`` for
+    ``eps ~ N(0, I_D)``. Both float32 (docs/math.md §0, "Projected state")."""
+
+    matrix: torch.Tensor  # P [D, K]
+    noise: torch.Tensor  # M [K, K]
+
+
+@runtime_checkable
+class ProjectedState(ContinuousObjective, Protocol):
+    """A network that reads the VE state ``x`` ``[B, L, D]`` only through a fixed linear map ``x @ P`` (``P``
+    ``[D, K]``, ``K < D``), so that the continuous samplers may keep ``y = x @ P`` instead of ``x`` (docs/math.md
+    §0, "Projected state"): every update is linear in the state, the clean estimate and the noise, so ``y`` follows
+    the same recursion with ``x0_hat @ P`` and ``eps @ P ~ N(0, P^T P)``, and the ids (decoded from ``x0_hat``) have
+    the same law. FLM's one-hot state (``D = V``) is read through its embedding (``K`` = the width).
+
+    - ``state_projection() -> StateProjection``, or None where the network reads more of the state (FLM's matched
+      filter) or ``K >= D`` (then the samplers keep ``x``);
+    - ``prior_projected(n, length, device, generator=None)``: a draw ``[n, length, K]`` with the law of
+      ``prior(n, length, ...) @ P``, made in ``K`` dimensions;
+    - ``denoise_projected(y, sigma, x0_prev=None) -> (x0_hat, x0_hat @ P)``: ``y`` ``[B, L, K]`` at ``sigma`` ``[B]``;
+      ``x0_hat`` ``[B, L, D]`` is ``denoise(x, sigma, x0_prev)``'s for any ``x`` with ``x @ P = y``.
+    """
+
+    def state_projection(self) -> StateProjection | None: ...
+
+    def prior_projected(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
+
+    def denoise_projected(
+        self, y: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ProjectedFlowMap(ProjectedState, FlowMapObjective, Protocol):
+    """A two-time denoiser read through ``P`` as ``ProjectedState``'s: ``flow_denoise_projected(y, sigma_s, sigma_t)
+    -> (D_{s,t}, D_{s,t} @ P)``, ``D_{s,t}`` being ``flow_denoise(x, sigma_s, sigma_t)``'s for any ``x @ P = y``."""
+
+    def flow_denoise_projected(
+        self, y: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @runtime_checkable
 class BlockwiseObjective(Protocol):
     """An objective sampled block by block, each block by a continuous sampler given the blocks before it (Cola

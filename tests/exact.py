@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cdlm.types import AbsorbingObjective, AutoregressiveObjective, ContinuousObjective, FlowMapObjective
+from cdlm.types import (
+    AbsorbingObjective,
+    AutoregressiveObjective,
+    ContinuousObjective,
+    FlowMapObjective,
+    ProjectedState,
+)
 
 FLOOR = 1e-30  # log-probabilities of impossible tokens: log(FLOOR), finite so gaps and sorts stay defined
 FLOW_MAP_RESOLUTION = 64  # DDIM steps of the exact flow map per unit of log sigma (each lowers sigma by 1.6%)
@@ -180,6 +186,8 @@ def continuous_oracle(objective: ContinuousObjective, law: Law) -> None:
     """The exact ``denoise``, and wherever the objective reads a network to decode or to jump, the exact one."""
     post = VEPosterior(objective, law)
     objective.denoise = lambda x, sigma, x0_prev=None: post.mean(x, sigma).to(x.dtype)
+    if isinstance(objective, ProjectedState):  # the exact posterior reads the whole state, not x @ P
+        objective.state_projection = lambda: None
     if hasattr(objective, "decoder_logits"):  # a decoder network read at sigma_min (LangFlow, a text VAE)
         objective.decoder_logits = lambda x, x0_prev=None: post.token_logits(x, objective.sigma_min)
     if isinstance(objective, FlowMapObjective):

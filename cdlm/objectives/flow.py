@@ -33,7 +33,7 @@ from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.time_warps import OneHotTimeWarp
 from cdlm.objectives.training_time import training_u
 from cdlm.objectives.ve import VEObjective, row_sigma
-from cdlm.types import Batch, LossOutput
+from cdlm.types import Batch, LossOutput, StateProjection
 
 # log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's
 # sinusoids, the per-unit scale LangFlow uses (50 per unit of gamma = 2 log sigma), so a sigma means the same to both.
@@ -79,6 +79,16 @@ class ScaleFloat32(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         (c,) = ctx.saved_tensors
         return None, scale_rows(c, grad).to(ctx.x_dtype)
+
+
+def gram_factor(E: torch.Tensor) -> torch.Tensor:
+    """``C`` ``[W, W]`` float32, lower triangular, with ``C C^T = E^T E`` for ``E`` ``[V, W]`` (Cholesky of the float64
+    Gram matrix plus a 1e-9 relative jitter): ``g @ C^T`` (``g ~ N(0, I_W)``) has the law of ``eps @ E``,
+    ``eps ~ N(0, I_V)``. ``cholesky_ex``: no host sync (an all-zero embedding, the one
+    case the jitter does not cover, would give NaNs)."""
+    gram = E.double().T @ E.double()  # [W, W]
+    jitter = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.cholesky_ex(gram + jitter).L.float()
 
 
 def check_flow(
@@ -198,11 +208,8 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         """
         with torch.autocast(x.device.type, enabled=False):
             E = self.embed.weight.float()  # [V, W]
-            gram = E.double().T @ E.double()  # [W, W]
-            jitter = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-            chol = torch.linalg.cholesky(gram + jitter).float()  # [W, W]
             g = torch.randn(*x.shape, E.shape[1], device=x.device)  # [B, L, W]
-            return c * E[x] + (1 - c) * (g @ chol.T)  # [B, L, W]
+            return c * E[x] + (1 - c) * (g @ gram_factor(E).T)  # [B, L, W]
 
     # ---- time ---------------------------------------------------------------------------------------------------
     def c_of_t(self, t: torch.Tensor) -> torch.Tensor:
@@ -258,6 +265,48 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         """Logits ``[B, L, V]`` of the VE state ``x`` read at ``sigma_min``."""
         z, log_sigma = self._native(x, self.sigma_min)
         return self.logits(z, log_sigma)
+
+    # ---- the projected sampling view (cdlm.types.ProjectedState) -----------------------------------------------
+    def state_projection(self) -> StateProjection | None:
+        """``P = E`` ``[V, W]`` and ``M = C^T`` (``C C^T = E^T E``; float32, detached): without the matched filter
+        the network reads the one-hot state only through ``z @ E``, so the samplers may keep ``x @ E`` (docs/math.md
+        §0, "Projected state"). None with the filter (it reads every coordinate) or when ``W >= V``."""
+        weight = self.embed.weight
+        if self.matched_filter or weight.shape[1] >= weight.shape[0]:
+            return None
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            E = weight.detach().float()  # [V, W]
+            return StateProjection(E, gram_factor(E).T.contiguous())
+
+    def prior_projected(
+        self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``prior(n, length) @ E`` in law, ``[n, length, W]`` float32: ``data_mean (1 @ E) + std g @ C^T`` with
+        ``g ~ N(0, I_W)`` (``W`` draws a position instead of ``V``)."""
+        projection = self.state_projection()
+        if projection is None:
+            raise ValueError("prior_projected needs a projected state (no matched filter and width < vocab_size)")
+        std = math.sqrt(self.sigma_max**2 + self.data_scale**2)
+        g = torch.randn(n, length, projection.matrix.shape[1], device=device, generator=generator)  # [n, L, W]
+        with torch.autocast(g.device.type, enabled=False):
+            mean = self.data_mean * projection.matrix.sum(0)  # [W]: data_mean (1 @ E)
+            return (g @ projection.noise).mul_(std).add_(mean)
+
+    def projected_input(self, y: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network input ``z @ E = c (x @ E)`` ``[B, L, W]`` (float32, products in float64) and ``log sigma``
+        ``[B]`` from the projected VE state ``y = x @ E`` ``[B, L, W]`` at ``sigma`` (``[B]`` or scalar)."""
+        sigma = row_sigma(sigma, y)  # [B] float64
+        c = (1 / (1 + sigma))[:, None, None]  # [B, 1, 1]
+        return (c * y.double()).float(), sigma.log().float()
+
+    def denoise_projected(
+        self, y: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, x0_hat @ E)``: ``[B, L, V]`` and ``[B, L, W]`` float32 from ``y = x @ E`` ``[B, L, W]`` at
+        ``sigma`` ``[B]``; ``x0_hat`` is ``denoise(x, sigma)``'s (``x0_prev`` ignored, as there)."""
+        h, log_sigma = self.projected_input(y, sigma)
+        x0 = self.network(h, log_sigma).softmax(-1)  # [B, L, V]
+        return x0, self.input_map(x0)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]``: the argmax of the final state (or of the final ``x0_hat``) over ``V``."""

@@ -219,6 +219,16 @@ class FlowMap(OneHotFlow):
         sigma_t = row_sigma(sigma_t, x)  # [B] float64
         return self.map_logits(z, log_sigma_s, sigma_t.log().float()).softmax(-1)
 
+    def flow_denoise_projected(
+        self, y: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D_{s,t}, D_{s,t} @ E)``: ``[B, L, V]`` and ``[B, L, W]`` float32 from the projected state ``y = x @ E``
+        ``[B, L, W]`` at ``sigma_s`` (``cdlm.types.ProjectedFlowMap``; docs/math.md §0, "Projected state")."""
+        h, log_sigma_s = self.projected_input(y, sigma_s)
+        sigma_t = row_sigma(sigma_t, y)  # [B] float64
+        d = self.network(h, log_sigma_s, None, sigma_t.log().float()).softmax(-1)  # [B, L, V]
+        return d, self.input_map(d)
+
 
 # ---- the pieces of the objective, as functions ----------------------------------------------------------------------
 def log_sigma_of_c(c: torch.Tensor) -> torch.Tensor:

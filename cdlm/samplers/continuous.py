@@ -9,7 +9,8 @@
   generic: noise is added only while the grid time lies in the window ``[t_lo, t_hi]`` of the objective's
   information-uniform sampler time.
 
-Each sampler keeps its state in float64 and calls ``objective.denoise`` in float32; the last step takes the clean
+Each sampler keeps its state in float64, in the coordinates ``cdlm.samplers.coordinates`` picks (``x`` itself, or
+``x @ P`` where the network reads only that: FLM), and calls the network in float32; the last step takes the clean
 estimate, which ``objective.decode`` turns into token ids (docs/math.md §2), or, for an objective whose final decode
 is one more self-conditioned pass (``FinalPass``: LangFlow), the final state and the last estimate go to that pass.
 
@@ -26,6 +27,7 @@ from contextlib import nullcontext
 
 import torch
 
+from cdlm.samplers.coordinates import StateCoordinates
 from cdlm.samplers.registry import Ordered, Range, register_sampler
 from cdlm.samplers.state import NetworkInputs, StateNoise, euler_, heun_correct_, heun_predict_, perturb_
 from cdlm.types import ContinuousObjective, FinalPass, SamplerStep
@@ -60,19 +62,21 @@ def euler_step(
 
 
 class _Denoiser:
-    """Calls ``objective.denoise`` on the float32 input, counts calls and carries self-conditioning."""
+    """Calls the network through the state's coordinates on the float32 input, counts calls and carries
+    self-conditioning."""
 
-    def __init__(self, objective: ContinuousObjective, self_cond: bool) -> None:
-        self.objective, self.self_cond = objective, self_cond
-        self.nfe, self.last = 0, None  # last: the previous raw estimate, the self-conditioning input
+    def __init__(self, coordinates: StateCoordinates, self_cond: bool) -> None:
+        self.coordinates, self.self_cond = coordinates, self_cond
+        self.nfe, self.last = 0, None  # last: the previous full estimate, the self-conditioning input
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, L, D]`` float32 (the state rounded once), ``sigma`` 0-d float64 -> ``x0_hat`` ``[B, L, D]`` as
-        the objective returns it (the state's updates convert it to float64 a chunk at a time)."""
+        """``x`` ``[B, L, D|K]`` float32 (the state rounded once), ``sigma`` 0-d float64 -> ``x0_hat`` in the state's
+        coordinates, as the objective returns it (the updates convert it to float64 a chunk at a time); the full
+        estimate is kept in ``last``."""
         sigma_b = sigma.float().expand(x.shape[0])  # [B]
-        x0 = self.objective.denoise(x, sigma_b, self.last if self.self_cond else None)
+        x0, x0_state = self.coordinates.denoise(x, sigma_b, self.last if self.self_cond else None)
         self.nfe, self.last = self.nfe + 1, x0
-        return x0
+        return x0_state
 
 
 def _continuous_loop(
@@ -92,17 +96,18 @@ def _continuous_loop(
     place by ``cdlm.samplers.state``'s fused passes, each noted with the formula whose values it computes; every
     pass that precedes a network call also writes that call's float32 input (``x.float()``).
     """
+    coordinates = StateCoordinates(objective, x)  # x itself, or x @ P (cdlm.samplers.coordinates)
     # float64 state: over hundreds of steps the update x0 + r (x - x0) with r -> 1 accumulates float32 rounding.
-    x = x.to(torch.float64, copy=True)  # [B, L, D], owned: updated in place below
+    x = coordinates.initial.to(torch.float64, copy=True)  # [B, L, D|K], owned: updated in place below
     sigmas = objective.sigma(ts.double())  # [T + 1] float64, decreasing along the grid
     sigma_hats = [sigmas[i] * (1.0 + gamma) for i, gamma in enumerate(gammas)]
-    denoise = _Denoiser(objective, self_cond)
+    denoise = _Denoiser(coordinates, self_cond)
     draws = sum(g > 0 for g in gammas)
     noise = StateNoise(x, generator, draws) if draws else None
 
     def churn(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """EDM Alg. 2 lines 5-6 at step ``i``: fresh draws and their scale ``sqrt(sigma_hat^2 - sigma^2) s_noise``."""
-        return noise.take(), (sigma_hats[i] ** 2 - sigmas[i] ** 2).sqrt() * s_noise
+        return coordinates.noise(noise.take()), (sigma_hats[i] ** 2 - sigmas[i] ** 2).sqrt() * s_noise
 
     steps = len(ts) - 1
     inputs = NetworkInputs(x)
@@ -131,7 +136,7 @@ def _continuous_loop(
                 euler_(x, x0, ratio, x_in, eps, scale)  # euler_step(x, x0, sigma_hat, sigma_next)
         ids = final_ids(objective, x, denoise) if i == steps - 1 else None  # before the callback: NFE counts it
         if callback is not None:
-            callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=x0, nfe=denoise.nfe))
+            callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=denoise.last, nfe=denoise.nfe))
     return ids
 
 

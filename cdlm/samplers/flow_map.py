@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from cdlm.samplers.continuous import continuous_grid
+from cdlm.samplers.coordinates import StateCoordinates
 from cdlm.samplers.registry import SAMPLERS, Range, register_sampler, unfit_message
 from cdlm.samplers.state import NetworkInputs, StateNoise, euler_
 from cdlm.types import FlowMapObjective, SamplerStep
@@ -55,7 +56,8 @@ def sample_flowmap(
         raise ValueError(f"flowmap takes 1 to {MAX_JUMPS} jumps, got {steps}; for more steps use euler or heun")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] (0 = deterministic), got {gamma}")
-    x = x.to(torch.float64, copy=True)  # [B, L, D], owned: updated in place (cdlm.samplers.state)
+    coordinates = StateCoordinates(objective, x)  # x itself, or x @ P (cdlm.samplers.coordinates)
+    x = coordinates.initial.to(torch.float64, copy=True)  # [B, L, D|K], owned: updated in place (cdlm.samplers.state)
     sigmas = objective.sigma(ts.double())  # [K + 1] float64, decreasing along the grid
     noise = StateNoise(x, generator, steps - 1) if gamma > 0 and steps > 1 else None
     inputs = NetworkInputs(x)
@@ -66,12 +68,16 @@ def sample_flowmap(
         target = sigma_next * math.sqrt(1 - gamma**2) if renoise else sigma_next
         target = target.clamp_min(objective.sigma_min) if renoise else target
         rows = x.shape[0]
-        d = objective.flow_denoise(x_in, sigma.float().expand(rows), target.float().expand(rows))  # [B, L, D]
+        d, d_state = coordinates.flow_denoise(x_in, sigma.float().expand(rows), target.float().expand(rows))
         x_in = inputs.next() if i < steps - 1 else None
         # the flow map X_{s->t}(x) = euler_step(x, d, sigma, target), then (renoise) x + sqrt(..) eps, in one pass
-        eps, scale = (noise.take(), (sigma_next**2 - target**2).clamp_min(0).sqrt()) if renoise else (None, None)
+        eps, scale = (
+            (coordinates.noise(noise.take()), (sigma_next**2 - target**2).clamp_min(0).sqrt())
+            if renoise
+            else (None, None)
+        )
         with noise.overlap() if renoise else nullcontext():  # the next draw is made meanwhile
-            euler_(x, d, target / sigma, x_in, eps, scale)
+            euler_(x, d_state, target / sigma, x_in, eps, scale)
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=d, nfe=i + 1))
     return objective.decode(d)
