@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.distributed.tensor import DTensor
 
 from cdlm.strategies import full_state_dict, is_sharded, load_full_state_dict, local_tensors
 
@@ -82,6 +83,17 @@ class ShardedAverage:
         """Take ``module``'s weights as the averaged values."""
         for mine, theirs in zip(self.tensors, local_tensors(module), strict=True):
             mine.copy_(theirs)
+
+    def sharded_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The averaged weights as ``module``'s sharded state dict (each rank's own shards, as DTensors; copies), for
+        a sharded checkpoint: swapped into ``module`` for the read, no communication."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        self.swap(module)
+        try:
+            return {k: v.detach().clone() for k, v in get_model_state_dict(module).items()}
+        finally:
+            self.swap(module)
 
     def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The averaged weights as ``module``'s full state dict on the first rank (``{}`` on the others), gathered by
@@ -159,21 +171,29 @@ class EMA(EMAWeightAveraging):
             super().on_validation_epoch_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Lightning's layout; the sharded average is gathered whole on the first rank (a collective: every rank
-        saves)."""
+        """Lightning's layout (``state_dict`` the average, ``current_model_state`` the trained weights); the sharded
+        average is gathered whole on the first rank (a collective: every rank saves), or, for sharded checkpoints,
+        kept as each rank's shards (``cdlm.strategies.ShardedDataParallel.save_checkpoint`` writes both)."""
         if average := self.sharded():
             checkpoint["current_model_state"] = checkpoint["state_dict"]
-            checkpoint["state_dict"] = average.full_state_dict(pl_module)
+            distributed = getattr(trainer.strategy, "_save_distributed_checkpoint", False)
+            state = average.sharded_state_dict if distributed else average.full_state_dict
+            checkpoint["state_dict"] = state(pl_module)
             checkpoint["averaging_state"] = {"n_averaged": average.n_averaged.clone()}
         else:
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Lightning's restore. Sharded: the strategy has loaded ``state_dict`` (the average) into the module, so the
-        average is taken from the module, which then loads ``current_model_state`` (every rank read the file)."""
+        average is taken from the module, which then loads ``current_model_state`` (whole, every rank having read the
+        file; or this rank's shards, from a sharded checkpoint)."""
         if (average := self.sharded()) is None:
             return super().on_load_checkpoint(trainer, pl_module, checkpoint)
         average.copy_from(pl_module)
         if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
             average.n_averaged.copy_(checkpoint["averaging_state"]["n_averaged"])
-            load_full_state_dict(pl_module, checkpoint["current_model_state"])
+            trained = checkpoint["current_model_state"]
+            if any(isinstance(v, DTensor) for v in trained.values()):
+                pl_module.load_state_dict(trained, strict=pl_module.strict_loading)
+            else:
+                load_full_state_dict(pl_module, trained)

@@ -12,7 +12,9 @@ reads non-tensor entries with ``torch.load(weights_only=False)``. cdlm reads it 
 
 ``load_sharded`` restores a sharded module and its optimizers in a running process group (resume under
 ``trainer=fsdp``); ``read_sharded_ckpt`` reads the whole checkpoint into one process as a full state dict, the form
-of an ordinary ``.ckpt`` (``cdlm.load``, ``cdlm sample``, resume on one device).
+of an ordinary ``.ckpt`` (``cdlm.load``, ``cdlm sample``, resume on one device). A run with an EMA stores, as
+Lightning's EMA layout does, the average as ``state_dict`` and the trained weights as ``current_model_state``
+(``TRAINED_STATE``), both sharded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 METADATA_FILE = ".metadata"
 LIGHTNING_META = "meta.pt"  # Lightning's non-tensor checkpoint state, beside the shards
+TRAINED_STATE = "current_model_state"  # with an EMA: the trained weights (``state_dict`` holds the average)
 METADATA_CLASSES = frozenset(
     {
         *(
@@ -154,14 +157,19 @@ def read_sharded_ckpt(directory: str | Path) -> dict[str, Any]:
     entries plus ``state_dict`` (full tensors on the CPU). Optimizer states are not read (nothing here needs them)."""
     directory = Path(directory)
     metadata = read_metadata(directory)
+    groups = ("state_dict", TRAINED_STATE)  # the weights (with an EMA: the average) and, with an EMA, the trained ones
     state = {
         fqn: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
         for fqn, entry in metadata.state_dict_metadata.items()
-        if fqn.startswith("state_dict.") and isinstance(entry, TensorStorageMetadata)
+        if fqn.split(".", 1)[0] in groups and isinstance(entry, TensorStorageMetadata)
     }
     dcp_load(state, directory, no_dist=True)
     ckpt = read_meta(directory)
-    ckpt["state_dict"] = {fqn.removeprefix("state_dict."): tensor for fqn, tensor in state.items()}
+    for group in groups:
+        prefix = f"{group}."
+        tensors = {fqn.removeprefix(prefix): t for fqn, t in state.items() if fqn.startswith(prefix)}
+        if tensors or group == "state_dict":
+            ckpt[group] = tensors
     return ckpt
 
 
@@ -181,6 +189,10 @@ def load_sharded(
     module_state = {"state_dict": get_model_state_dict(module)}
     dcp_load(module_state, directory)
     module.load_state_dict(module_state["state_dict"], strict=strict)
+    trained = None
+    if any(fqn.startswith(f"{TRAINED_STATE}.") for fqn in read_metadata(directory).state_dict_metadata):
+        trained = {TRAINED_STATE: {k: v.detach().clone() for k, v in get_model_state_dict(module).items()}}
+        dcp_load(trained, directory)  # sharded like the module's weights, for the EMA callback to load
     for idx, optimizer in enumerate(optimizers):
         key = f"optimizer_{idx}"
         optim_state = {key: get_optimizer_state_dict(module, optimizer)}
@@ -188,4 +200,7 @@ def load_sharded(
         set_optimizer_state_dict(
             module, optimizer, optim_state_dict=optim_state[key], options=StateDictOptions(cpu_offload=True)
         )
-    return read_meta(directory)
+    ckpt = read_meta(directory)
+    if trained is not None:
+        ckpt[TRAINED_STATE] = trained[TRAINED_STATE]
+    return ckpt

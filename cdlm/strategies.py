@@ -4,8 +4,8 @@
 Each backbone block is one sharding unit (its weights are gathered for its forward and backward, then freed), the
 rest of the objective (embeddings, heads, a frozen teacher or VAE) one more. Checkpoints hold the full state, gathered
 on the first rank, so they load through cdlm's weights-only reader and resume exactly, like single-process ones; with
-``sharded_checkpoints=true`` each rank writes its own shards instead (``cdlm/sharded_checkpoint.py``). The
-EMA callback averages each rank's shards (``cdlm.ema.ShardedAverage``, through ``local_tensors``).
+``sharded_checkpoints=true`` each rank writes its own shards instead (``cdlm/sharded_checkpoint.py``), the EMA's
+among them. The EMA callback averages each rank's shards (``cdlm.ema.ShardedAverage``, through ``local_tensors``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from cdlm.sharded_checkpoint import is_sharded_checkpoint, load_sharded
+from cdlm.sharded_checkpoint import LIGHTNING_META, TRAINED_STATE, is_sharded_checkpoint, load_sharded
 
 FSDP = "fsdp"
 
@@ -41,6 +41,27 @@ class ShardedDataParallel(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes  # known once the trainer set the devices
         super().setup_environment()
 
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Lightning's save; for sharded checkpoints of a run with an EMA, the trained weights (``TRAINED_STATE``,
+        sharded like ``state_dict``, which holds the average) go through ``torch.distributed.checkpoint`` with the
+        weights and optimizer states, where Lightning would put them into ``meta.pt`` (rank 0's shards only)."""
+        trained = checkpoint.pop(TRAINED_STATE, None) if self._save_distributed_checkpoint else None
+        if trained is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_save
+
+        path = Path(self.broadcast(filepath))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        converted = {"state_dict": checkpoint.pop("state_dict"), TRAINED_STATE: trained}
+        converted.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        _distributed_checkpoint_save(converted, path)
+        if self.global_rank == 0:
+            torch.save(checkpoint, path / LIGHTNING_META)
+
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """A full checkpoint weights-only, as Lightning reads it; a sharded one through ``load_sharded``."""
         path = Path(self.broadcast(checkpoint_path))
@@ -55,17 +76,12 @@ def build_strategy(name: str, sharded_checkpoints: bool = False) -> ModelParalle
     return ShardedDataParallel(sharded_checkpoints) if name == FSDP else name
 
 
-def check_sharded_run(strategy: object, sharded_checkpoints: bool, ema: object) -> None:
+def check_sharded_run(strategy: object, sharded_checkpoints: bool) -> None:
     """Refuse, before anything is written, sharded checkpoints where they cannot be written or hold everything."""
     if sharded_checkpoints and strategy != FSDP:
         raise ShardedStrategyError(
             f"sharded_checkpoints=true needs trainer=fsdp (the weights of trainer.strategy={strategy!r} are not "
             "sharded); pass sharded_checkpoints=false"
-        )
-    if sharded_checkpoints and ema is not None:
-        raise ShardedStrategyError(
-            "sharded_checkpoints=true does not store the EMA yet (its average is saved gathered, in full "
-            "checkpoints); pass ema=null, or sharded_checkpoints=false"
         )
 
 

@@ -79,7 +79,7 @@ def prepare(cfg: DictConfig) -> Run:
     too short fails here), the module, the resume checkpoint's compatibility, the sampler, the trainer."""
     run_dir = Path(cfg.run_dir)
     plan = rundir.plan(run_dir, cfg.resume, cfg.overwrite)
-    check_sharded_run(cfg.trainer.strategy, cfg.sharded_checkpoints, cfg.ema)
+    check_sharded_run(cfg.trainer.strategy, cfg.sharded_checkpoints)
     if cfg.tf32 and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # float32 matmuls on TF32 tensor cores (docs/runs.md, "Speed")
     if cfg.release_freed_memory:
