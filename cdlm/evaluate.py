@@ -1,8 +1,9 @@
 """``cdlm eval``: the fixed evaluation protocol of docs/math.md §8, one JSON file per evaluation.
 
-Reports the validation bound (BPC, PPL; full time range, the checkpoint's EMA weights), Gen PPL under a judge
-with the mean per-sample unigram entropy and distinct-n beside it, mean +- std over seeds, NFE and seconds per
-sample, and the same generative figures for real validation text (the reference row).
+Reports the validation bound (BPC, PPL; full time range, the checkpoint's EMA weights) with the unigram bound on
+the same tokens beside it, Gen PPL under a judge with the mean per-sample unigram entropy and distinct-n beside it,
+mean +- std over seeds, NFE and seconds per sample, and the same generative figures for real validation text (the
+reference row) and for independent draws of the unigram model (the unigram-draws row).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from omegaconf import OmegaConf
 
 from cdlm.config import instantiate
 from cdlm.device import device_name
-from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, build_judge
+from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, UnigramModel, build_judge, unigram_bound
 from cdlm.metrics.likelihood import score_batches
+from cdlm.metrics.unigram import ALPHA, TokenStream
 from cdlm.module import DiffusionLM
 from cdlm.options import DEFAULT_EVAL_N, DEFAULT_SEEDS, sample_length
 from cdlm.sampling import draw
@@ -41,6 +43,61 @@ def validation_bound(
     batches = run_datamodule(module, **(data or {})).val_dataloader()
     metric = score_batches(module, batches, max_batches, dtype)
     return {f"val_{k}": float(v) for k, v in metric.compute().items()}
+
+
+STREAMED_TRAIN_TOKENS = 2**24  # a streamed source's unigram is fitted on the first tokens of its train stream
+UNIGRAM_SEED = 0  # the seed of the unigram-draws reference row
+_UNIGRAMS: dict[tuple, UnigramModel] = {}  # fitted unigram models of this process, by train stream and vocabulary
+
+
+def train_stream(datamodule, tokenizer) -> TokenStream:
+    """The train split's token stream ``[N]``, the one the run trains on (its tokenizer, EOS after each document).
+
+    A streamed source has no token cache: the first ``STREAMED_TRAIN_TOKENS`` tokens of its train stream are read.
+    """
+    if not datamodule.streaming:
+        return datamodule.dataset("train").tokens
+    from cdlm.data.streaming import read_tokens
+
+    def encode(doc: str) -> list[int]:
+        return [*tokenizer.encode(doc), tokenizer.eos_id]
+
+    stream = datamodule.stream()
+    return read_tokens(stream.documents(stream.texts("train")), encode, STREAMED_TRAIN_TOKENS)[0]
+
+
+def train_unigram(module: DiffusionLM, alpha: float = ALPHA) -> UnigramModel:
+    """The unigram model of the run's train split over the tokenizer's whole vocabulary (docs/math.md §8), fitted
+    once per process for each train stream (a token cache, or a streamed source and tokenizer)."""
+    datamodule, tokenizer = run_datamodule(module), module.tokenizer
+    if datamodule.streaming:
+        stream_key = ("stream", datamodule.source, json.dumps(tokenizer.config(), sort_keys=True, default=str))
+    else:
+        stream_key = ("cache", str(datamodule.token_cache()))
+    key = (*stream_key, tokenizer.vocab_size, float(alpha))
+    if key not in _UNIGRAMS:
+        _UNIGRAMS[key] = UnigramModel.fit(train_stream(datamodule, tokenizer), tokenizer.vocab_size, alpha)
+    return _UNIGRAMS[key]
+
+
+def unigram_validation_bound(
+    module: DiffusionLM, unigram: UnigramModel, max_batches: int | None = None, data: dict | None = None
+) -> dict:
+    """``unigram``'s NLL on the tokens and characters that ``validation_bound(module, max_batches, data=data)``
+    scores: ``val_nll`` (nats/token), ``val_ppl``, ``val_bpc``, ``val_tokens``, the fit's ``alpha`` and
+    ``train_tokens``."""
+    batches = run_datamodule(module, **(data or {})).val_dataloader()
+    scores = unigram_bound(unigram, batches, max_batches)
+    return scores | {"alpha": unigram.alpha, "train_tokens": unigram.train_tokens}
+
+
+def unigram_texts(
+    module: DiffusionLM, unigram: UnigramModel, n: int, length: int, seed: int = UNIGRAM_SEED
+) -> tuple[list[str], torch.Tensor]:
+    """``n`` sequences of ``length`` tokens drawn independently from ``unigram`` (a generator seeded with ``seed``),
+    decoded with the run's tokenizer."""
+    ids = unigram.sample(n, length, torch.Generator().manual_seed(seed))  # [n, length]
+    return [module.tokenizer.decode(row.tolist()) for row in ids], ids
 
 
 def generative_scores(judge, texts: list[str], ids: torch.Tensor) -> dict:
@@ -98,7 +155,9 @@ def evaluate(
     for corpus in zero_shot or []:
         resolve(corpus)  # likewise a zero-shot corpus that cannot be found
     metrics = validation_bound(module, val_batches) if val_batches != 0 else {}  # val_batches=0: samples only
-    result = {"metrics": metrics, "per_seed": [], "reference": {}}
+    result = {"metrics": metrics, "unigram": {}, "per_seed": [], "reference": {}, "unigram_draws": {}}
+    if val_batches != 0:  # the unigram model on the same validation tokens: what token frequencies alone give
+        result["unigram"] = unigram_validation_bound(module, train_unigram(module), val_batches)
     if zero_shot:
         result["zero_shot"] = zero_shot_table(module, zero_shot, max_tokens=zero_shot_tokens)
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
@@ -116,6 +175,8 @@ def evaluate(
     if scorer is not None and reference:
         texts, ids = reference_texts(module, n, length)
         result["reference"] = generative_scores(scorer, texts, ids)
+        texts, ids = unigram_texts(module, train_unigram(module), n, length)
+        result["unigram_draws"] = generative_scores(scorer, texts, ids)
     result["protocol"] = protocol(module, scorer, sampler, n, length, seeds)
     if zero_shot:
         result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
@@ -126,6 +187,12 @@ ZERO_SHOT_PROTOCOL = (
     "objective.nll, fixed noise, EMA weights, over each corpus retokenised with the model's tokenizer (EOS after "
     "each document), packed into data.seq_len blocks as the validation split; scored: a local file or folder whole, "
     "an hf: dataset's named split, else its test split, else its validation split (cdlm/zero_shot.py)"
+)
+
+
+UNIGRAM_PROTOCOL = (
+    f"add-{ALPHA} unigram over the tokenizer's whole vocabulary, fitted on the train split's token stream (the run's "
+    f"tokenizer; a streamed source: its first {STREAMED_TRAIN_TOKENS} tokens), scored on the model's validation tokens"
 )
 
 
@@ -140,6 +207,8 @@ def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, see
         "entropy": "mean per-sample unigram entropy of the model's own token ids, nats",
         "distinct": "mean per-sample fraction of unique n-grams of the model's token ids",
         "likelihood": "objective.nll over the validation split, full time range, EMA weights, fixed noise",
+        "unigram": UNIGRAM_PROTOCOL,
+        "unigram_draws": f"{n} sequences of {length} independent unigram draws (seed {UNIGRAM_SEED}), decoded",
         "samples_per_seed": n,
         "length": length,
         "seeds": list(range(seeds)),
@@ -152,18 +221,33 @@ def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, see
     }
 
 
+def unigram_line(metrics: dict, unigram: dict) -> str:
+    """The unigram bound beside the model's: bits/char, nats/token and the model's bound less the unigram's."""
+    line = (
+        f"unigram (train split, add-{unigram['alpha']}): {unigram['val_bpc']:.4f} bits/char, "
+        f"{unigram['val_nll']:.4f} nats/token over {unigram['val_tokens']} tokens"
+    )
+    if "val_nll" in metrics:
+        line += f"; model - unigram: {metrics['val_nll'] - unigram['val_nll']:+.4f} nats/token"
+    return line
+
+
 def summary(result: dict) -> str:
     """A short human-readable table of an evaluation result."""
-    m, ref = result["metrics"], result["reference"]
+    m, ref, draws = result["metrics"], result["reference"], result.get("unigram_draws")
     lines = [f"validation bound: {m['val_bpc']:.4f} bits/char, PPL {m['val_ppl']:.2f}"] if "val_bpc" in m else []
+    if result.get("unigram"):
+        lines.append(unigram_line(m, result["unigram"]))
     if "gen_ppl_mean" in m:
         lines.append(
             f"samples ({result['protocol']['sampler']['name']}, NFE {m['nfe']}): Gen PPL {m['gen_ppl_mean']:.2f} "
             f"+- {m['gen_ppl_std']:.2f}, entropy {m['entropy_mean']:.3f} +- {m['entropy_std']:.3f} nats, "
             f"{m['seconds_per_sample_mean']:.3f} s/sample"
         )
-    if ref:
-        lines.append(f"reference (real validation text): Gen PPL {ref['gen_ppl']:.2f}, entropy {ref['entropy']:.3f}")
+    judge = result.get("protocol", {}).get("judge")
+    for label, row in (("reference (real validation text)", ref), ("unigram draws", draws)):
+        if row:
+            lines.append(f"{label}, judge {judge}: Gen PPL {row['gen_ppl']:.2f}, entropy {row['entropy']:.3f}")
     for row in result.get("zero_shot", []):
         lines.append(
             f"zero-shot {row['corpus']} ({row['split']}): {row['nll']:.4f} nats/token, PPL {row['ppl']:.2f}, "

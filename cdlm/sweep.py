@@ -37,6 +37,12 @@ COMMANDS = ("eval", "train")
 CONFIG_EXAMPLE = Path(__file__).parent / "configs" / "sweep" / "masked_steps.yaml"
 Runner = Callable[[str, list[str]], Any]
 FLAGS = {"--print", "--skip-done"}
+# ``cdlm eval``'s reference rows (docs/math.md §8): result key, table label, plot line style
+REFERENCES = (
+    ("reference", "reference", "--"),  # real validation text under the judge
+    ("unigram_draws", "unigram draws", ":"),  # independent draws of the train split's unigram model, same judge
+    ("unigram", "unigram (train split)", "-."),  # the unigram's bound on the model's validation tokens
+)
 
 
 class SweepError(RunFailure):
@@ -168,7 +174,8 @@ def _flatten(prefix: str, node: Any) -> dict[str, Any]:
 
 
 def read_point(sweep: dict, point: dict[str, Any]) -> dict[str, Any]:
-    """One result row: the grid values, the point's flat metrics and (eval) its ``reference.*`` scalars."""
+    """One result row: the grid values, the point's flat metrics and (eval) its reference rows' scalars
+    (``reference.*``, ``unigram_draws.*``, ``unigram.*``)."""
     path = point_result(sweep, point)
     if not path.is_file():
         raise FileNotFoundError(f"sweep point {point_name(point)} left no results at {path}")
@@ -176,7 +183,8 @@ def read_point(sweep: dict, point: dict[str, Any]) -> dict[str, Any]:
     row = dict(point)
     if sweep["command"] == "eval":
         row.update(_flatten("", data.get("metrics", {})))
-        row.update(_flatten("reference.", data.get("reference") or {}))
+        for key, _, _ in REFERENCES:
+            row.update(_flatten(f"{key}.", data.get(key) or {}))
     else:
         row.update(_flatten("", data))
     return row
@@ -298,31 +306,52 @@ def format_number(value: Any) -> str:
     return f"{value:.3g}"
 
 
+def is_reference_column(column: str) -> bool:
+    """A reference row's scalar (``reference.C``, ``unigram_draws.C``, ``unigram.C``), not a point's own."""
+    return any(column.startswith(f"{key}.") for key, _, _ in REFERENCES)
+
+
 def write_markdown(rows: list[dict[str, Any]], sweep: dict, path: Path) -> Path:
-    """A Markdown table of the sweep's ``columns`` (default: all but ``reference.*``), plus a reference row."""
+    """A Markdown table of the sweep's ``columns`` (default: all but the reference rows' scalars), plus the reference
+    rows: real text, unigram draws and the unigram bound (docs/math.md §8)."""
     every = dict.fromkeys(k for row in rows for k in row)
-    columns = sweep.get("columns") or [k for k in every if not k.startswith("reference.")]
+    columns = sweep.get("columns") or [k for k in every if not is_reference_column(k)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(format_number(row.get(c)) for c in columns) + " |" for row in rows]
-    values = [reference_value(rows, c) for c in columns]
-    if any(v is not None for v in values):
-        cells = [format_number(v) for v in values]
-        label = next((i for i, v in enumerate(values) if v is None), None)
-        if label is not None:
-            cells[label] = "reference"
-        lines.append("| " + " | ".join(cells) + " |")
+    for key, name, _ in REFERENCES:
+        lines += reference_lines(rows, columns, key, name)
     path.write_text(f"# sweep results: {path.parent}\n\n" + "\n".join(lines) + "\n")
     return path
 
 
-def reference_value(rows: list[dict[str, Any]], column: str) -> Any:
-    """The reference row's (real text's) value for a column: ``reference.C``, else ``reference.C`` less ``_mean``.
+def reference_lines(rows: list[dict[str, Any]], columns: list[str], key: str, name: str) -> list[str]:
+    """The table rows of reference ``key``: one per distinct set of values over the points (one for a sweep of one
+    model), labelled ``name`` in the first empty cell (with the point's label or path when there are several)."""
+    found: list[tuple[list[Any], dict[str, Any]]] = []
+    for row in rows:
+        values = [reference_value([row], c, key) for c in columns]
+        if any(v is not None for v in values) and all(values != seen for seen, _ in found):
+            found.append((values, row))
+    lines = []
+    for values, row in found:
+        cells = [format_number(v) for v in values]
+        label = next((i for i, v in enumerate(values) if v is None), None)
+        if label is not None:
+            owner = row.get(LABEL, row.get("path"))
+            cells[label] = name if len(found) == 1 or owner is None else f"{name}: {format_value(owner)}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
-    ``cdlm eval`` writes one reference figure per metric (``reference.gen_ppl``) beside the generated samples'
-    mean over seeds (``gen_ppl_mean``); a ``*_std`` column has no reference value.
+
+def reference_value(rows: list[dict[str, Any]], column: str, key: str = "reference") -> Any:
+    """Reference ``key``'s value for a column (first row): ``key.C``, else ``key.C`` less ``_mean``.
+
+    ``cdlm eval`` writes one reference figure per metric (``reference.gen_ppl``, ``unigram_draws.gen_ppl``,
+    ``unigram.val_bpc``) beside the generated samples' mean over seeds (``gen_ppl_mean``); a ``*_std`` column has no
+    reference value.
     """
     first = rows[0] if rows else {}
-    return first.get(f"reference.{column}", first.get(f"reference.{column.removesuffix('_mean')}"))
+    return first.get(f"{key}.{column}", first.get(f"{key}.{column.removesuffix('_mean')}"))
 
 
 def line_keys(sweep: dict, plot: dict) -> list[str]:
@@ -389,15 +418,17 @@ def write_plot(rows: list[dict[str, Any]], plot: dict, keys: list[str], path: Pa
 
 
 def draw_reference(ax: Any, rows: list[dict[str, Any]], y: str, annotate: str | None) -> None:
-    """A dashed line at the reference row's ``y`` (real text), its ``annotate`` value in the legend."""
-    reference = reference_value(rows, y)
-    if not isinstance(reference, (int, float)) or isinstance(reference, bool):
-        return
-    label = f"reference {y} {format_number(reference)}"
-    beside = reference_value(rows, annotate) if annotate else None
-    if isinstance(beside, (int, float)) and not isinstance(beside, bool):
-        label += f" ({annotate} {format_number(beside)})"
-    ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=label)
+    """A grey line at each reference row's ``y`` (real text, unigram draws, unigram bound), its ``annotate`` value in
+    the legend."""
+    for key, name, style in REFERENCES:
+        reference = reference_value(rows, y, key)
+        if not isinstance(reference, (int, float)) or isinstance(reference, bool):
+            continue
+        label = f"{name} {y} {format_number(reference)}"
+        beside = reference_value(rows, annotate, key) if annotate else None
+        if isinstance(beside, (int, float)) and not isinstance(beside, bool):
+            label += f" ({annotate} {format_number(beside)})"
+        ax.axhline(reference, color="grey", linestyle=style, linewidth=1, label=label)
 
 
 def sweep_arguments(argv: list[str]) -> tuple[str, bool, bool]:

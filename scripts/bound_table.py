@@ -9,6 +9,12 @@ Every model is scored on the leading rows of its own tokenisation of the validat
 (docs/math.md section 0) compares them. Each objective reports its own bound: the NELBO (masked), the exact NLL
 (autoregressive), the ODE bound of docs/math.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
 (continuous ones), and for latent runs the bound of section 5 (the prior's ODE density in the same way).
+
+For each tokenizer among the runs the table has a row "unigram (train split, <tokenizer>)": an add-0.5 unigram
+model fitted on the train split's tokens (docs/math.md section 8) scored on the same validation tokens and characters
+as that tokenizer's runs, and every run has a column "vs unigram (nats/token)": its bound less the unigram's NLL on
+the run's own scored tokens (negative: the bound is below the unigram's, so the model has learned more than token
+frequencies).
 """
 
 from __future__ import annotations
@@ -22,14 +28,21 @@ import torch
 
 import cdlm
 from cdlm.device import device_name
-from cdlm.evaluate import run_datamodule, validation_bound
+from cdlm.evaluate import run_datamodule, train_unigram, unigram_validation_bound, validation_bound
+
+UNIGRAM = "Unigram"  # the objective column of the unigram rows
 
 
 def tokens_for_chars(module, chars: int) -> int:
     """Real tokens in the leading validation rows whose characters first reach ``chars``."""
     rows = run_datamodule(module, max_val_tokens=None).dataset("validation")
-    reached = (rows.n_chars.cumsum(0) < chars).sum().item() + 1  # rows needed
-    return int(rows.mask[:reached].sum())
+    tokens = seen = 0
+    for i in range(len(rows)):  # rows in order, up to the one whose characters reach ``chars``
+        row = rows[i]
+        tokens, seen = tokens + int(row["attention_mask"].sum()), seen + int(row["n_chars"])
+        if seen >= chars:
+            break
+    return tokens
 
 
 def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
@@ -39,6 +52,8 @@ def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
     tokens = tokens_for_chars(module, chars)
     start = time.perf_counter()
     metrics = validation_bound(module, data={"max_val_tokens": tokens})
+    seconds = time.perf_counter() - start
+    unigram = unigram_validation_bound(module, train_unigram(module), data={"max_val_tokens": tokens})
     objective = module.objective
     return {
         "path": path,
@@ -49,26 +64,88 @@ def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
         "train_steps": module.config["trainer"].get("max_steps"),
         "ode_steps": getattr(objective, "ode_steps", None),
         "val_tokens": tokens,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         **metrics,
+        "unigram_tokenizer": tokenizer_label(module),
+        "unigram_nll": unigram["val_nll"],
+        "unigram_bpc": unigram["val_bpc"],
+        "vs_unigram": metrics["val_nll"] - unigram["val_nll"],  # nats/token on the same tokens; < 0: below unigram
+        "unigram_fit": unigram,  # the unigram row's figures (popped by unigram_rows)
     }
+
+
+def tokenizer_label(module) -> str:
+    """The run's tokenizer, as its unigram row names it: kind, name (if any) and vocabulary, e.g. ``bpe 2048``."""
+    data = module.config["data"]
+    name = data.get("tokenizer_name")
+    return f"{data.get('tokenizer')}{f' {name}' if name else ''} {module.tokenizer.vocab_size}"
+
+
+def unigram_rows(rows: list[dict]) -> list[dict]:
+    """One unigram row per tokenizer (and validation token count) of the model rows, in order of appearance; pops
+    each model row's ``unigram_fit``."""
+    fits: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        fit = r.pop("unigram_fit", None)
+        if fit is not None:
+            key = (r["unigram_tokenizer"], r["val_tokens"])
+            fits.setdefault(key, {**fit, "tokenizer": r["tokenizer"], "V": r["vocab_size"]})
+    labels = [label for label, _ in fits]
+    out = []
+    for (label, tokens), fit in fits.items():
+        suffix = f", {tokens} tokens" if labels.count(label) > 1 else ""  # one tokenizer, several token counts
+        out.append(
+            {
+                "path": f"unigram (train split, {label}{suffix})",
+                "objective": UNIGRAM,
+                "tokenizer": fit["tokenizer"],
+                "vocab_size": fit["V"],
+                "parameters": None,
+                "train_steps": None,
+                "ode_steps": None,
+                "val_tokens": fit["val_tokens"],
+                "val_nll": fit["val_nll"],
+                "val_ppl": fit["val_ppl"],
+                "val_bpc": fit["val_bpc"],
+                "vs_unigram": 0.0,
+                "alpha": fit["alpha"],
+                "train_tokens": fit["train_tokens"],
+            }
+        )
+    return out
+
+
+def cell(value, spec: str = "") -> str:
+    """``value`` formatted with ``spec``, or a dash when there is none."""
+    return "—" if value is None else format(value, spec)
 
 
 def markdown(rows: list[dict], chars: int) -> str:
     lines = [
         f"Validation bound on the first {chars:,} characters of the validation split (each model's own tokens).\n",
-        "| run | objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) | NLL nats/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) | NLL nats/token "
+        "| vs unigram (nats/token) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         path = Path(r["path"])
         run = path.parent.name if path.name == "final" else str(path)  # runs/<name>/final -> <name>
+        params = "—" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M"
         lines.append(
-            f"| {run} | {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {r['parameters'] / 1e6:.2f} M | "
-            f"{r['train_steps']} | {r['val_tokens']} | {r.get('ode_steps') or '—'} | {r['val_bpc']:.3f} | "
-            f"{r['val_nll']:.3f} |"
+            f"| {run} | {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {params} | "
+            f"{cell(r['train_steps'])} | {r['val_tokens']} | {r.get('ode_steps') or '—'} | {r['val_bpc']:.3f} | "
+            f"{r['val_nll']:.3f} | {cell(r.get('vs_unigram'), '+.3f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The model rows, then the unigram rows: new ones for the runs just scored (``unigram_fit``), the old ones of
+    other tokenizers kept."""
+    models = [r for r in rows if r["objective"] != UNIGRAM]
+    new = unigram_rows(models)
+    fresh = {r["path"] for r in new}
+    return models + [r for r in rows if r["objective"] == UNIGRAM and r["path"] not in fresh] + new
 
 
 def main() -> None:
@@ -91,6 +168,7 @@ def main() -> None:
         if old["chars"] != args.chars:
             raise SystemExit(f"--merge: the existing table is on {old['chars']} characters, not {args.chars}")
         rows = [r for r in old["rows"] if r["path"] not in args.paths] + rows
+    rows = table_rows(rows)
     payload = {"device": device_name(torch.device("cpu")), "chars": args.chars, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, args.chars))

@@ -3,6 +3,7 @@
 from cdlm.metrics.generative import DistinctN, GenPPL, UnigramEntropy
 from cdlm.metrics.judges import CdlmJudge, HFJudge, Judge, build_judge
 from cdlm.metrics.likelihood import LikelihoodMetric
+from cdlm.metrics.unigram import UnigramModel, unigram_bound
 
 __all__ = [
     "CdlmJudge",
@@ -12,5 +13,7 @@ __all__ = [
     "Judge",
     "LikelihoodMetric",
     "UnigramEntropy",
+    "UnigramModel",
     "build_judge",
+    "unigram_bound",
 ]
