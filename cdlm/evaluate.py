@@ -235,7 +235,8 @@ def unigram_line(metrics: dict, unigram: dict) -> str:
 def summary(result: dict) -> str:
     """A short human-readable table of an evaluation result."""
     m, ref, draws = result["metrics"], result["reference"], result.get("unigram_draws")
-    lines = [f"validation bound: {m['val_bpc']:.4f} bits/char, PPL {m['val_ppl']:.2f}"] if "val_bpc" in m else []
+    se = f" +- {m['val_bpc_se']:.4f} (Hutchinson SE)" if "val_bpc_se" in m else ""
+    lines = [f"validation bound: {m['val_bpc']:.4f}{se} bits/char, PPL {m['val_ppl']:.2f}"] if "val_bpc" in m else []
     if result.get("unigram"):
         lines.append(unigram_line(m, result["unigram"]))
     if "gen_ppl_mean" in m:

@@ -110,8 +110,10 @@ class DiffusionLM(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         with self.seeded(-1, batch_idx):  # the same noise at every evaluation: comparable numbers
             out = self.objective.nll(batch)
-        self.val_metric.update(out.nll, out.mask, batch["n_chars"])
+        self.val_metric.update(out.nll, out.mask, batch["n_chars"], out.logs.get("nll_se"))
         for name, value in out.logs.items():
+            if name == "nll_se":  # combined across batches by val_metric, in quadrature
+                continue
             if name not in self.val_logs:
                 self.val_logs[name] = MeanMetric().to(self.device)
             self.val_logs[name].update(value.detach().float(), weight=out.mask.sum())

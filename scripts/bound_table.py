@@ -8,7 +8,8 @@ Every model is scored on the leading rows of its own tokenisation of the validat
 ``--chars`` characters (one row more at most), so a character-level and a BPE model see the same text and BPC
 (docs/math.md section 0) compares them. Each objective reports its own bound: the NELBO (masked), the exact NLL
 (autoregressive), the ODE bound of docs/math.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
-(continuous ones), and for latent runs the bound of section 5 (the prior's ODE density in the same way).
+(continuous ones; ``--ode-probes R`` >= 2 averages R Hutchinson probes on each trajectory and reports the bound's
+standard error), and for latent runs the bound of section 5 (the prior's ODE density in the same way).
 
 For each tokenizer among the runs the table has a row "unigram (train split, <tokenizer>)": an add-0.5 unigram
 model fitted on the train split's tokens (docs/math.md section 8) scored on the same validation tokens and characters
@@ -45,10 +46,12 @@ def tokens_for_chars(module, chars: int) -> int:
     return tokens
 
 
-def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
+def bound_row(path: str, chars: int, ode_steps: int | None = None, ode_probes: int | None = None) -> dict:
     module = cdlm.load(path)
     if ode_steps is not None and hasattr(module.objective, "ode_steps"):
         module.objective.ode_steps = ode_steps  # the ODE bound's Heun steps (continuous objectives)
+    if ode_probes is not None and hasattr(module.objective, "ode_probes"):
+        module.objective.ode_probes = ode_probes  # Hutchinson probes per sequence: >= 2 gives a standard error
     tokens = tokens_for_chars(module, chars)
     start = time.perf_counter()
     metrics = validation_bound(module, data={"max_val_tokens": tokens})
@@ -63,6 +66,7 @@ def bound_row(path: str, chars: int, ode_steps: int | None = None) -> dict:
         "parameters": sum(p.numel() for p in module.parameters()),
         "train_steps": module.config["trainer"].get("max_steps"),
         "ode_steps": getattr(objective, "ode_steps", None),
+        "ode_probes": getattr(objective, "ode_probes", None),
         "val_tokens": tokens,
         "seconds": seconds,
         **metrics,
@@ -120,11 +124,16 @@ def cell(value, spec: str = "") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def se(row: dict) -> str:
+    """`` ± 0.012``: the bound's Hutchinson standard error (nats/token), where measured (``--ode-probes`` >= 2)."""
+    return f" ± {row['val_nll_se']:.3f}" if row.get("val_nll_se") is not None else ""
+
+
 def markdown(rows: list[dict], chars: int) -> str:
     lines = [
         f"Validation bound on the first {chars:,} characters of the validation split (each model's own tokens).\n",
-        "| run | objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) | NLL nats/token "
-        "| vs unigram (nats/token) |",
+        "| run | objective | tokenizer (V) | params | steps | val tokens | ODE steps | BPC (bound) "
+        "| NLL nats/token (± SE) | vs unigram (nats/token) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -134,7 +143,7 @@ def markdown(rows: list[dict], chars: int) -> str:
         lines.append(
             f"| {run} | {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {params} | "
             f"{cell(r['train_steps'])} | {r['val_tokens']} | {r.get('ode_steps') or '—'} | {r['val_bpc']:.3f} | "
-            f"{r['val_nll']:.3f} | {cell(r.get('vs_unigram'), '+.3f')} |"
+            f"{r['val_nll']:.3f}{se(r)} | {cell(r.get('vs_unigram'), '+.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -155,11 +164,14 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/bound_table")
     parser.add_argument("--merge", action="store_true", help="keep the other runs' rows of an existing table")
     parser.add_argument("--ode-steps", type=int, default=None, help="Heun steps of the ODE bound (default: the run's)")
+    parser.add_argument(
+        "--ode-probes", type=int, default=None, help="Hutchinson probes per sequence (>= 2: the bound's standard error)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for path in args.paths:
-        rows.append(bound_row(path, args.chars, args.ode_steps))
+        rows.append(bound_row(path, args.chars, args.ode_steps, args.ode_probes))
         print(f"{path}: {rows[-1]['val_bpc']:.3f} BPC on {rows[-1]['val_tokens']} tokens ({rows[-1]['seconds']:.0f} s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

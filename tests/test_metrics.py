@@ -242,3 +242,31 @@ def test_cdlm_judge_refuses_a_diffusion_checkpoint(tmp_path):
     directory = module.save_pretrained(tmp_path / "final")
     with pytest.raises(ValueError, match="autoregressive"):
         build_judge(str(directory))
+
+
+def test_the_bound_standard_errors_of_independent_batches_add_in_quadrature():
+    metric = LikelihoodMetric()
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    metric.update(torch.full((1, 4), 2.0), mask, torch.tensor([10]), torch.tensor(0.3, dtype=torch.float64))
+    metric.update(torch.full((1, 2), 4.0), mask[:, :2], torch.tensor([6]), torch.tensor(0.4))
+    out = metric.compute()
+    sum_se = math.sqrt((4 * 0.3) ** 2 + (2 * 0.4) ** 2)  # the summed bound's standard error, nats
+    assert float(out["nll"]) == pytest.approx((8 + 8) / 6)
+    assert float(out["nll_se"]) == pytest.approx(sum_se / 6) and float(out["bpc_se"]) == pytest.approx(
+        sum_se / (math.log(2) * 16)
+    )
+    plain = LikelihoodMetric()
+    plain.update(torch.full((1, 4), 2.0), mask, torch.tensor([10]))
+    assert "nll_se" not in plain.compute()  # no error where no batch had one
+
+
+def test_an_ode_bound_with_several_probes_reports_its_standard_error(tmp_path):
+    from cdlm.evaluate import summary, validation_bound
+
+    module, _, _ = fit(tmp_path, "objective=flow", "sampler=euler", "objective.ode_steps=4", "trainer.max_steps=2")
+    module.objective.ode_probes = 3
+    metrics = validation_bound(module, max_batches=1)
+    assert metrics["val_nll_se"] > 0 and metrics["val_bpc_se"] > 0
+    assert "Hutchinson SE" in summary({"metrics": metrics, "reference": {}})
+    module.objective.ode_probes = 1
+    assert "val_nll_se" not in validation_bound(module, max_batches=1)

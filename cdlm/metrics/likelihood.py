@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 class LikelihoodMetric(Metric):
     """Sums a per-token bound in nats and reports NLL per token, PPL and bits per character.
 
-    ``BPC = sum nll / (ln 2 * sum characters)``; ``PPL = exp(sum nll / sum tokens)``.
+    ``BPC = sum nll / (ln 2 * sum characters)``; ``PPL = exp(sum nll / sum tokens)``. Where the batches come with
+    the standard error of their own per-token bound (``se``: the ODE bound's Hutchinson error with several probes,
+    docs/math.md §6), the errors of independent batches add in quadrature: the summed bound's variance is
+    ``sum_b (n_b se_b)^2`` for ``n_b`` tokens in batch ``b``, and ``compute`` adds ``nll_se`` and ``bpc_se``.
     """
 
     full_state_update = False
@@ -24,18 +27,29 @@ class LikelihoodMetric(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("nll", "tokens", "chars"):
+        for name in ("nll", "tokens", "chars", "nll_var", "se_batches"):
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, nll: torch.Tensor, mask: torch.Tensor, n_chars: torch.Tensor) -> None:
-        """``nll`` ``[B, L]`` nats, ``mask`` ``[B, L]`` bool (tokens scored), ``n_chars`` ``[B]`` characters."""
+    def update(
+        self, nll: torch.Tensor, mask: torch.Tensor, n_chars: torch.Tensor, se: torch.Tensor | None = None
+    ) -> None:
+        """``nll`` ``[B, L]`` nats, ``mask`` ``[B, L]`` bool (tokens scored), ``n_chars`` ``[B]`` characters; ``se``
+        (0-d, nats/token) the standard error of this batch's per-token bound, if it has one."""
+        tokens = mask.sum().double()
         self.nll += (nll.double() * mask).sum()
-        self.tokens += mask.sum().double()
+        self.tokens += tokens
         self.chars += n_chars.double().sum()
+        if se is not None:
+            self.nll_var += (tokens * se.double()).square()
+            self.se_batches += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
         nll = self.nll / self.tokens.clamp_min(1)
-        return {"nll": nll, "ppl": nll.exp(), "bpc": self.nll / (math.log(2) * self.chars.clamp_min(1))}
+        out = {"nll": nll, "ppl": nll.exp(), "bpc": self.nll / (math.log(2) * self.chars.clamp_min(1))}
+        if self.se_batches > 0:
+            sum_se = self.nll_var.sqrt()  # the standard error of the summed bound (nats)
+            out |= {"nll_se": sum_se / self.tokens.clamp_min(1), "bpc_se": sum_se / (math.log(2) * self.chars)}
+        return out
 
 
 @torch.no_grad()
@@ -52,5 +66,5 @@ def score_batches(
             batch = {k: v.to(module.device) for k, v in batch.items()}
             with module.seeded(-1, i):
                 out = module.objective.nll(batch)
-            metric.update(out.nll, out.mask, batch["n_chars"])
+            metric.update(out.nll, out.mask, batch["n_chars"], out.logs.get("nll_se"))
     return metric

@@ -69,6 +69,8 @@ class Bitstream(VEObjective, nn.Module):
         clip: the matched filter's clip (30).
         schedule: keyword arguments of ``EntropyRateSchedule`` (range, bins, FIFO, warm-up, ramp, refresh).
         ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
+        ode_probes: Hutchinson probes per sequence in ``nll``, all on one ODE trajectory; ``>= 2`` also reports the
+            bound's standard error ``nll_se`` (docs/math.md §6).
 
     The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not docs/math.md's
     ``c_in (x0_hat - 1/2)``: the estimate is a clean quantity, and scaling it by ``c_in ~ 1/sigma`` would silence
@@ -91,16 +93,18 @@ class Bitstream(VEObjective, nn.Module):
         clip: float = 30.0,
         schedule: dict | None = None,
         ode_steps: int = 32,
+        ode_probes: int = 1,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
             raise checks.ArgumentError(f"self_condition is a probability in [0, 1], got {self_condition}")
         checks.at_least(2, vocab_size=vocab_size)  # k = ceil(log2 V) >= 1 bits
         checks.positive(sigma_data=sigma_data, clip=clip)
-        checks.positive_ints(ode_steps=ode_steps)
+        checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
         check_schedule_keys(schedule)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.sigma_data, self.self_condition, self.clip, self.ode_steps = sigma_data, self_condition, clip, ode_steps
+        self.ode_probes = ode_probes
         self.bits = k = bit_width(vocab_size)
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
         self.schedule = EntropyRateSchedule(**(schedule or {}))

@@ -67,6 +67,8 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         self_condition: probability of a self-conditioning pass per training batch (LangFlow: 0.5).
         ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
         embed_dim: embedding width ``D`` (None: the backbone width; otherwise linear maps in and out).
+        ode_probes: Hutchinson probes per sequence in ``nll``, all on one ODE trajectory; ``>= 2`` also reports the
+            bound's standard error ``nll_se`` (docs/math.md §6).
 
     The clean state ``x0 = E_n[ids]`` has norm ``sqrt(D)``: each coordinate has unit second moment on average
     over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``
@@ -87,19 +89,20 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         self_condition: float = 0.5,
         ode_steps: int = 32,
         embed_dim: int | None = None,
+        ode_probes: int = 1,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
             raise checks.ArgumentError(f"self_condition is a probability in [0, 1], got {self_condition}")
         checks.at_least(2, vocab_size=vocab_size)  # log V is the schedule's initial amplitude
         checks.positive(scale=scale)
-        checks.positive_ints(ode_steps=ode_steps)
+        checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
         if loc is not None:
             checks.finite(loc=loc)
         if embed_dim is not None:
             checks.positive_ints(embed_dim=embed_dim)
         self.backbone, self.vocab_size = backbone, vocab_size
-        self.self_condition, self.ode_steps = self_condition, ode_steps
+        self.self_condition, self.ode_steps, self.ode_probes = self_condition, ode_steps, ode_probes
         width = backbone.width
         self.dim = dim = embed_dim or width
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys

@@ -126,6 +126,8 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
             ``[rows, L, V]`` states and differentiates the network over them (docs/runs.md, "Memory"); at GPT-2's
             ``V`` a few rows at a time keep validation within memory. The noise is then drawn chunk by chunk, so the
             figures differ from a whole-batch solve by the bound's sampling noise only.
+        ode_probes: Hutchinson probes per sequence in ``nll``, all on one ODE trajectory (one forward, ``ode_probes``
+            vector-Jacobian products per evaluation); ``>= 2`` also reports the bound's standard error ``nll_se``.
 
     The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``. ``prior`` and
     ``nll`` (the ODE bound) are ``VEObjective``'s. FLM itself starts from ``z = (1 - c) eps`` at ``c -> 0``, i.e.
@@ -145,12 +147,14 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         ode_steps: int = 32,
         matched_filter: bool = False,
         ode_rows: int | None = None,
+        ode_probes: int = 1,
     ) -> None:
         super().__init__()
         check_flow(vocab_size, soft_cap, t_min, t_max, ode_steps, ode_rows)
+        checks.positive_ints(ode_probes=ode_probes)
         self.backbone, self.vocab_size, self.soft_cap = backbone, vocab_size, soft_cap
         self.t_min, self.t_max, self.ode_steps, self.matched_filter = t_min, t_max, ode_steps, matched_filter
-        self.ode_rows = ode_rows
+        self.ode_rows, self.ode_probes = ode_rows, ode_probes
         self.data_mean = 1.0 / vocab_size
         self.data_scale = math.sqrt((1.0 / vocab_size) * (1.0 - 1.0 / vocab_size))
         self.warp = OneHotTimeWarp(vocab_size)

@@ -63,6 +63,7 @@ class FlowMap(OneHotFlow):
             one with ``attach_teacher``; ``loss`` refuses to run without).
         diagonal_fraction: share of the rows trained on the diagonal against the teacher (FMLM: 0.5).
         boundary_fraction: share of the rows at the one-jump pair ``(s, t) = (0, 1)`` (FMLM: 0.5 / 32).
+        ode_probes: as ``OneHotFlow`` (Hutchinson probes of the bound; need not equal the teacher's).
 
     The teacher is never saved: a student checkpoint holds the student's weights (the FLM network plus ``g``) and its
     config, which is all sampling and the likelihood bound need.
@@ -81,8 +82,9 @@ class FlowMap(OneHotFlow):
         diagonal_fraction: float = 0.5,
         boundary_fraction: float = 0.5 / 32,
         teacher_model: OneHotFlow | None = None,
+        ode_probes: int = 1,
     ) -> None:
-        super().__init__(backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter)
+        super().__init__(backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter, ode_probes=ode_probes)
         fractions = (diagonal_fraction, boundary_fraction)
         if not (all(is_real(f) and f >= 0 for f in fractions) and sum(fractions) <= 1):
             raise ArgumentError(

@@ -7,7 +7,8 @@ that do not depend on its network:
 
 - ``prior(n, length, device, generator)``: a draw at ``sigma_max`` ``[n, length, D]``,
   ``N(data_mean, (sigma_max^2 + data_scale^2) I)``, the Gaussian the ODE bound scores (``ode_likelihood``);
-- ``nll(batch)``: that bound, ``ode_steps`` Heun steps, ``ode_rows`` sequences per solve (docs/math.md §6).
+- ``nll(batch)``: that bound, ``ode_steps`` Heun steps, ``ode_rows`` sequences per solve, ``ode_probes``
+  Hutchinson probes per sequence (docs/math.md §6).
 
 A subclass declares ``sigma_min``, ``sigma_max``, ``data_scale``, ``data_mean`` (attributes or properties),
 ``state_width`` (``D``) and ``ode_steps``; ``state_shape`` is the hook for a state whose length is not the token
@@ -40,7 +41,8 @@ class VEObjective:
 
     Declared by the subclass: ``sigma_min``, ``sigma_max``, ``data_scale``, ``data_mean`` (floats; ``SigmaRange``
     reads the first two off ``sigma(t)``), ``state_width`` (``D``, the last dimension of the state) and ``ode_steps``
-    (Heun steps of ``nll``); ``ode_rows`` (sequences per ODE solve, None = the whole batch) defaults to None.
+    (Heun steps of ``nll``); ``ode_rows`` (sequences per ODE solve, None = the whole batch) defaults to None and
+    ``ode_probes`` (Hutchinson probes per sequence on the one trajectory; ``>= 2`` adds ``logs["nll_se"]``) to 1.
     """
 
     sigma_min: float
@@ -50,6 +52,7 @@ class VEObjective:
     state_width: int
     ode_steps: int
     ode_rows: int | None = None
+    ode_probes: int = 1
 
     def state_shape(self, n: int, length: int) -> tuple[int, ...]:
         """The shape ``[n, length, D]`` of ``n`` states for sequences of ``length`` tokens."""
@@ -70,5 +73,7 @@ class VEObjective:
         return eps.mul_(std).add_(self.data_mean)  # data_mean + std eps
 
     def nll(self, batch: Batch) -> LossOutput:
-        """The ODE likelihood bound (docs/math.md §6): ``ode_steps`` Heun steps, ``ode_rows`` sequences at a time."""
-        return ode_nll(self, batch, steps=self.ode_steps, rows=self.ode_rows)
+        """The ODE likelihood bound (docs/math.md §6): ``ode_steps`` Heun steps, ``ode_rows`` sequences at a time,
+        ``ode_probes`` Hutchinson probes per sequence. With ``ode_probes >= 2``, ``logs["nll_se"]`` is the bound's
+        Hutchinson standard error (float64, nats/token; ``ode_likelihood.ode_nll``)."""
+        return ode_nll(self, batch, steps=self.ode_steps, rows=self.ode_rows, probes=self.ode_probes)
