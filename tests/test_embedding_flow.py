@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from cdlm.objectives.embedding_flow import EmbeddingFlow, c_skip
@@ -154,3 +155,20 @@ def test_tiny_run_learns_and_samples_with_every_continuous_sampler(tmp_path) -> 
     for sampler in ("euler", "heun", "churn"):
         ids, texts = module.generate(2, 16, sampler, steps=8, seed=0)
         assert ids.shape == (2, 16) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_the_analytic_skip_can_be_left_out_of_the_logits():
+    """``analytic_skip=False`` (the ablation of docs/math.md §3): the logits are the network's alone, so at
+    initialisation (zero head) they are uniform, where the skip makes them the factorised posterior."""
+    from cdlm.checks import ArgumentError
+
+    torch.manual_seed(0)
+    on = EmbeddingFlow(tiny_backbone(), 16)
+    off = EmbeddingFlow(tiny_backbone(), 16, analytic_skip=False)
+    off.load_state_dict(on.state_dict())
+    z, gamma = torch.randn(2, 5, 32), torch.zeros(2)
+    x_sc = torch.zeros(2, 5, 32)
+    assert torch.equal(off.logits(z, gamma, x_sc), torch.zeros(2, 5, 16))
+    assert on.logits(z, gamma, x_sc).abs().max() > 1
+    with pytest.raises(ArgumentError, match="analytic_skip"):
+        EmbeddingFlow(tiny_backbone(), 16, analytic_skip="no")

@@ -69,6 +69,8 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         embed_dim: embedding width ``D`` (None: the backbone width; otherwise linear maps in and out).
         ode_probes: Hutchinson probes per sequence in ``nll``, all on one ODE trajectory; ``>= 2`` also reports the
             bound's standard error ``nll_se`` (docs/math.md §6).
+        analytic_skip: add the factorised posterior ``c_skip z @ E^T`` to the network's logits (LangFlow; the
+            default); ``False`` leaves the whole posterior to the network (an ablation, docs/math.md §3).
 
     The clean state ``x0 = E_n[ids]`` has norm ``sqrt(D)``: each coordinate has unit second moment on average
     over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``
@@ -90,6 +92,7 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         ode_steps: int = 32,
         embed_dim: int | None = None,
         ode_probes: int = 1,
+        analytic_skip: bool = True,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
@@ -97,12 +100,14 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         checks.at_least(2, vocab_size=vocab_size)  # log V is the schedule's initial amplitude
         checks.positive(scale=scale)
         checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
+        checks.booleans(analytic_skip=analytic_skip)
         if loc is not None:
             checks.finite(loc=loc)
         if embed_dim is not None:
             checks.positive_ints(embed_dim=embed_dim)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.self_condition, self.ode_steps, self.ode_probes = self_condition, ode_steps, ode_probes
+        self.analytic_skip = analytic_skip
         width = backbone.width
         self.dim = dim = embed_dim or width
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
@@ -142,6 +147,8 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         h = z + self.self_cond(torch.cat([z, x_sc], dim=-1))  # [B, L, D]
         h = self.backbone(self.proj_in(h), self.time_embed(gamma), padding)  # [B, L, W]
         residual = self.head(h).float()  # [B, L, V]
+        if not self.analytic_skip:
+            return residual
         # float32 upcast: at small sigma the skip reaches ~c_skip * alpha * D (tens of nats); bf16 would round it
         with torch.autocast(z.device.type, enabled=False):
             skip = c_skip(gamma.float())[:, None, None] * (z.float() @ self.embeddings().T)  # [B, L, V]
