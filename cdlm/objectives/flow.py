@@ -278,9 +278,13 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         weight = self.embed.weight
         if self.matched_filter or weight.shape[1] >= weight.shape[0]:
             return None
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-            E = weight.detach().float()  # [V, W]
-            return StateProjection(E, gram_factor(E).T.contiguous())
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)  # the weights as they are now
+        cached = getattr(self, "_projection", None)
+        if cached is None or cached[0] != key:  # one factorisation per set of weights, not per call
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                E = weight.detach().float()  # [V, W]
+                self._projection = key, StateProjection(E, gram_factor(E).T.contiguous())
+        return self._projection[1]
 
     def prior_projected(
         self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None

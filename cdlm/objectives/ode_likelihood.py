@@ -21,6 +21,7 @@ reported bound is their mean and, with ``R >= 2``, ``ode_nll`` reports the Hutch
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -109,21 +110,6 @@ def gaussian_log_density(x: torch.Tensor, mean: float, var: float, padding: torc
 
 
 @torch.no_grad()
-def ode_log_density(
-    objective: ContinuousObjective,
-    x: torch.Tensor,
-    steps: int = 128,
-    generator: torch.Generator | None = None,
-    padding: torch.Tensor | None = None,
-    overwrite: bool = False,
-    probes: int = 1,
-) -> torch.Tensor:
-    """``log p_{sigma_min}(x)`` ``[B]`` float64 of states ``x`` ``[B, L, D]`` over the valid positions: the mean of
-    ``ode_log_densities`` over its ``probes`` Hutchinson probes (the same expectation, less variance)."""
-    return ode_log_densities(objective, x, steps, generator, padding, overwrite, probes).mean(0)
-
-
-@torch.no_grad()
 def ode_log_densities(
     objective: ContinuousObjective,
     x: torch.Tensor,
@@ -181,6 +167,12 @@ def ode_log_densities(
             integral = integral + 0.5 * h * (div + div_next)  # [R, B]
     var_max = objective.sigma_max**2 + objective.data_scale**2
     return gaussian_log_density(x, objective.data_mean, var_max, padding) + integral  # [R, B]
+
+
+def ode_log_density(objective: ContinuousObjective, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``log p_{sigma_min}(x)`` ``[B]`` float64: ``ode_log_densities`` (same arguments) averaged over its ``probes``
+    Hutchinson probes (the same expectation, less variance)."""
+    return ode_log_densities(objective, x, *args, **kwargs).mean(0)
 
 
 def sequence_terms(
