@@ -33,6 +33,19 @@ def run_datamodule(module: DiffusionLM, **overrides):
     return datamodule
 
 
+def tokens_for_chars(module: DiffusionLM, chars: int) -> int:
+    """Real tokens in the leading validation rows whose characters first reach ``chars`` (so models with different
+    tokenizers are scored on the same text: ``data={"max_val_tokens": tokens_for_chars(module, chars)}``)."""
+    rows = run_datamodule(module, max_val_tokens=None).dataset("validation")
+    tokens = seen = 0
+    for i in range(len(rows)):  # rows in order, up to the one whose characters reach ``chars``
+        row = rows[i]
+        tokens, seen = tokens + int(row["attention_mask"].sum()), seen + int(row["n_chars"])
+        if seen >= chars:
+            break
+    return tokens
+
+
 def validation_bound(
     module: DiffusionLM, max_batches: int | None = None, dtype=torch.bfloat16, data: dict | None = None
 ) -> dict:

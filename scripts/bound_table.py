@@ -29,21 +29,14 @@ import torch
 
 import cdlm
 from cdlm.device import device_name
-from cdlm.evaluate import run_datamodule, train_unigram, unigram_validation_bound, validation_bound
+from cdlm.evaluate import (
+    tokens_for_chars,
+    train_unigram,
+    unigram_validation_bound,
+    validation_bound,
+)
 
 UNIGRAM = "Unigram"  # the objective column of the unigram rows
-
-
-def tokens_for_chars(module, chars: int) -> int:
-    """Real tokens in the leading validation rows whose characters first reach ``chars``."""
-    rows = run_datamodule(module, max_val_tokens=None).dataset("validation")
-    tokens = seen = 0
-    for i in range(len(rows)):  # rows in order, up to the one whose characters reach ``chars``
-        row = rows[i]
-        tokens, seen = tokens + int(row["attention_mask"].sum()), seen + int(row["n_chars"])
-        if seen >= chars:
-            break
-    return tokens
 
 
 def bound_row(path: str, chars: int, ode_steps: int | None = None, ode_probes: int | None = None) -> dict:
