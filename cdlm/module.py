@@ -11,6 +11,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
+from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
@@ -66,14 +67,21 @@ class DiffusionLM(L.LightningModule):
             torch.manual_seed(hash((self.seed, *keys, self.global_rank)) % 2**62)
             yield
 
+    def global_rows(self, n_local: int, micro: int) -> list[int]:
+        """This rank's rows' indices in the step's global batch, ``[n_local]``: rank ``r`` of ``W`` reads every
+        ``W``-th row of the one-process batch (``cdlm.data.sampler``, docs/runs.md "Exact resume"), so its row ``i``
+        of micro-batch ``m`` is row ``(m n_local + i) W + r`` of the one-process rows of the step."""
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        return [(micro * n_local + i) * world + rank for i in range(n_local)]
+
     def stratified_u(self, n_local: int, step: int, micro: int) -> torch.Tensor:
-        """Low-discrepancy ``u_i = (u + i / n) mod 1`` over the global batch; this rank's slice ``[n_local]``."""
+        """Low-discrepancy ``u_j = (u + j / n) mod 1`` over the ``n`` rows ``j`` of the global batch; this rank's rows
+        (``global_rows``) ``[n_local]``, so a row gets the time it gets in one process."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         n = n_local * self.trainer.world_size * accumulate if self._trainer is not None else n_local
         g = torch.Generator().manual_seed(hash((self.seed, step, 7919)) % 2**62)
         u0 = torch.rand((), generator=g, dtype=torch.float64)
-        start = (micro * self.trainer.world_size + self.global_rank) * n_local if self._trainer is not None else 0
-        i = torch.arange(start, start + n_local, dtype=torch.float64)
+        i = torch.tensor(self.global_rows(n_local, micro), dtype=torch.float64)
         return ((u0 + i / n) % 1.0).float().to(self.device)
 
     # ---- sharding -------------------------------------------------------------------------------------------
@@ -86,8 +94,9 @@ class DiffusionLM(L.LightningModule):
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         step, micro = self.global_step, batch_idx % self.trainer.accumulate_grad_batches
-        with self.seeded(step, micro):
-            batch = {**batch, "u": self.stratified_u(batch["input_ids"].shape[0], step, micro)}
+        rows = batch["input_ids"].shape[0]
+        with self.seeded(step, micro), row_draws(self.seed, step, micro, self.global_rows(rows, micro), self.device):
+            batch = {**batch, "u": self.stratified_u(rows, step, micro)}
             out = self.objective.loss(batch)
         self.step_losses.append(out.loss.detach())
         self.log("train/loss", out.loss, prog_bar=True)

@@ -16,7 +16,7 @@ from tests.runs import TINY
 # aten ops that make the host wait for an accelerator: a scalar read (.item(), bool(), int()), and ops whose output
 # shape depends on the values (boolean indexing goes through nonzero)
 READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::item"}
-HOST_SIDE = ("cdlm/objectives/coin.py",)  # draws from the CPU generator: no device is read
+HOST_SIDE = ("cdlm/draws.py",)  # draws from the CPU generator: no device is read
 
 
 class DeviceReads(TorchDispatchMode):

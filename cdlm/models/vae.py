@@ -17,10 +17,19 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from cdlm import draws
 from cdlm.models.backbone import Backbone
 
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance (keeps exp finite in float32)
+
+
+def random(torch_draw, row_draw, shape: torch.Size, device: torch.device, generator: torch.Generator | None):
+    """``torch_draw(shape)`` from ``generator``; without one, ``row_draw`` (``cdlm.draws``: per global row inside a
+    training step, the global generator elsewhere)."""
+    if generator is not None:
+        return torch_draw(shape, device=device, generator=generator)
+    return row_draw(*shape, device=device)
 
 
 class TextVAE(nn.Module):
@@ -87,7 +96,7 @@ class TextVAE(nn.Module):
         """
         self.check_length(ids.shape[1])
         if mask_prob > 0:
-            hide = torch.rand(ids.shape, device=ids.device, generator=generator) < mask_prob  # [B, L]
+            hide = random(torch.rand, draws.rand, ids.shape, ids.device, generator) < mask_prob  # [B, L]
             ids = torch.where(hide, self.mask_id, ids)
         h = self.encoder(self.embed(ids), None, padding)  # [B, L, W]
         h = rearrange(h, "b (n r) w -> b n (r w)", r=self.compression)  # [B, L/r, r W]
@@ -102,7 +111,7 @@ class TextVAE(nn.Module):
     @staticmethod
     def sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A reparameterised draw ``z = mu + exp(logvar / 2) eps`` ``[B, N, d_z]``."""
-        eps = torch.randn(mean.shape, device=mean.device, generator=generator)
+        eps = random(torch.randn, draws.randn, mean.shape, mean.device, generator)
         return mean + (0.5 * logvar).exp() * eps
 
     @staticmethod

@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdlm import checks
+from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
-from cdlm.objectives.coin import coin
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE
 from cdlm.objectives.training_time import training_u
@@ -164,9 +163,9 @@ class Bitstream(VEObjective, nn.Module):
         ids, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
         sigma = self.schedule.sample_training_sigma(training_u(batch)).float().to(ids.device)  # [B]
         b = self.clean_state(ids)  # [B, L, k]
-        x = b + sigma[:, None, None] * torch.randn_like(b)  # [B, L, k]
+        x = b + sigma[:, None, None] * draws.randn_like(b)  # [B, L, k]
         x_sc = None
-        if coin(self.self_condition):
+        if draws.coin(self.self_condition):
             with torch.no_grad():
                 x_sc = self.logits(x, sigma, None, padding).sigmoid()
         x0_hat = self.logits(x, sigma, x_sc, padding).sigmoid()  # [B, L, k]

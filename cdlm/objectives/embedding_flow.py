@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdlm import checks
+from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
-from cdlm.objectives.coin import coin
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.training_time import training_u
@@ -163,7 +162,7 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
     def noisy(self, x0: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """Native VP state ``z = alpha x0 + s eps`` ``[B, L, D]`` at ``gamma`` ``[B]``."""
         alpha, s = torch.sigmoid(-gamma).sqrt()[:, None, None], torch.sigmoid(gamma).sqrt()[:, None, None]
-        return alpha * x0 + s * torch.randn_like(x0)
+        return alpha * x0 + s * draws.randn_like(x0)
 
     def loss(self, batch: Batch) -> LossOutput:
         """CE per valid token plus the schedule's fit on the per-sequence mean CE (docs/math.md §3).
@@ -177,7 +176,7 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         gamma = self.schedule.gamma(training_u(batch).float())  # [B]
         z = self.noisy(self.clean_state(x), gamma)  # [B, L, D]
         x_sc = torch.zeros_like(z)
-        if coin(self.self_condition):
+        if draws.coin(self.self_condition):
             with torch.no_grad():
                 x_sc = self.estimate(self.logits(z, gamma, x_sc, padding))
         logits = self.logits(z, gamma, x_sc, padding)  # [B, L, V]

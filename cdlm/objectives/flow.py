@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdlm import checks
+from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.chunked_ce import chunk_rows
@@ -212,7 +212,7 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         """
         with torch.autocast(x.device.type, enabled=False):
             E = self.embed.weight.float()  # [V, W]
-            g = torch.randn(*x.shape, E.shape[1], device=x.device)  # [B, L, W]
+            g = draws.randn(*x.shape, E.shape[1], device=x.device)  # [B, L, W]
             return c * E[x] + (1 - c) * (g @ gram_factor(E).T)  # [B, L, W]
 
     # ---- time ---------------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         c = c.float()[:, None, None]  # [B, 1, 1]
         if self.matched_filter:  # the filter needs the dense state
             onehot = self.clean_state(x)  # [B, L, V]
-            logits = self.logits(c * onehot + (1 - c) * torch.randn_like(onehot), log_sigma, padding)
+            logits = self.logits(c * onehot + (1 - c) * draws.randn_like(onehot), log_sigma, padding)
         else:
             logits = self.network(self.noisy_input(x, c), log_sigma, padding)  # [B, L, V]
         ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * padding  # [B, L]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cdlm import draws
 from cdlm.checks import ArgumentError, is_real
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
@@ -192,7 +193,7 @@ class FlowMap(OneHotFlow):
         c_s, c_t = self.c_of_t(tau_s), self.c_of_t(tau_t)  # [B] float64, c_s <= c_t
         onehot = self.clean_state(x)  # [B, L, V]
         a = c_s.float()[:, None, None]  # [B, 1, 1]
-        z = a * onehot + (1 - a) * torch.randn_like(onehot)  # [B, L, V]
+        z = a * onehot + (1 - a) * draws.randn_like(onehot)  # [B, L, V]
         diag = kind == DIAGONAL
         with torch.no_grad():
             target = torch.empty_like(z)  # [B, L, V]
@@ -294,7 +295,7 @@ def time_pairs(u: torch.Tensor, kind: torch.Tensor) -> tuple[torch.Tensor, torch
     uniform rate, and the midpoint ``(tau_s + tau_t) / 2`` halves the tokens a jump reveals.
     """
     u = u.to(torch.float64)
-    tau_s = 1 - torch.rand_like(u) * (1 - u)  # [B]: start such that tau_t = tau_s - u >= 0
+    tau_s = 1 - draws.rand_like(u) * (1 - u)  # [B]: start such that tau_t = tau_s - u >= 0
     tau_t = tau_s - u
     diag, boundary = kind == DIAGONAL, kind == BOUNDARY
     tau_s = torch.where(diag, u, torch.where(boundary, 1.0, tau_s))

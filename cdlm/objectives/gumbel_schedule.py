@@ -20,9 +20,23 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 U_CLAMP = 1e-5  # gamma(u) is clamped at the 1e-5 and 1 - 1e-5 quantiles (docs/math.md §3)
+
+
+def global_softmax(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``softmax(scores)`` ``[B]`` over the rows of every data-parallel process (``torch.distributed``, when it is
+    initialised; two scalar all-reduces, no host sync) and the number of processes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return torch.softmax(scores, dim=0), 1
+    top = scores.max().detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    e = torch.exp(scores - top)  # [B]
+    total = e.sum().detach().clone()
+    dist.all_reduce(total)
+    return e / total, dist.get_world_size()
 
 
 class GumbelSchedule(nn.Module):
@@ -80,23 +94,25 @@ class GumbelSchedule(nn.Module):
     def fit_loss(self, gamma: torch.Tensor, ce: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """CDCD's fit of ``F`` to the per-sequence CE: ``sum_i w_i (F(gamma_i) - sg[CE_i])^2 / sg[A]^2``.
 
-        ``gamma, ce`` ``[B]`` are detached here. ``w_i ∝ sg[1 / F'(gamma_i)]`` is self-normalised over the batch
-        (a softmax of ``-log F'``): the heavy Gumbel tails of ``1 / F'`` cannot blow up the loss's magnitude, and
-        dividing by ``sg[A]^2`` makes it dimensionless (at most about 1), so it barely touches the shared
-        gradient-norm clip while Adam, scale-invariant per parameter, still moves ``loc, scale, A`` at full rate.
-        Computed in float32 whatever the autocast dtype, since the tails need the range. ``valid`` ``[B]`` (bool)
-        leaves out rows without tokens by a zero weight, not by indexing, so the shapes stay static (no host sync).
+        ``gamma, ce`` ``[B]`` are detached here. ``w_i ∝ sg[1 / F'(gamma_i)]`` is self-normalised over the
+        global batch (a softmax of ``-log F'`` over the rows of every data-parallel rank, so that N processes
+        fit what one does; each rank's term is multiplied by N, as data parallelism averages the gradients): the
+        heavy Gumbel tails of ``1 / F'`` cannot blow up the loss's magnitude, and dividing by ``sg[A]^2`` makes
+        it dimensionless (at most about 1), so it barely touches the shared gradient-norm clip while Adam,
+        scale-invariant per parameter, still moves ``loc, scale, A`` at full rate. Computed in float32 whatever
+        the autocast dtype, since the tails need the range. ``valid`` ``[B]`` (bool) leaves out rows without
+        tokens by a zero weight, not by indexing, so the shapes stay static (no host sync).
         """
         gamma, ce = gamma.detach().float(), ce.detach().float()
         with torch.autocast(gamma.device.type, enabled=False):
             scores = -self.log_slope(gamma).detach()  # [B]
             if valid is not None:
                 scores = scores.masked_fill(~valid, -1e30)  # finite: a batch without tokens gives no NaN
-            w = torch.softmax(scores, dim=0)  # [B], sums to 1 over the valid rows
+            w, world = global_softmax(scores)  # [B], sums to 1 over the valid rows of every rank
             if valid is not None:
                 w = w * valid
             residual = (self.curve(gamma) - ce) / self.amplitude.detach()  # [B]
-            return (w * residual.square()).sum()
+            return world * (w * residual.square()).sum()  # x world: data parallelism averages the ranks' gradients
 
     def logs(self) -> dict[str, torch.Tensor]:
         """Current ``loc``, ``scale`` and ``A`` (detached scalars) for the training log."""

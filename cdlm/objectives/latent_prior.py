@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cdlm import draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.vae import TextVAE
 from cdlm.objectives.latent_blocks import given_clean, sample_blocks, x0_from_velocity
@@ -196,7 +197,7 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
             u = u.repeat_interleave(self.prior_block, 1)[:, : x0.shape[1]]  # [B, N]
         normal = torch.special.ndtri(u.double().clamp(1e-6, 1 - 1e-6))
         t = torch.sigmoid(self.time_mean + self.time_std * normal).clamp(self.t_min, self.t_max).float()  # [B(, N)]
-        eps = torch.randn_like(x0)
+        eps = draws.randn_like(x0)
         t_b = t[:, None, None] if t.dim() == 1 else t[..., None]  # [B, 1 | N, 1]
         z_t = (1 - t_b) * x0 + t_b * eps
         if self.prior_block is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cdlm import checks
+from cdlm import checks, draws
 from cdlm.device import host_resident
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
@@ -99,7 +99,7 @@ class MaskedDiffusion(nn.Module):
         (``chunked_cross_entropy``).
         """
         alpha = self.schedule.alpha(t)[:, None]  # [B, 1]
-        masked = (torch.rand(x.shape, device=x.device) < 1 - alpha) & padding  # [B, L]
+        masked = (draws.rand(*x.shape, device=x.device) < 1 - alpha) & padding  # [B, L]
         z = torch.where(masked, self.mask_id, x)
         h = self.hidden(z, t, padding)  # [B, L, D]
         ce = self.masked_cross_entropy(h, x, masked)  # [B, L]

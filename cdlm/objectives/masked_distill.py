@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdlm import draws
 from cdlm.checks import is_real
 from cdlm.config import ConfigError
 from cdlm.models.backbone import Backbone
@@ -71,7 +72,7 @@ def nested_masks(
     n_valid = padding.sum(-1)  # [B]
     n_student = torch.minimum(torch.round(student_ratio * n_valid).long().clamp_min(1), n_valid)  # [B]
     n_teacher = torch.floor(keep * n_student).long()  # [B], <= n_student
-    scores = torch.rand(padding.shape, device=padding.device).masked_fill(~padding, 2.0)  # [B, L] padding last
+    scores = draws.rand(*padding.shape, device=padding.device).masked_fill(~padding, 2.0)  # [B, L] padding last
     rank = scores.argsort(-1).argsort(-1)  # [B, L]: the position's place in a random order of the valid ones
     return rank < n_student[:, None], rank < n_teacher[:, None]
 

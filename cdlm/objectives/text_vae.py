@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cdlm import draws
 from cdlm.data.tokenizers.base import Tokenizer
 from cdlm.models.backbone import Backbone
 from cdlm.models.vae import TextVAE
@@ -155,8 +156,8 @@ class TextVAEObjective(SigmaRange, LatentState, nn.Module):
         mean, logvar = self.vae.encode(ids, padding, self.mask_prob)
         z = TextVAE.sample(mean, logvar)  # [B, N, d_z]
         if self.latent_noise > 0:
-            s = self.latent_noise * torch.rand(z.shape[0], 1, 1, device=z.device)  # [B, 1, 1]
-            z = z + s * torch.randn_like(z)
+            s = self.latent_noise * draws.rand(z.shape[0], 1, 1, device=z.device)  # [B, 1, 1]
+            z = z + s * draws.randn_like(z)
         logits = self.vae.decode(z, padding)  # [B, L, V]
         ce = TextVAE.token_nll(logits, ids) * padding  # [B, L]
         kl = (TextVAE.kl(mean, logvar) * latent_padding).sum()
