@@ -46,6 +46,25 @@ def tokens_for_chars(module: DiffusionLM, chars: int) -> int:
     return tokens
 
 
+def set_objective_options(module: DiffusionLM, assignments: list[str]) -> dict[str, float]:
+    """Evaluation-time settings of the objective's numeric attributes, ``["t_min=0.01", ...]`` (e.g. FLM's
+    ``t_min``, which moves ``sigma_min`` and so the decoder of the bound); the settings, as applied. Only existing
+    int or float attributes may be set: a ``ValueError`` names the others."""
+    applied = {}
+    objective = module.objective
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        current = getattr(objective, name, None) if sep else None
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            raise ValueError(
+                f"--objective {item!r}: expected NAME=NUMBER for a numeric attribute of {type(objective).__name__}"
+            )
+        value = type(current)(float(text)) if isinstance(current, int) else float(text)
+        setattr(objective, name, value)
+        applied[name] = value
+    return applied
+
+
 def validation_bound(
     module: DiffusionLM, max_batches: int | None = None, dtype=torch.bfloat16, data: dict | None = None
 ) -> dict:

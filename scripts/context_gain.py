@@ -23,12 +23,19 @@ import torch
 
 import cdlm
 from cdlm.device import device_name
-from cdlm.evaluate import run_datamodule, tokens_for_chars, train_unigram, unigram_validation_bound
+from cdlm.evaluate import (
+    run_datamodule,
+    set_objective_options,
+    tokens_for_chars,
+    train_unigram,
+    unigram_validation_bound,
+)
 from cdlm.metrics.context_gain import LEVELS, context_gain
 
 
-def gain_row(path: str, chars: int, levels: int, seed: int) -> dict:
+def gain_row(path: str, chars: int, levels: int, seed: int, options: list[str]) -> dict:
     module = cdlm.load(path)
+    settings = set_objective_options(module, options)
     unigram = train_unigram(module)
     tokens = tokens_for_chars(module, chars)
     batches = run_datamodule(module, max_val_tokens=tokens).val_dataloader()
@@ -41,6 +48,7 @@ def gain_row(path: str, chars: int, levels: int, seed: int) -> dict:
         "path": path,
         "objective": type(module.objective).__name__,
         "train_steps": module.config["trainer"].get("max_steps"),
+        "settings": settings,
         "seconds": time.perf_counter() - start,
         **result,
         "unigram_nll": nll,  # nats/token on the same tokens: elbo_free should land here (I-MMSE)
@@ -58,6 +66,7 @@ def markdown(rows: list[dict], chars: int) -> str:
     for r in rows:
         path = Path(r["path"])
         run = path.parent.name if path.name == "final" else str(path)
+        run += "".join(f" {name}={value:g}" for name, value in r.get("settings", {}).items())
         k = len(r["sigma"]) - 1
         picks = [round(q * k) for q in (0, 0.25, 0.5, 0.75, 1)]
         where = " / ".join(f"{r['removed'][i]:+.2f} ({math.log(r['sigma'][i]):.1f})" for i in picks)
@@ -75,11 +84,14 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=22000)
     parser.add_argument("--levels", type=int, default=LEVELS, help="noise levels, log-uniform in sigma")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--objective", action="append", default=[], metavar="NAME=VALUE", help="evaluation-time setting: t_min=0.01"
+    )
     parser.add_argument("--out", default="bench/results/issue17/context_gain")
     args = parser.parse_args()
     rows = []
     for path in args.paths:
-        rows.append(gain_row(path, args.chars, args.levels, args.seed))
+        rows.append(gain_row(path, args.chars, args.levels, args.seed, args.objective))
         print(f"{path}: gain {rows[-1]['gain']:+.3f} nats/token ({rows[-1]['seconds']:.0f} s)", flush=True)
     table = markdown(rows, args.chars)
     write(Path(args.out), {"device": device_name(torch.device("cpu")), "chars": args.chars, "rows": rows}, table)

@@ -139,12 +139,32 @@ def test_script_on_a_trained_run(objective, tmp_path, monkeypatch, capsys):
     spec.loader.exec_module(script)
     out = tmp_path / "gain"
     argv = ["context_gain.py", str(tmp_path / "run" / "final"), "--chars", "200", "--levels", "48", "--out", str(out)]
+    if objective == "flow":  # an evaluation-time t_min raises sigma_min, where the grid and the decoders start
+        argv += ["--objective", "t_min=0.01"]
+        module.objective.t_min = 0.01
+        expected_sigma_min = module.objective.sigma_min
     monkeypatch.setattr(sys, "argv", argv)
     script.main()
     capsys.readouterr()
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["tokens"] >= 200 and len(row["sigma"]) == 48
+    if objective == "flow":
+        assert row["settings"] == {"t_min": 0.01} and row["sigma"][0] == pytest.approx(expected_sigma_min)
+        assert "| run t_min=0.01 |" in out.with_suffix(".md").read_text()
     assert row["elbo_model"] == pytest.approx(row["prior"] + row["diffusion_model"] + row["decoder_model"])
     assert row["gain"] == pytest.approx(row["diffusion_free"] - row["diffusion_model"])
     assert row["elbo_free"] == pytest.approx(row["unigram_nll"], abs=0.1 * row["unigram_nll"])
     assert f"| {row['gain']:+.3f} |" in out.with_suffix(".md").read_text()
+
+
+def test_evaluation_time_settings_of_the_objective(tiny_run):
+    from cdlm.evaluate import set_objective_options
+
+    _, module = tiny_run
+    objective = module.objective
+    assert set_objective_options(module, []) == {}
+    with pytest.raises(ValueError, match="numeric attribute of MaskedDiffusion"):
+        set_objective_options(module, ["no_such=1"])
+    with pytest.raises(ValueError, match="NAME=NUMBER"):
+        set_objective_options(module, ["mask_id"])
+    assert isinstance(objective.mask_id, int)
