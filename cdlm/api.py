@@ -120,9 +120,12 @@ def sample(
     device: str = "auto",
     devices: int = 1,
     callback: Callable[[SamplerStep], None] | None = None,
+    prompt: str | None = None,
+    prompt_file: str | Path | None = None,
 ) -> Samples:
     """``n`` samples of ``length`` tokens (default: the run's ``data.seq_len``) from a trained model (``cdlm
-    sample``): ``sampler`` (default: the run's) with ``sampler_options`` (``{"steps": 64, "top_p": 0.9}``)."""
+    sample``): ``sampler`` (default: the run's) with ``sampler_options`` (``{"steps": 64, "top_p": 0.9}``);
+    ``prompt``: a text every sample starts with, or ``prompt_file``: ``n`` samples for each of its prompts."""
     opts = checked(
         SampleOptions,
         path=str(path),
@@ -132,6 +135,8 @@ def sample(
         batch_size=batch_size,
         device=device,
         devices=devices,
+        prompt=prompt,
+        prompt_file=None if prompt_file is None else str(prompt_file),
     )
     module = load_model(opts.path, opts.device)
     node = sampler_config(module, sampler, sampler_options)
@@ -151,7 +156,14 @@ def draw_samples(
     if opts.devices > 1:
         accelerator = torch.device(resolve_device(opts.device)).type
         return draw_sharded(module, opts.n, length, opts.devices, accelerator, batch_size=opts.batch_size, **kwargs)
-    return draw(module, opts.n, length, callback=callback, batch_size=opts.batch_size, **kwargs)
+    prompts = opts.prompts()
+    n = opts.n if prompts is None else len(prompts)
+    try:
+        return draw(module, n, length, callback=callback, batch_size=opts.batch_size, prompt=prompts, **kwargs)
+    except ValueError as err:  # a prompt the sampler cannot keep, or that leaves nothing to generate
+        if prompts is None:
+            raise
+        raise ConfigError(f"prompt: {err}") from err
 
 
 def evaluate(

@@ -15,11 +15,13 @@ from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
+from cdlm.prompts import Prompt, prefix_prompt
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.samplers.coordinates import initial_state
+from cdlm.samplers.registry import SamplerSpec
 from cdlm.strategies import is_sharded, shard
-from cdlm.types import Batch, BlockwiseObjective
+from cdlm.types import AbsorbingObjective, Batch, BlockwiseObjective
 
 
 class DiffusionLM(L.LightningModule):
@@ -174,15 +176,20 @@ class DiffusionLM(L.LightningModule):
         batch_size: int | None = None,
         dtype: torch.dtype | None = torch.bfloat16,
         callback=None,
+        prompt: Prompt | str | list[str] | list[list[int]] | None = None,
         **knobs,
     ) -> tuple[torch.Tensor, list[str]]:
         """Draw ``n`` sequences of ``length`` tokens; returns ids ``[n, length]`` and decoded texts.
 
         ``dtype`` is the autocast dtype of the network (None = full precision); categorical draws are float64.
+        ``prompt``: tokens every sample keeps (docs/sampling.md, "Prompts"): a text or a list of token ids for every
+        row, ``n`` of them (one per row, of any lengths), or a ``cdlm.prompts.Prompt`` of ``[n, length]`` for fixed
+        positions anywhere. The returned ids hold the prompt's tokens exactly at its positions.
         """
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
+        prompt = self.prompt(prompt, n, length, spec)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
         self.eval()
         chunks, batch_size = [], batch_size or n
@@ -191,15 +198,43 @@ class DiffusionLM(L.LightningModule):
             for start in range(0, n, batch_size):
                 rows = min(batch_size, n - start)
                 x = initial_state(self.objective, spec.space, rows, length, self.device, generator)
+                fixed = None if prompt is None else prompt.rows(start, start + rows, self.device)
                 if isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise:  # block by block
                     runner = BlockRunner(spec, ts, generator, callback, knobs)
                     chunks.append(self.objective.sample_blocks(runner, x))
                 else:
-                    chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **knobs))
+                    extra = dict(knobs)
+                    if fixed is not None and spec.takes_fixed:
+                        extra["fixed"] = fixed
+                    elif fixed is not None:  # masked samplers keep the visible tokens of their starting state
+                        x = fixed.apply(x)
+                    chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra))
         self.train(was_training)
         ids = torch.cat(chunks)
         texts = [self.tokenizer.decode(row.tolist()) for row in ids] if self.tokenizer is not None else []
         return ids, texts
+
+    def prompt(
+        self, prompt: Prompt | str | list[str] | list[list[int]] | None, n: int, length: int, spec: SamplerSpec
+    ) -> Prompt | None:
+        """``generate``'s ``prompt`` as a ``Prompt`` of ``[n, length]`` (texts through the run's tokenizer, without
+        EOS), or None; a ``ValueError`` for a prompt the sampler cannot keep or that does not fit."""
+        if prompt is None:
+            return None
+        fits = spec.takes_fixed or isinstance(self.objective, AbsorbingObjective)
+        shape = getattr(self.objective, "state_shape", None)
+        per_token = shape is None or shape(n, length)[1] == length  # a latent state has L / r positions
+        if not (fits and per_token) or (isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise):
+            raise ValueError(f"sampler {spec.name!r} on {type(self.objective).__name__} cannot keep a prompt yet")
+        if isinstance(prompt, Prompt):
+            if tuple(prompt.ids.shape) != (n, length):
+                raise ValueError(f"the prompt is {tuple(prompt.ids.shape)}, the samples [{n}, {length}]")
+            return prompt
+        rows = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if any(isinstance(r, str) for r in rows) and self.tokenizer is None:
+            raise ValueError("a text prompt needs the run's tokenizer; pass token ids instead")
+        ids = [self.tokenizer.encode(r) if isinstance(r, str) else [int(t) for t in r] for r in rows]
+        return prefix_prompt(ids, n, length)
 
     def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory`` (``state``: a full state

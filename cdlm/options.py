@@ -9,6 +9,7 @@ Each command reads ``key=value`` options (values read as YAML reads them: ``4`` 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class SampleOptions:
     overwrite: bool = option(False, "replace an existing out / trace file")
     device: str = option("auto", "auto (cuda where there is one, else cpu), cpu, cuda or cuda:N")
     devices: int = option(1, "shard the samples over this many processes")
+    prompt: str | None = option(None, "text every sample starts with, kept exactly")
+    prompt_file: str | None = option(None, "prompts, one per line (or JSONL with a prompt field): n samples for each")
 
     def __post_init__(self) -> None:
         require_path(self.path)
@@ -81,6 +84,43 @@ class SampleOptions:
         check_device(self.device)
         for name in ("out", "trace"):
             check_new_file(name, getattr(self, name), self.overwrite)
+        if self.prompt is not None and self.prompt_file is not None:
+            raise ConfigError("give prompt= or prompt_file=, not both")
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise ConfigError(f"prompt_file={self.prompt_file!r}: no such file; give a text or JSONL file of prompts")
+        if self.devices > 1 and (self.prompt is not None or self.prompt_file is not None):
+            raise ConfigError("prompts are sampled in one process: use devices=1 with prompt= or prompt_file=")
+
+    def prompts(self) -> list[str] | None:
+        """One prompt per sample (``n`` for each prompt of ``prompt_file``), or None without prompts."""
+        if self.prompt is not None:
+            return [self.prompt] * self.n
+        if self.prompt_file is None:
+            return None
+        texts = read_prompts(Path(self.prompt_file))
+        return [text for text in texts for _ in range(self.n)]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a file: one per non-empty line, or, for a line that is a JSON object, its ``"prompt"``
+    string (JSONL). A ``ConfigError`` names the first line that is neither."""
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"prompt_file={str(path)!r} line {number}: not JSON ({err.msg})") from err
+            if not isinstance(row.get("prompt"), str):
+                raise ConfigError(f'prompt_file={str(path)!r} line {number}: a JSON line needs a "prompt" string')
+            texts.append(row["prompt"])
+        else:
+            texts.append(line)
+    if not texts:
+        raise ConfigError(f"prompt_file={str(path)!r} holds no prompt")
+    return texts
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,17 @@ class Samples:
     nfe: int
     seconds_per_sample: float
     seeds: list[int] = field(default_factory=list)
+    prompts: list[str] | None = None  # the prompt of each sample, if any
 
     def rows(self) -> list[dict]:
-        """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``)."""
-        return [
+        """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``; ``prompt`` when prompted)."""
+        rows = [
             {"text": t, "ids": i.tolist(), "seed": s, "nfe": self.nfe, "seconds": self.seconds_per_sample}
             for t, i, s in zip(self.texts, self.ids, self.seeds)
         ]
+        for row, prompt in zip(rows, self.prompts or []):
+            row["prompt"] = prompt
+        return rows
 
 
 class NFECounter:
@@ -51,17 +55,18 @@ def draw(
     callback=None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
+    prompt: list[str] | None = None,
     **knobs,
 ) -> Samples:
     """Generate ``n`` samples in batches of ``batch_size`` (default: all at once) and time them; ``dtype`` is the
-    network's autocast dtype (None = full precision)."""
+    network's autocast dtype (None = full precision); ``prompt``: one text per sample that it starts with."""
     counter = NFECounter(callback)
     start = time.perf_counter()
     ids, texts = module.generate(
-        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, **knobs
+        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, prompt=prompt, **knobs
     )
     seconds = (time.perf_counter() - start) / max(n, 1)
-    return Samples(ids, texts, counter.nfe, seconds, [seed] * n)
+    return Samples(ids, texts, counter.nfe, seconds, [seed] * n, prompt)
 
 
 def draw_sharded(

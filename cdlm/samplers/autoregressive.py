@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from cdlm.prompts import Prompt
 from cdlm.samplers.categorical import sample_categorical, top_p_filter
 from cdlm.samplers.registry import Range, register_sampler
 from cdlm.types import AutoregressiveObjective, SamplerStep
@@ -74,18 +75,24 @@ def sample_autoregressive(
     top_p: float = 1.0,
     top_k: int = 0,
     cache: bool = True,
+    fixed: Prompt | None = None,
 ) -> torch.Tensor:
     """Fill ``x`` ``[B, L]`` left to right, one network call per position; ``ts`` is unused.
 
     ``temperature=0`` is greedy decoding; ``top_k`` (0 = off) is applied before ``top_p``. ``cache=False`` runs
-    the full prefix at every step. The callback's ``t`` is the fraction of positions still to generate.
+    the full prefix at every step. The callback's ``t`` is the fraction of positions still to generate. ``fixed``:
+    a prompt; its tokens are kept, the batch's common fixed prefix is read in one (cached) call, and a row's fixed
+    position later on is fed as it is instead of drawn.
     """
     B, L = x.shape
-    x = x.clone()
+    x = x.clone() if fixed is None else fixed.apply(x)
     kv = objective.new_cache(L) if cache else None
-    for i in range(L):
-        logits = objective.next_logits(x[:, :i], kv)  # [B, V]
-        x[:, i] = next_token(logits, temperature, top_p, top_k, generator)
+    start = 0 if fixed is None else fixed.leading()
+    nfe = 0
+    for i in range(start, L):
+        logits, nfe = objective.next_logits(x[:, :i], kv), nfe + 1  # [B, V]
+        draw = next_token(logits, temperature, top_p, top_k, generator)  # [B]
+        x[:, i] = draw if fixed is None else torch.where(fixed.fixed[:, i], x[:, i], draw)
         if callback is not None:
-            callback(SamplerStep(i, 1.0 - (i + 1) / L, x, None, i + 1))
+            callback(SamplerStep(i, 1.0 - (i + 1) / L, x, None, nfe))
     return x

@@ -27,6 +27,7 @@ from contextlib import nullcontext
 
 import torch
 
+from cdlm.prompts import Prompt
 from cdlm.samplers.coordinates import StateCoordinates
 from cdlm.samplers.registry import Ordered, Range, register_sampler
 from cdlm.samplers.state import NetworkInputs, StateNoise, euler_, heun_correct_, heun_predict_, perturb_
@@ -89,6 +90,7 @@ def _continuous_loop(
     s_noise: float,
     heun: bool,
     self_cond: bool,
+    fixed: Prompt | None = None,
 ) -> torch.Tensor:
     """EDM Algorithm 2 over the grid ``ts`` ``[T + 1]`` with per-step churn ``gammas`` (all 0 = Algorithm 1).
 
@@ -96,7 +98,7 @@ def _continuous_loop(
     place by ``cdlm.samplers.state``'s fused passes, each noted with the formula whose values it computes; every
     pass that precedes a network call also writes that call's float32 input (``x.float()``).
     """
-    coordinates = StateCoordinates(objective, x)  # x itself, or x @ P (cdlm.samplers.coordinates)
+    coordinates = StateCoordinates(objective, x, fixed)  # x itself, or x @ P (cdlm.samplers.coordinates)
     # float64 state: over hundreds of steps the update x0 + r (x - x0) with r -> 1 accumulates float32 rounding.
     x = coordinates.initial.to(torch.float64, copy=True)  # [B, L, D|K], owned: updated in place below
     sigmas = objective.sigma(ts.double())  # [T + 1] float64, decreasing along the grid
@@ -134,20 +136,24 @@ def _continuous_loop(
                 heun_correct_(x, x0_hat, x0, ratio, x_in, eps, scale)
             else:
                 euler_(x, x0, ratio, x_in, eps, scale)  # euler_step(x, x0, sigma_hat, sigma_next)
-        ids = final_ids(objective, x, denoise) if i == steps - 1 else None  # before the callback: NFE counts it
+        ids = final_ids(objective, x, denoise, fixed) if i == steps - 1 else None  # before the callback: NFE counts
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=denoise.last, nfe=denoise.nfe))
     return ids
 
 
-def final_ids(objective: ContinuousObjective, x: torch.Tensor, denoise: _Denoiser) -> torch.Tensor:
+def final_ids(
+    objective: ContinuousObjective, x: torch.Tensor, denoise: _Denoiser, fixed: Prompt | None = None
+) -> torch.Tensor:
     """Token ids ``[B, L]`` at the end of a sampler: ``decode`` of the last clean estimate, or, for a ``FinalPass``
     objective, its last pass on the final state ``x`` (at ``sigma_min``) self-conditioned on that estimate (one more
-    network evaluation, counted in ``denoise.nfe``)."""
+    network evaluation, counted in ``denoise.nfe``); the prompt's tokens at its ``fixed`` positions."""
     if isinstance(objective, FinalPass):
         denoise.nfe += 1
-        return objective.decode_final(x, denoise.last if denoise.self_cond else None)
-    return objective.decode(denoise.last)
+        ids = objective.decode_final(x, denoise.last if denoise.self_cond else None)
+    else:
+        ids = objective.decode(denoise.last)
+    return ids if fixed is None else fixed.apply(ids)
 
 
 @register_sampler("euler", space="continuous", grid=continuous_grid)
@@ -159,6 +165,7 @@ def sample_euler(
     *,
     generator: torch.Generator | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
+    fixed: Prompt | None = None,
     self_cond: bool = True,
 ) -> torch.Tensor:
     """Euler on the probability-flow ODE (= deterministic DDIM) from ``x`` ``[B, L, D]`` over ``ts`` ``[T + 1]``.
@@ -166,7 +173,7 @@ def sample_euler(
     NFE = T. ``self_cond``: feed the previous clean estimate back to the denoiser. Returns ids ``[B, L]``.
     """
     gammas = [0.0] * (len(ts) - 1)
-    return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, False, self_cond)
+    return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, False, self_cond, fixed)
 
 
 @register_sampler("heun", space="continuous", grid=continuous_grid)
@@ -178,6 +185,7 @@ def sample_heun(
     *,
     generator: torch.Generator | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
+    fixed: Prompt | None = None,
     self_cond: bool = True,
 ) -> torch.Tensor:
     """EDM Heun (Karras et al. 2022, Algorithm 1) over ``ts`` ``[T + 1]``, its two clean estimates combined by
@@ -186,7 +194,7 @@ def sample_heun(
     Returns ids ``[B, L]``.
     """
     gammas = [0.0] * (len(ts) - 1)
-    return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, True, self_cond)
+    return _continuous_loop(objective, x, ts, generator, callback, gammas, 1.0, True, self_cond, fixed)
 
 
 @register_sampler(
@@ -213,6 +221,7 @@ def sample_churn(
     t_lo: float = 0.1,
     t_hi: float = 0.9,
     s_noise: float = 1.003,
+    fixed: Prompt | None = None,
     heun: bool = False,
     self_cond: bool = True,
 ) -> torch.Tensor:
@@ -228,4 +237,4 @@ def sample_churn(
         raise ValueError(f"need gamma >= 0 and s_noise > 0, got gamma={gamma}, s_noise={s_noise}")
     churn = min(gamma, MAX_CHURN)
     gammas = [churn if t_lo <= t <= t_hi else 0.0 for t in ts[:-1].tolist()]
-    return _continuous_loop(objective, x, ts, generator, callback, gammas, s_noise, heun, self_cond)
+    return _continuous_loop(objective, x, ts, generator, callback, gammas, s_noise, heun, self_cond, fixed)

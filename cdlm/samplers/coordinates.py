@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from cdlm.prompts import Prompt
 from cdlm.types import ContinuousObjective, ProjectedFlowMap, ProjectedState, StateProjection
 
 
@@ -43,10 +44,18 @@ class StateCoordinates:
     noise of these coordinates. ``projected`` says which coordinates these are.
     """
 
-    def __init__(self, objective: ContinuousObjective, x: torch.Tensor) -> None:
+    def __init__(self, objective: ContinuousObjective, x: torch.Tensor, prompt: Prompt | None = None) -> None:
         self.objective = objective
         projection = projection_of(objective)
         self.projected, self.map = projection is not None, None
+        self.fixed = self.clean = self.clean_state = None
+        if prompt is not None:  # replacement: the estimate at a fixed position is the prompt token's clean state
+            self.fixed = prompt.fixed[..., None]  # [B, L, 1]
+            self.clean = objective.clean_state(prompt.ids).float()  # [B, L, D]
+            self.clean_state = self.clean
+            if projection is not None:
+                with torch.autocast(x.device.type, enabled=False):
+                    self.clean_state = self.clean @ projection.matrix  # [B, L, K]
         if projection is None:
             self.initial = x
             return
@@ -57,25 +66,32 @@ class StateCoordinates:
         with torch.autocast(x.device.type, enabled=False):  # float32 products, as the network's input map
             self.initial = x.float() @ projection.matrix  # [B, L, K]
 
+    def clamp(self, x0: torch.Tensor, x0_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, x0_state)`` with the prompt's clean states at its fixed positions (unchanged without a prompt)."""
+        if self.fixed is None:
+            return x0, x0_state
+        x0 = torch.where(self.fixed, self.clean.to(x0.dtype), x0)
+        return x0, x0 if not self.projected else torch.where(self.fixed, self.clean_state.to(x0_state.dtype), x0_state)
+
     def denoise(
         self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0_hat [B, L, D], x0_hat in these coordinates)`` for the float32 state ``x`` at ``sigma`` ``[B]``."""
         if self.projected:
-            return self.objective.denoise_projected(x, sigma, x0_prev)
+            return self.clamp(*self.objective.denoise_projected(x, sigma, x0_prev))
         x0 = self.objective.denoise(x, sigma, x0_prev)
-        return x0, x0
+        return self.clamp(x0, x0)
 
     def flow_denoise(
         self, x: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D_{s,t} [B, L, D], D_{s,t} in these coordinates)`` of a two-time objective (``FlowMapObjective``)."""
         if self.projected and isinstance(self.objective, ProjectedFlowMap):
-            return self.objective.flow_denoise_projected(x, sigma_s, sigma_t)
+            return self.clamp(*self.objective.flow_denoise_projected(x, sigma_s, sigma_t))
         if self.projected:
             raise TypeError(f"{type(self.objective).__name__} projects its state but has no flow_denoise_projected")
         d = self.objective.flow_denoise(x, sigma_s, sigma_t)
-        return d, d
+        return self.clamp(d, d)
 
     def noise(self, g: torch.Tensor) -> torch.Tensor:
         """The noise ``[B, L, K|D]`` of these coordinates from a standard normal draw ``g`` of the state's shape:

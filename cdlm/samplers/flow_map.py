@@ -20,6 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
+from cdlm.prompts import Prompt
 from cdlm.samplers.continuous import continuous_grid
 from cdlm.samplers.coordinates import StateCoordinates
 from cdlm.samplers.registry import SAMPLERS, Range, register_sampler, unfit_message
@@ -45,6 +46,7 @@ def sample_flowmap(
     *,
     generator: torch.Generator | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
+    fixed: Prompt | None = None,
     gamma: float = 0.0,
 ) -> torch.Tensor:
     """Flow-map jumps from ``x`` ``[B, L, D]`` (a prior draw) over ``ts`` ``[K + 1]`` (1 = noise down to 0), ``K`` in
@@ -56,7 +58,7 @@ def sample_flowmap(
         raise ValueError(f"flowmap takes 1 to {MAX_JUMPS} jumps, got {steps}; for more steps use euler or heun")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] (0 = deterministic), got {gamma}")
-    coordinates = StateCoordinates(objective, x)  # x itself, or x @ P (cdlm.samplers.coordinates)
+    coordinates = StateCoordinates(objective, x, fixed)  # x itself, or x @ P (cdlm.samplers.coordinates)
     x = coordinates.initial.to(torch.float64, copy=True)  # [B, L, D|K], owned: updated in place (cdlm.samplers.state)
     sigmas = objective.sigma(ts.double())  # [K + 1] float64, decreasing along the grid
     noise = StateNoise(x, generator, steps - 1) if gamma > 0 and steps > 1 else None
@@ -80,4 +82,5 @@ def sample_flowmap(
             euler_(x, d_state, target / sigma, x_in, eps, scale)
         if callback is not None:
             callback(SamplerStep(index=i, t=float(ts[i + 1]), x=x, x0=d, nfe=i + 1))
-    return objective.decode(d)
+    ids = objective.decode(d)
+    return ids if fixed is None else fixed.apply(ids)

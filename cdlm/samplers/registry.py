@@ -30,7 +30,9 @@ import torch
 from cdlm.types import Space
 
 Grid = Callable[[int, torch.device], torch.Tensor]
-SHARED = ("objective", "x", "ts", "generator", "callback")  # the parameters every sampler takes; the rest are knobs
+# the parameters every sampler takes (``fixed``, a prompt's positions, only those that keep them outside the state:
+# masked samplers keep the visible tokens of ``x``); the rest are knobs
+SHARED = ("objective", "x", "ts", "generator", "callback", "fixed")
 
 
 class Constraint(Protocol):
@@ -163,6 +165,12 @@ class SamplerSpec:
         """Whether ``objective`` has this sampler's space and, if any, its ``requires`` protocol."""
         space_ok = getattr(objective, "space", None) == self.space
         return space_ok and (self.requires is None or isinstance(objective, self.requires))
+
+    @property
+    def takes_fixed(self) -> bool:
+        """Whether the sampler takes a prompt as ``fixed=`` (``cdlm.prompts``); the others keep the visible tokens
+        of their starting state."""
+        return "fixed" in inspect.signature(self.fn).parameters
 
     def knobs(self) -> list[str]:
         """The keyword arguments the sampler accepts beyond the shared signature."""

@@ -1,0 +1,69 @@
+"""Prompts: the token positions a sampler must keep (docs/sampling.md, "Prompts").
+
+A ``Prompt`` is a canvas of ``n`` rows of ``length`` tokens with some positions fixed: ``ids`` ``[n, length]`` holds
+the fixed tokens (0 elsewhere), ``fixed`` ``[n, length]`` (bool) says where they are. ``prefix_prompt`` builds the
+usual case, one prefix per row (ragged: rows may have prefixes of different lengths, or none). How a sampler keeps
+the fixed positions depends on its family:
+
+- masked diffusion: the fixed tokens are visible in the starting state, and every masked sampler copies visible
+  tokens it did not generate and never remasks them;
+- autoregressive: the fixed tokens are fed as they are (the common prefix of the batch in one cached call), and
+  positions after them are drawn;
+- continuous objectives: the network's clean estimate at a fixed position is replaced by that token's clean state
+  at every step (replacement, or inpainting: the state there follows the exact trajectory of a known token), and
+  the decoded ids there are the prompt's. A model trained without conditioning sees the prompt only as clearly as
+  the current noise level lets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Fixed tokens on a canvas: ``ids`` ``[n, length]`` (int64; 0 where not fixed) and ``fixed`` ``[n, length]``
+    (bool)."""
+
+    ids: torch.Tensor
+    fixed: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.fixed.shape or self.ids.dim() != 2:
+            raise ValueError(
+                f"ids and fixed must be [n, length] alike, got {tuple(self.ids.shape)}, {tuple(self.fixed.shape)}"
+            )
+
+    def rows(self, start: int, stop: int, device: torch.device) -> Prompt:
+        """Rows ``start:stop`` on ``device``."""
+        return Prompt(self.ids[start:stop].to(device), self.fixed[start:stop].to(device))
+
+    def leading(self) -> int:
+        """The number of leading positions fixed in every row (the prefix an autoregressive sampler prefills)."""
+        free = (~self.fixed).any(0).nonzero()
+        return int(free[0]) if len(free) else self.fixed.shape[1]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[n, length]`` with the fixed positions set to the prompt's tokens (a new tensor)."""
+        return torch.where(self.fixed, self.ids, x)
+
+
+def prefix_prompt(prefixes: list[list[int]], n: int, length: int) -> Prompt:
+    """One prefix per row: ``prefixes`` holds ``n`` lists of token ids, or one, repeated for every row. Each must be
+    shorter than ``length`` (a sampler must have something to generate); a ``ValueError`` says which is not."""
+    if len(prefixes) == 1:
+        prefixes = prefixes * n
+    if len(prefixes) != n:
+        raise ValueError(f"give one prompt or n = {n} prompts, got {len(prefixes)}")
+    ids = torch.zeros(n, length, dtype=torch.long)
+    fixed = torch.zeros(n, length, dtype=torch.bool)
+    for row, prefix in enumerate(prefixes):
+        if len(prefix) >= length:
+            raise ValueError(
+                f"prompt {row} has {len(prefix)} tokens, which leaves nothing to generate in length = {length}"
+            )
+        ids[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        fixed[row, : len(prefix)] = True
+    return Prompt(ids, fixed)
