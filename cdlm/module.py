@@ -15,7 +15,7 @@ from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
-from cdlm.prompts import Prompt, prefix_prompt
+from cdlm.prompts import Prompt, given, prefix_prompt
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.samplers.coordinates import initial_state
@@ -208,7 +208,8 @@ class DiffusionLM(L.LightningModule):
                         extra["fixed"] = fixed
                     elif fixed is not None:  # masked samplers keep the visible tokens of their starting state
                         x = fixed.apply(x)
-                    chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra))
+                    with given(fixed):  # an objective trained with clean spans reads the prompt clean
+                        chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra))
         self.train(was_training)
         ids = torch.cat(chunks)
         texts = [self.tokenizer.decode(row.tolist()) for row in ids] if self.tokenizer is not None else []

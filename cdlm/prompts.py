@@ -17,6 +17,9 @@ the fixed positions depends on its family:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +70,27 @@ def prefix_prompt(prefixes: list[list[int]], n: int, length: int) -> Prompt:
         ids[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
         fixed[row, : len(prefix)] = True
     return Prompt(ids, fixed)
+
+
+_GIVEN: ContextVar[Prompt | None] = ContextVar("cdlm_given", default=None)
+
+
+@contextmanager
+def given(prompt: Prompt | None) -> Iterator[None]:
+    """Within the block, an objective trained with clean spans (``condition_rate > 0``) reads the prompt's fixed
+    positions clean in every network call (``given_positions``); the continuous samplers open it around a
+    prompted run. ``None``: nothing is given."""
+    token = _GIVEN.set(prompt)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+def given_positions(rows: int, length: int) -> Prompt | None:
+    """The prompt given to the current network call of ``rows`` x ``length`` tokens, or None (none given, or one
+    of another shape, e.g. a call on a part of the batch)."""
+    prompt = _GIVEN.get()
+    if prompt is None or tuple(prompt.fixed.shape) != (rows, length):
+        return None
+    return prompt

@@ -172,3 +172,66 @@ def test_the_analytic_skip_can_be_left_out_of_the_logits():
     assert on.logits(z, gamma, x_sc).abs().max() > 1
     with pytest.raises(ArgumentError, match="analytic_skip"):
         EmbeddingFlow(tiny_backbone(), 16, analytic_skip="no")
+
+
+def test_clean_spans_are_prefixes_or_scattered_and_never_padding():
+    from cdlm.objectives.embedding_flow import clean_spans
+
+    torch.manual_seed(0)
+    padding = torch.ones(400, 12, dtype=torch.bool)
+    padding[:, 10:] = False
+    assert not clean_spans(padding, 0.0).any()
+    spans = clean_spans(padding, 0.5)
+    assert not (spans & ~padding).any()
+    given = spans.any(1)
+    assert 0.4 < given.float().mean() < 0.6  # about half of the rows are conditioned
+    counts = spans.sum(1)
+    prefix = torch.tensor([spans[r].equal(torch.arange(12) < counts[r]) for r in range(400)]) & given
+    assert prefix.sum() > 80 and (given & ~prefix).sum() > 40  # both kinds occur
+    assert counts[prefix].min() >= 1 and (counts[prefix] <= 9).float().mean() > 0.8  # prefixes leave tokens to predict
+
+
+def test_conditional_training_scores_only_the_free_positions_and_reads_given_ones_clean():
+    from cdlm.checks import ArgumentError
+    from cdlm.prompts import Prompt, given
+
+    model = langflow(condition_rate=1.0)
+    ids = torch.randint(0, 11, (6, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "u": torch.rand(6)}
+    out = model.loss(batch)
+    assert out.mask.sum() < 60 and (out.nll[~out.mask] == 0).all()
+    # a prompt given to the sampler: the logits are those of the clean embeddings, flagged
+    z, gamma, x_sc = torch.randn(2, 10, 32), torch.full((2,), 3.0), torch.zeros(2, 10, 32)
+    fixed = torch.zeros(2, 10, dtype=torch.bool)
+    fixed[:, :4] = True
+    with torch.no_grad():
+        model.clean_flag.fill_(0.5)
+        explicit = model.logits(torch.where(fixed[..., None], model.clean_state(ids[:2]), z), gamma, x_sc, None, fixed)
+        with given(Prompt(ids[:2], fixed)):
+            read = model.logits(z, gamma, x_sc)
+        plain = model.logits(z, gamma, x_sc)
+    assert torch.equal(read, explicit) and not torch.allclose(read, plain)
+    assert not hasattr(langflow(), "clean_flag")  # no conditioning: the checkpoint keys are unchanged
+    with pytest.raises(ValueError, match="condition_rate > 0"):
+        langflow().conditional_nll(batch, fixed)
+    with pytest.raises(ArgumentError, match="condition_rate"):
+        langflow(condition_rate=1.5)
+
+
+def test_a_conditionally_trained_run_bounds_tokens_given_their_prompt_lower(tmp_path) -> None:
+    """Clean spans in training (``objective.condition_rate``): the run keeps a prompt when sampling, and its ODE
+    bound of the second half of each validation row given the first half is below its unconditional bound."""
+    overrides = ("objective=langflow", "sampler=euler", "trainer.max_steps=60", "module.lr=3e-3")
+    module, _, datamodule = fit(tmp_path, *overrides, "objective.ode_steps=8", "objective.condition_rate=0.5")
+    ids, texts = module.generate(2, 16, "euler", steps=8, prompt="KING")
+    assert all(t.startswith("KING") for t in texts)
+    batch = next(iter(datamodule.val_dataloader()))
+    fixed = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    fixed[:, : fixed.shape[1] // 2] = True
+    with torch.no_grad(), module.seeded(-1, 0):
+        given_half = module.objective.conditional_nll(batch, fixed)
+    with torch.no_grad(), module.seeded(-1, 0):
+        alone = module.objective.nll(batch)
+    conditional = float(given_half.nll.sum() / given_half.mask.sum())
+    unconditional = float(alone.nll.sum() / alone.mask.sum())
+    assert conditional < unconditional - 0.1, (conditional, unconditional)

@@ -21,7 +21,7 @@ so ``gain = int (mse_free - mse_model) sigma^-2 d(log sigma)`` (trapezoid rule i
 nats/token the model's diffusion term is below the context-free denoiser's: the part of the bound that can come
 from context. ``gain`` near 0 says the network has learned token frequencies and the per-token evidence and
 nothing else. The per-level ``removed = 1 - mse_model / mse_free`` shows where the context is read (0 where even
-the context-free error is below ``RESOLVED``).
+the context-free error is below ``RESOLVED`` of its largest value).
 
 Adding the prior term (the KL of the state at ``sigma_max`` to the samplers' Gaussian) and the decoder's NLL at
 ``sigma_min`` gives each denoiser's whole Gaussian ELBO (``elbo_model``, ``elbo_free``, nats/token): a second bound
@@ -41,7 +41,7 @@ import torch
 from cdlm.types import ContinuousObjective
 
 LEVELS = 32  # noise levels of the grid, log-uniform over [sigma_min, sigma_max]
-RESOLVED = 1e-9  # a context-free error below this (per token) is a level where every token is already known
+RESOLVED = 1e-3  # levels whose context-free error is below this fraction of its largest have every token known
 
 
 def token_table(objective: ContinuousObjective, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -143,7 +143,7 @@ def context_gain(
         "sigma": sigmas.tolist(),
         "mse_model": mse_model.tolist(),
         "mse_free": mse_free.tolist(),
-        "removed": torch.where(mse_free > RESOLVED, 1 - mse_model / mse_free, 0.0).tolist(),
+        "removed": torch.where(mse_free > RESOLVED * mse_free.max(), 1 - mse_model / mse_free, 0.0).tolist(),
         "diffusion_model": diffusion_model,
         "diffusion_free": diffusion_free,
         "gain": diffusion_free - diffusion_model,
