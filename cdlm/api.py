@@ -153,6 +153,7 @@ def draw_samples(
     """Draw ``opts.n`` samples of ``length`` tokens (``sample_length``) from a loaded model with a checked sampler
     config (``sampler_config``), sharded over ``opts.devices`` processes when more than one (``callback`` unused)."""
     kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.seed, **sampler_knobs(node))
+    kwargs["stop_at_eos"] = opts.stop_at_eos
     if opts.devices > 1:
         accelerator = torch.device(resolve_device(opts.device)).type
         return draw_sharded(module, opts.n, length, opts.devices, accelerator, batch_size=opts.batch_size, **kwargs)

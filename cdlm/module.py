@@ -15,7 +15,7 @@ from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
-from cdlm.prompts import Prompt, given, prefix_prompt
+from cdlm.prompts import Prompt, cut_at_eos, given, prefix_prompt, stops
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.samplers.coordinates import initial_state
@@ -177,6 +177,7 @@ class DiffusionLM(L.LightningModule):
         dtype: torch.dtype | None = torch.bfloat16,
         callback=None,
         prompt: Prompt | str | list[str] | list[list[int]] | None = None,
+        stop_at_eos: bool = False,
         **knobs,
     ) -> tuple[torch.Tensor, list[str]]:
         """Draw ``n`` sequences of ``length`` tokens; returns ids ``[n, length]`` and decoded texts.
@@ -184,7 +185,9 @@ class DiffusionLM(L.LightningModule):
         ``dtype`` is the autocast dtype of the network (None = full precision); categorical draws are float64.
         ``prompt``: tokens every sample keeps (docs/sampling.md, "Prompts"): a text or a list of token ids for every
         row, ``n`` of them (one per row, of any lengths), or a ``cdlm.prompts.Prompt`` of ``[n, length]`` for fixed
-        positions anywhere. The returned ids hold the prompt's tokens exactly at its positions.
+        positions anywhere. The returned ids hold the prompt's tokens exactly at its positions. ``stop_at_eos``:
+        a row ends at its first generated EOS; the positions after it hold the tokenizer's padding and the text
+        stops there (``cdlm.prompts.cut_at_eos``; ``stops`` says where).
         """
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
@@ -212,8 +215,23 @@ class DiffusionLM(L.LightningModule):
                         chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra))
         self.train(was_training)
         ids = torch.cat(chunks)
-        texts = [self.tokenizer.decode(row.tolist()) for row in ids] if self.tokenizer is not None else []
-        return ids, texts
+        if stop_at_eos:
+            if self.tokenizer is None:
+                raise ValueError("stop_at_eos needs the run's tokenizer (its EOS and padding ids)")
+            fixed = None if prompt is None else prompt.fixed.to(ids.device)
+            ids = cut_at_eos(ids, self.tokenizer.eos_id, self.tokenizer.pad_id, fixed)
+        return ids, self.decode(ids, stop_at_eos, None if prompt is None else prompt.fixed)
+
+    def decode(self, ids: torch.Tensor, stop_at_eos: bool = False, fixed: torch.Tensor | None = None) -> list[str]:
+        """Texts of ``ids`` ``[n, L]`` (none without a tokenizer); with ``stop_at_eos`` each ends before its first
+        generated EOS (an EOS at a ``fixed`` prompt position does not end it)."""
+        if self.tokenizer is None:
+            return []
+        if not stop_at_eos:
+            return [self.tokenizer.decode(row.tolist()) for row in ids]
+        fixed = None if fixed is None else fixed.to(ids.device)
+        ends = [ids.shape[1] if p is None else p for p in stops(ids, self.tokenizer.eos_id, fixed)]
+        return [self.tokenizer.decode(row[:end].tolist()) for row, end in zip(ids, ends)]
 
     def prompt(
         self, prompt: Prompt | str | list[str] | list[list[int]] | None, n: int, length: int, spec: SamplerSpec

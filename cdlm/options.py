@@ -76,6 +76,7 @@ class SampleOptions:
     devices: int = option(1, "shard the samples over this many processes")
     prompt: str | None = option(None, "text every sample starts with, kept exactly")
     prompt_file: str | None = option(None, "prompts, one per line (or JSONL with a prompt field): n samples for each")
+    stop_at_eos: bool = option(False, "end each sample at its first generated EOS (padding after it)")
 
     def __post_init__(self) -> None:
         require_path(self.path)

@@ -94,3 +94,24 @@ def given_positions(rows: int, length: int) -> Prompt | None:
     if prompt is None or tuple(prompt.fixed.shape) != (rows, length):
         return None
     return prompt
+
+
+def cut_at_eos(ids: torch.Tensor, eos_id: int, pad_id: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """``ids`` ``[n, length]`` with every position after a row's first generated EOS set to ``pad_id`` except
+    the prompt's ``fixed`` positions (the EOS stays; an EOS of the prompt does not stop the row)."""
+    eos = ids == eos_id  # [n, L]
+    if fixed is not None:
+        eos &= ~fixed
+    after = (eos.long().cumsum(1) - eos.long()) > 0  # [n, L]: a generated EOS lies strictly before
+    if fixed is not None:
+        after &= ~fixed  # the prompt's own tokens stay where they are
+    return ids.masked_fill(after, pad_id)
+
+
+def stops(ids: torch.Tensor, eos_id: int, fixed: torch.Tensor | None = None) -> list[int | None]:
+    """Each row's position of its first generated EOS (None: the row ran to its length)."""
+    eos = ids == eos_id
+    if fixed is not None:
+        eos &= ~fixed
+    first = eos.long().argmax(1)  # [n]
+    return [int(p) if eos[r, p] else None for r, p in enumerate(first.tolist())]

@@ -96,5 +96,5 @@ def draw_sharded(
     seconds = fabric.all_gather(torch.tensor(local.seconds_per_sample, device=fabric.device)).float().mean()
     ids = ids.reshape(-1, ids.shape[-1])[:n].cpu()
     seeds = [seed - fabric.global_rank + r for r in range(fabric.world_size) for _ in range(per_rank)][:n]
-    texts = [module.tokenizer.decode(row.tolist()) for row in ids]
+    texts = module.decode(ids, kwargs.get("stop_at_eos", False))
     return Samples(ids, texts, local.nfe, float(seconds), seeds)

@@ -168,3 +168,33 @@ def test_continuous_samplers_condition_on_the_clamped_prompt(objective_path):
     free[:, 0] = first
     overwritten = (free[:, None, :] == law.seqs[None]).all(-1).any(-1).float().mean()
     assert inside > 0.85 and overwritten < 0.6, (inside, overwritten)  # measured: 0.885 / 0.905 against 0.52 / 0.48
+
+
+def test_eos_stops_a_row():
+    from cdlm.prompts import cut_at_eos, stops
+
+    ids = torch.tensor([[5, 9, 3, 9, 4], [9, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    fixed = torch.tensor([[False] * 5, [True, False, False, False, False], [False] * 5])
+    cut = cut_at_eos(ids, eos_id=9, pad_id=0, fixed=fixed)
+    assert cut.tolist() == [[5, 9, 0, 0, 0], [9, 1, 2, 3, 4], [1, 2, 3, 4, 5]]  # a prompt's EOS does not stop
+    assert stops(cut, 9, fixed) == [1, None, None]
+
+
+def test_generate_stops_at_eos_and_the_text_ends_there(tiny_run, monkeypatch):
+    """A sampler's rows cut after their first generated EOS: padding after it, the text decoded up to it."""
+    import dataclasses
+
+    _, module = tiny_run
+    eos, pad = module.tokenizer.eos_id, module.tokenizer.pad_id
+    a, b = module.tokenizer.encode("ab")
+    drawn = torch.tensor([[eos, a, eos, b, b], [a, b, a, b, a]])  # row 0: its prompt EOS, then a generated one
+
+    def fake(objective, x, ts, *, generator=None, callback=None):
+        return drawn.clone()
+
+    monkeypatch.setitem(SAMPLERS, "ancestral", dataclasses.replace(SAMPLERS["ancestral"], fn=fake))
+    ids, texts = module.generate(2, 5, "ancestral", 4, stop_at_eos=True, prompt=[[eos], [a]])
+    assert ids.tolist() == [[eos, a, eos, pad, pad], [a, b, a, b, a]]
+    assert texts == [module.tokenizer.decode([eos, a]), "ababa"]
+    plain, _ = module.generate(2, 5, "ancestral", 4, prompt=[[eos], [a]])
+    assert torch.equal(plain, drawn)
