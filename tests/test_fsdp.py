@@ -77,7 +77,8 @@ def test_two_sharded_processes_take_the_steps_of_two_ddp_processes(tmp_path):
     assert len(sharded) == 12 and sharded.keys() == replicated.keys()
     for step in sharded:
         assert sharded[step] == pytest.approx(replicated[step], rel=1e-4, abs=1e-4), step
-    assert sharded[11] < sharded[0]
+    # 12 steps move the weights (``last_checkpoint``: the EMA lags the trained weights by > 1e-3) but one batch's loss
+    # is dominated by its noise level, so no single pair of steps is compared
 
     final, ddp_final = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "ddp")
     assert final.keys() == ddp_final.keys()
@@ -201,6 +202,7 @@ def test_sharded_average_updates_as_lightnings_averaged_model(use_buffers):
     assert not torch.equal(trained[0], expected[0])
 
 
+@pytest.mark.slow  # 37 s; compiled = eager is also checked in one process (test_fast_step.py)
 def test_two_compiled_ddp_processes_take_the_steps_of_two_eager_ones(tmp_path):
     """``model.compile=true`` under 2-process DDP: the compiled blocks' losses follow the eager run's step by step
     (inductor's fused kernels round differently, so to 1e-4), and the run finishes (final/, samples, metrics)."""

@@ -122,7 +122,11 @@ def logged_losses(run_dir: Path, version: int) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize(
+    "objective",
+    # 35 s each under two processes: CI kills masked; bitstream's tables resume exactly in test_bitstream.py
+    [o if o == "masked" else pytest.param(o, marks=pytest.mark.slow) for o in sorted(OBJECTIVES)],
+)
 def test_resume_after_kill_9_under_ddp_is_exact(tmp_path, objective):
     args = overrides(tmp_path, objective)
     driver = tmp_path / "driver.py"

@@ -16,19 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_run_loss_falls(tmp_path):
-    """The validation bound (fixed evaluation noise, so it is not noisy like one batch's loss) falls well below the
-    untrained model's, and every training loss is finite."""
+    """The validation bound (fixed evaluation noise, so it is not noisy like one batch's loss) falls from the untrained
+    model's to clearly below the unigram model of the same tokens (0.1 nats/token; measured 3.25 against 3.49 at
+    300 steps), and every training loss is finite."""
     from cdlm.config import compose
+    from cdlm.evaluate import train_unigram, unigram_validation_bound
     from cdlm.training import prepare
 
     recorder = LossRecorder()
-    run = prepare(compose([*TINY, f"run_dir={tmp_path}", "trainer.max_steps=60", "module.lr=3e-3"]))
+    run = prepare(compose([*TINY, f"run_dir={tmp_path}", "trainer.max_steps=300", "module.lr=3e-3"]))
     run.trainer.callbacks.append(recorder)
     before = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)[0]["val/nll"]
     run.trainer.fit(run.module, datamodule=run.datamodule)
     after = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)[0]["val/nll"]
-    assert all(math.isfinite(v) for v in recorder.losses.values()) and len(recorder.losses) == 60
-    assert after < 0.8 * before, (before, after)
+    unigram = unigram_validation_bound(run.module, train_unigram(run.module))["val_nll"]
+    assert all(math.isfinite(v) for v in recorder.losses.values()) and len(recorder.losses) == 300
+    assert after < unigram - 0.1 < before, (before, after, unigram)
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path):
