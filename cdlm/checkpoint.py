@@ -144,6 +144,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> DiffusionLM:
     return module.to(device).eval()
 
 
+def trained_steps(path: str | Path) -> int | None:
+    """The optimizer steps behind a checkpoint: a ``.ckpt``'s (or sharded checkpoint's) ``global_step``; for a
+    ``save_pretrained`` folder, which a run writes when it ends, its config's ``trainer.max_steps`` (None if unset)."""
+    path = Path(path)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        config, _, _ = read_checkpoint(path)
+        return config.get("trainer", {}).get("max_steps")
+    return int(read_ckpt(path).get("global_step", 0))
+
+
 def read_checkpoint(path: Path) -> tuple[dict, Any, dict[str, torch.Tensor]]:
     """``(config, tokenizer, state_dict)`` of a ``save_pretrained`` folder or a ``.ckpt``; config checked."""
     from cdlm.data.tokenizers import load_tokenizer

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import cdlm
+from cdlm.checkpoint import trained_steps
 from cdlm.device import device_name
 from cdlm.evaluate import (
     tokens_for_chars,
@@ -57,7 +58,7 @@ def bound_row(path: str, chars: int, ode_steps: int | None = None, ode_probes: i
         "tokenizer": module.config["data"].get("tokenizer"),
         "vocab_size": module.tokenizer.vocab_size,
         "parameters": sum(p.numel() for p in module.parameters()),
-        "train_steps": module.config["trainer"].get("max_steps"),
+        "train_steps": trained_steps(path),
         "ode_steps": getattr(objective, "ode_steps", None),
         "ode_probes": getattr(objective, "ode_probes", None),
         "val_tokens": tokens,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import cdlm
+from cdlm.checkpoint import trained_steps
 from cdlm.device import device_name
 from cdlm.evaluate import (
     run_datamodule,
@@ -48,7 +49,7 @@ def gain_row(path: str, chars: int, levels: int, seed: int, options: list[str]) 
     return {
         "path": path,
         "objective": type(module.objective).__name__,
-        "train_steps": module.config["trainer"].get("max_steps"),
+        "train_steps": trained_steps(path),
         "settings": settings,
         "seconds": time.perf_counter() - start,
         **result,

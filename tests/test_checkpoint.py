@@ -39,6 +39,17 @@ def test_load_lightning_checkpoint_with_tokenizer(trained):
     assert type(loaded.objective) is type(module.objective)
 
 
+def test_trained_steps_reads_the_checkpoint_step_and_the_final_folder_budget(trained, tmp_path):
+    from cdlm.checkpoint import trained_steps
+
+    run_dir, _ = trained
+    assert trained_steps(run_dir / "checkpoints" / "epoch=0-step=8.ckpt") == 8
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({**ckpt, "global_step": 4}, tmp_path / "early.ckpt")  # as a run's step-4 checkpoint holds
+    assert trained_steps(tmp_path / "early.ckpt") == 4
+    assert trained_steps(run_dir / "final") == 8  # the run's trainer.max_steps
+
+
 def test_corrupt_checkpoint_is_refused(trained, tmp_path):
     run_dir, _ = trained
     bad = tmp_path / "bad.ckpt"
