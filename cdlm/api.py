@@ -122,10 +122,14 @@ def sample(
     callback: Callable[[SamplerStep], None] | None = None,
     prompt: str | None = None,
     prompt_file: str | Path | None = None,
+    suffix: str | None = None,
+    infill: str | None = None,
 ) -> Samples:
     """``n`` samples of ``length`` tokens (default: the run's ``data.seq_len``) from a trained model (``cdlm
     sample``): ``sampler`` (default: the run's) with ``sampler_options`` (``{"steps": 64, "top_p": 0.9}``);
-    ``prompt``: a text every sample starts with, or ``prompt_file``: ``n`` samples for each of its prompts."""
+    ``prompt``: a text every sample starts with, or ``prompt_file``: ``n`` samples for each of its prompts;
+    ``suffix``: a text every sample ends with; ``infill``: a template of kept text and ``[MASK:k]`` spans
+    (docs/sampling.md, "Prompts")."""
     opts = checked(
         SampleOptions,
         path=str(path),
@@ -137,6 +141,8 @@ def sample(
         devices=devices,
         prompt=prompt,
         prompt_file=None if prompt_file is None else str(prompt_file),
+        suffix=suffix,
+        infill=infill,
     )
     module = load_model(opts.path, opts.device)
     node = sampler_config(module, sampler, sampler_options)
@@ -157,14 +163,15 @@ def draw_samples(
     if opts.devices > 1:
         accelerator = torch.device(resolve_device(opts.device)).type
         return draw_sharded(module, opts.n, length, opts.devices, accelerator, batch_size=opts.batch_size, **kwargs)
-    prompts = opts.prompts()
-    n = opts.n if prompts is None else len(prompts)
+    conditioning = opts.conditioning()
+    n = opts.n if conditioning["prompt"] is None else len(conditioning["prompt"])
     try:
-        return draw(module, n, length, callback=callback, batch_size=opts.batch_size, prompt=prompts, **kwargs)
+        return draw(module, n, length, callback=callback, batch_size=opts.batch_size, **conditioning, **kwargs)
     except ValueError as err:  # a prompt the sampler cannot keep, or that leaves nothing to generate
-        if prompts is None:
+        if not any(value is not None for value in conditioning.values()):
             raise
-        raise ConfigError(f"prompt: {err}") from err
+        name = "infill" if opts.infill is not None else "prompt"
+        raise ConfigError(f"{name}: {err}") from err
 
 
 def evaluate(

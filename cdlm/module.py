@@ -15,7 +15,16 @@ from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
-from cdlm.prompts import Prompt, cut_at_eos, given, prefix_prompt, stops
+from cdlm.prompts import (
+    Prompt,
+    canvas_prompt,
+    cut_at_eos,
+    given,
+    parse_template,
+    prefix_prompt,
+    stops,
+    suffix_pieces,
+)
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.samplers.coordinates import initial_state
@@ -178,6 +187,8 @@ class DiffusionLM(L.LightningModule):
         callback=None,
         prompt: Prompt | str | list[str] | list[list[int]] | None = None,
         stop_at_eos: bool = False,
+        template: str | list[str] | None = None,
+        suffix: str | list[int] | None = None,
         **knobs,
     ) -> tuple[torch.Tensor, list[str]]:
         """Draw ``n`` sequences of ``length`` tokens; returns ids ``[n, length]`` and decoded texts.
@@ -185,14 +196,18 @@ class DiffusionLM(L.LightningModule):
         ``dtype`` is the autocast dtype of the network (None = full precision); categorical draws are float64.
         ``prompt``: tokens every sample keeps (docs/sampling.md, "Prompts"): a text or a list of token ids for every
         row, ``n`` of them (one per row, of any lengths), or a ``cdlm.prompts.Prompt`` of ``[n, length]`` for fixed
-        positions anywhere. The returned ids hold the prompt's tokens exactly at its positions. ``stop_at_eos``:
+        positions anywhere. ``suffix`` (a text or token ids): every row ends with it, the positions between prompt and
+        suffix generated. ``template``: an infilling template for every row, or ``n`` of them: text kept exactly with
+        ``[MASK:k]`` spans of ``k`` positions to generate (``"KING [MASK:8] of France"``; positions after the
+        template are generated too; ``cdlm.prompts.parse_template``). The returned ids hold the prompt's tokens
+        exactly at its positions. ``stop_at_eos``:
         a row ends at its first generated EOS; the positions after it hold the tokenizer's padding and the text
         stops there (``cdlm.prompts.cut_at_eos``; ``stops`` says where).
         """
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
-        prompt = self.prompt(prompt, n, length, spec)
+        prompt = self.keepable(self.canvas(prompt, template, suffix, n, length), n, length, spec)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
         self.eval()
         chunks, batch_size = [], batch_size or n
@@ -233,11 +248,9 @@ class DiffusionLM(L.LightningModule):
         ends = [ids.shape[1] if p is None else p for p in stops(ids, self.tokenizer.eos_id, fixed)]
         return [self.tokenizer.decode(row[:end].tolist()) for row, end in zip(ids, ends)]
 
-    def prompt(
-        self, prompt: Prompt | str | list[str] | list[list[int]] | None, n: int, length: int, spec: SamplerSpec
-    ) -> Prompt | None:
-        """``generate``'s ``prompt`` as a ``Prompt`` of ``[n, length]`` (texts through the run's tokenizer, without
-        EOS), or None; a ``ValueError`` for a prompt the sampler cannot keep or that does not fit."""
+    def keepable(self, prompt: Prompt | None, n: int, length: int, spec: SamplerSpec) -> Prompt | None:
+        """``prompt`` (of ``canvas``) checked: a ``ValueError`` if the sampler cannot keep it or it is not
+        ``[n, length]``."""
         if prompt is None:
             return None
         fits = spec.takes_fixed or isinstance(self.objective, AbsorbingObjective)
@@ -245,15 +258,48 @@ class DiffusionLM(L.LightningModule):
         per_token = shape is None or shape(n, length)[1] == length  # a latent state has L / r positions
         if not (fits and per_token) or (isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise):
             raise ValueError(f"sampler {spec.name!r} on {type(self.objective).__name__} cannot keep a prompt yet")
+        if tuple(prompt.ids.shape) != (n, length):
+            raise ValueError(f"the prompt is {tuple(prompt.ids.shape)}, the samples [{n}, {length}]")
+        return prompt
+
+    def canvas(
+        self,
+        prompt: Prompt | str | list[str] | list[list[int]] | None,
+        template: str | list[str] | None,
+        suffix: str | list[int] | None,
+        n: int,
+        length: int,
+    ) -> Prompt | None:
+        """``generate``'s prompt, template and suffix as one ``Prompt`` of ``[n, length]`` (texts through the run's
+        tokenizer, without EOS), or None when none is given; a ``ValueError`` for a combination that does not fit."""
+        if template is not None and (prompt is not None or suffix is not None):
+            raise ValueError("give a template, or a prompt and / or a suffix, not both")
         if isinstance(prompt, Prompt):
-            if tuple(prompt.ids.shape) != (n, length):
-                raise ValueError(f"the prompt is {tuple(prompt.ids.shape)}, the samples [{n}, {length}]")
+            if suffix is not None:
+                raise ValueError("a suffix goes with a text or token-id prompt, not a Prompt of fixed positions")
             return prompt
+        if template is not None:
+            texts = [template] if isinstance(template, str) else list(template)
+            rows = [[self.tokens(p) if isinstance(p, str) else p for p in parse_template(t)] for t in texts]
+            return canvas_prompt(rows, n, length)
+        if prompt is None and suffix is None:
+            return None
+        if prompt is None:
+            prompt = [[]]
         rows = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
-        if any(isinstance(r, str) for r in rows) and self.tokenizer is None:
+        prefixes = [self.tokens(r) for r in rows]
+        if suffix is None:
+            return prefix_prompt(prefixes, n, length)
+        end = self.tokens(suffix)
+        return canvas_prompt([suffix_pieces(prefix, end, length) for prefix in prefixes], n, length)
+
+    def tokens(self, text: str | list[int]) -> list[int]:
+        """Token ids of a text through the run's tokenizer (without EOS), or the ids given."""
+        if not isinstance(text, str):
+            return [int(t) for t in text]
+        if self.tokenizer is None:
             raise ValueError("a text prompt needs the run's tokenizer; pass token ids instead")
-        ids = [self.tokenizer.encode(r) if isinstance(r, str) else [int(t) for t in r] for r in rows]
-        return prefix_prompt(ids, n, length)
+        return self.tokenizer.encode(text)
 
     def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.yaml``, ``model.safetensors`` and the tokenizer into ``directory`` (``state``: a full state

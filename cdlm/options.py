@@ -76,6 +76,8 @@ class SampleOptions:
     devices: int = option(1, "shard the samples over this many processes")
     prompt: str | None = option(None, "text every sample starts with, kept exactly")
     prompt_file: str | None = option(None, "prompts, one per line (or JSONL with a prompt field): n samples for each")
+    suffix: str | None = option(None, "text every sample ends with, kept exactly (with or without prompt=)")
+    infill: str | None = option(None, "infilling template: kept text with [MASK:k] spans of k tokens to generate")
     stop_at_eos: bool = option(False, "end each sample at its first generated EOS (padding after it)")
 
     def __post_init__(self) -> None:
@@ -89,8 +91,30 @@ class SampleOptions:
             raise ConfigError("give prompt= or prompt_file=, not both")
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             raise ConfigError(f"prompt_file={self.prompt_file!r}: no such file; give a text or JSONL file of prompts")
-        if self.devices > 1 and (self.prompt is not None or self.prompt_file is not None):
-            raise ConfigError("prompts are sampled in one process: use devices=1 with prompt= or prompt_file=")
+        conditioned = [
+            name for name in ("prompt", "prompt_file", "suffix", "infill") if getattr(self, name) is not None
+        ]
+        if self.infill is not None and len(conditioned) > 1:
+            raise ConfigError(
+                f"infill= takes no {' / '.join(c + '=' for c in conditioned if c != 'infill')}: "
+                "write the prompt and suffix into the template"
+            )
+        if self.infill is not None:
+            from cdlm.prompts import parse_template
+
+            try:
+                parse_template(self.infill)
+            except ValueError as err:
+                raise ConfigError(f"infill: {err}") from err
+        if self.devices > 1 and conditioned:
+            raise ConfigError(f"conditioned samples are drawn in one process: use devices=1 with {conditioned[0]}=")
+
+    def conditioning(self) -> dict:
+        """``generate``'s ``prompt`` (one text per sample), ``suffix`` and ``template`` (one per sample) keywords."""
+        prompts = self.prompts()
+        n = self.n if prompts is None else len(prompts)
+        template = None if self.infill is None else [self.infill] * n
+        return {"prompt": prompts, "suffix": self.suffix, "template": template}
 
     def prompts(self) -> list[str] | None:
         """One prompt per sample (``n`` for each prompt of ``prompt_file``), or None without prompts."""
@@ -192,14 +216,20 @@ def check_new_file(name: str, path: str | None, overwrite: bool) -> None:
         raise ConfigError(f"{name}={path!r} exists; choose another file or pass overwrite=true to replace it")
 
 
+VERBATIM = frozenset({"prompt", "suffix", "infill"})
+"""Options whose value is text taken as typed: ``infill=[MASK:4] of France`` is not a YAML list, ``prompt=1599``
+not a number."""
+
+
 def parse_options(argv: list[str], cls: type, command: str) -> tuple[Any, str | None, dict]:
-    """``(options, sampler name or None, sampler.KEY overrides)`` of a command's ``key=value`` arguments."""
+    """``(options, sampler name or None, sampler.KEY overrides)`` of a command's ``key=value`` arguments (the
+    ``VERBATIM`` ones as typed, the others parsed like YAML values)."""
     given, chosen, sampler = {}, None, {}
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"{command}: argument {arg!r} is not of the form key=value; see cdlm {command} --help")
         key, raw = arg.split("=", 1)
-        value = _parse_value(key, raw)
+        value = raw if key in VERBATIM else _parse_value(key, raw)
         if key == "sampler":
             chosen = str(value)
         elif key.startswith("sampler."):

@@ -2,8 +2,9 @@
 
 A ``Prompt`` is a canvas of ``n`` rows of ``length`` tokens with some positions fixed: ``ids`` ``[n, length]`` holds
 the fixed tokens (0 elsewhere), ``fixed`` ``[n, length]`` (bool) says where they are. ``prefix_prompt`` builds the
-usual case, one prefix per row (ragged: rows may have prefixes of different lengths, or none). How a sampler keeps
-the fixed positions depends on its family:
+usual case, one prefix per row (ragged: rows may have prefixes of different lengths, or none); ``canvas_prompt``
+lays out kept pieces and free spans (an infilling template, ``parse_template``, or a prompt with a suffix,
+``suffix_pieces``). How a sampler keeps the fixed positions depends on its family:
 
 - masked diffusion: the fixed tokens are visible in the starting state, and every masked sampler copies visible
   tokens it did not generate and never remasks them;
@@ -17,6 +18,7 @@ the fixed positions depends on its family:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -53,23 +55,79 @@ class Prompt:
         return torch.where(self.fixed, self.ids, x)
 
 
+Piece = list[int] | int  # fixed token ids, or a span of that many free positions
+
+SPAN = re.compile(r"\[MASK:(\d+)\]")  # an infilling template's span: [MASK:k] leaves k positions to generate
+
+
+def parse_template(template: str) -> list[str | int]:
+    """The pieces of an infilling template in order: texts (kept) and ``[MASK:k]`` spans (``k`` >= 1 positions to
+    generate). ``"KING [MASK:8] of France"`` -> ``["KING ", 8, " of France"]``. A ``ValueError`` for a template
+    without a span or with an empty one."""
+    pieces: list[str | int] = []
+    start = 0
+    for match in SPAN.finditer(template):
+        if match.start() > start:
+            pieces.append(template[start : match.start()])
+        span = int(match.group(1))
+        if span < 1:
+            raise ValueError(f"template {template!r}: [MASK:{span}] is empty; a span needs k >= 1 positions")
+        pieces.append(span)
+        start = match.end()
+    if start < len(template):
+        pieces.append(template[start:])
+    if not any(isinstance(piece, int) for piece in pieces):
+        raise ValueError(f"template {template!r} has no [MASK:k] span to fill (e.g. 'KING [MASK:8] of France')")
+    return pieces
+
+
+def canvas_prompt(rows: list[list[Piece]], n: int, length: int) -> Prompt:
+    """Pieces laid out from position 0 in each row: a list of token ids is fixed there, an int ``k`` leaves ``k``
+    positions free; the positions after the last piece are free too. ``rows`` holds ``n`` rows of pieces, or one,
+    repeated for every row. A ``ValueError`` names a row that does not fit in ``length`` or leaves nothing free."""
+    if len(rows) == 1:
+        rows = rows * n
+    if len(rows) != n:
+        raise ValueError(f"give one prompt or n = {n} prompts, got {len(rows)}")
+    ids = torch.zeros(n, length, dtype=torch.long)
+    fixed = torch.zeros(n, length, dtype=torch.bool)
+    for row, pieces in enumerate(rows):
+        at = 0
+        for piece in pieces:
+            if isinstance(piece, int):
+                if piece < 1:
+                    raise ValueError(f"prompt {row}: a span of {piece} positions; a span needs at least 1")
+                at += piece
+                continue
+            tokens = torch.tensor(piece, dtype=torch.long)[: max(length - at, 0)]  # [<= len(piece)]
+            ids[row, at : at + len(tokens)] = tokens
+            fixed[row, at : at + len(tokens)] = True
+            at += len(piece)
+        kept = sum(len(piece) for piece in pieces if not isinstance(piece, int))
+        if bool(fixed[row].all()):
+            raise ValueError(f"prompt {row} has {kept} tokens, which leaves nothing to generate in length = {length}")
+        if at > length:
+            raise ValueError(
+                f"prompt {row} needs {at} positions (its tokens and [MASK:k] spans), more than length = {length}"
+            )
+    return Prompt(ids, fixed)
+
+
 def prefix_prompt(prefixes: list[list[int]], n: int, length: int) -> Prompt:
     """One prefix per row: ``prefixes`` holds ``n`` lists of token ids, or one, repeated for every row. Each must be
     shorter than ``length`` (a sampler must have something to generate); a ``ValueError`` says which is not."""
-    if len(prefixes) == 1:
-        prefixes = prefixes * n
-    if len(prefixes) != n:
-        raise ValueError(f"give one prompt or n = {n} prompts, got {len(prefixes)}")
-    ids = torch.zeros(n, length, dtype=torch.long)
-    fixed = torch.zeros(n, length, dtype=torch.bool)
-    for row, prefix in enumerate(prefixes):
-        if len(prefix) >= length:
-            raise ValueError(
-                f"prompt {row} has {len(prefix)} tokens, which leaves nothing to generate in length = {length}"
-            )
-        ids[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-        fixed[row, : len(prefix)] = True
-    return Prompt(ids, fixed)
+    return canvas_prompt([[list(prefix)] for prefix in prefixes], n, length)
+
+
+def suffix_pieces(prefix: list[int], suffix: list[int], length: int) -> list[Piece]:
+    """A row that starts with ``prefix`` and ends with ``suffix`` at position ``length``, the middle generated."""
+    middle = length - len(prefix) - len(suffix)
+    if middle < 1:
+        raise ValueError(
+            f"a prompt of {len(prefix)} and a suffix of {len(suffix)} tokens leave nothing to generate in "
+            f"length = {length}"
+        )
+    return [prefix, middle, suffix]
 
 
 _GIVEN: ContextVar[Prompt | None] = ContextVar("cdlm_given", default=None)

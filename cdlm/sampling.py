@@ -20,16 +20,17 @@ class Samples:
     nfe: int
     seconds_per_sample: float
     seeds: list[int] = field(default_factory=list)
-    prompts: list[str] | None = None  # the prompt of each sample, if any
+    conditions: list[dict[str, str]] | None = None  # each sample's prompt / suffix / infill texts, if any
 
     def rows(self) -> list[dict]:
-        """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``; ``prompt`` when prompted)."""
+        """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``; with its ``prompt`` and ``suffix``
+        or ``infill`` template when conditioned)."""
         rows = [
             {"text": t, "ids": i.tolist(), "seed": s, "nfe": self.nfe, "seconds": self.seconds_per_sample}
             for t, i, s in zip(self.texts, self.ids, self.seeds)
         ]
-        for row, prompt in zip(rows, self.prompts or []):
-            row["prompt"] = prompt
+        for row, condition in zip(rows, self.conditions or []):
+            row.update(condition)
         return rows
 
 
@@ -56,17 +57,37 @@ def draw(
     batch_size: int | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
     prompt: list[str] | None = None,
+    suffix: str | None = None,
+    template: list[str] | None = None,
     **knobs,
 ) -> Samples:
     """Generate ``n`` samples in batches of ``batch_size`` (default: all at once) and time them; ``dtype`` is the
-    network's autocast dtype (None = full precision); ``prompt``: one text per sample that it starts with."""
+    network's autocast dtype (None = full precision); ``prompt``: one text per sample that it starts with;
+    ``suffix``: a text every sample ends with; ``template``: one infilling template per sample (``generate``)."""
     counter = NFECounter(callback)
     start = time.perf_counter()
+    conditioning = {"prompt": prompt, "suffix": suffix, "template": template}
     ids, texts = module.generate(
-        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, prompt=prompt, **knobs
+        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, **conditioning, **knobs
     )
     seconds = (time.perf_counter() - start) / max(n, 1)
-    return Samples(ids, texts, counter.nfe, seconds, [seed] * n, prompt)
+    return Samples(ids, texts, counter.nfe, seconds, [seed] * n, conditions(n, prompt, suffix, template))
+
+
+def conditions(
+    n: int, prompt: list[str] | None, suffix: str | None, template: list[str] | None
+) -> list[dict[str, str]] | None:
+    """Each sample's conditioning texts for its JSONL row (``prompt``, ``suffix``, ``infill``), or None."""
+    if prompt is None and suffix is None and template is None:
+        return None
+    rows: list[dict[str, str]] = [{} for _ in range(n)]
+    for row, text in zip(rows, prompt or []):
+        row["prompt"] = text
+    for row, text in zip(rows, template or []):
+        row["infill"] = text
+    for row in rows if suffix is not None else []:
+        row["suffix"] = suffix
+    return rows
 
 
 def draw_sharded(

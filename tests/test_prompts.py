@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from cdlm.module import DiffusionLM
-from cdlm.prompts import Prompt, prefix_prompt
+from cdlm.prompts import Prompt, canvas_prompt, parse_template, prefix_prompt, suffix_pieces
 from cdlm.samplers import SAMPLERS
 from tests.exact import LAWS, install_oracle
 from tests.test_exact_samplers import CASES, PAIRS, build
 
 PREFIXES = [[], [3], [1, 2], [5, 6, 7]]  # ragged: 0 to 3 fixed tokens of 4
+INFILLS = [[1, [4], 1, [6]], [[2], 2, [7]]]  # infilling canvases: _ 4 _ 6 and 2 _ _ 7
 FEW_STEPS = {"discrete": 16, "continuous": 8, "autoregressive": 1}
 
 
@@ -38,6 +39,9 @@ def test_every_sampler_keeps_a_ragged_prompt(objective_path: str, case: str) -> 
     assert ids.shape == (8, 4)
     for row, prefix in enumerate(PREFIXES * 2):
         assert ids[row, : len(prefix)].tolist() == prefix, (row, ids[row].tolist())
+    infill = canvas_prompt(INFILLS * 4, 8, 4)  # kept tokens between and after free spans
+    ids = generate(objective, case, 8, infill)
+    assert torch.equal(ids[infill.fixed], infill.ids[infill.fixed]), ids.tolist()
 
 
 def test_a_prompt_anywhere_is_kept():
@@ -86,6 +90,38 @@ def test_prompt_errors_say_what_is_wrong():
         module.generate(3, 4, "ancestral", 4, prompt=prefix_prompt([[1]], 2, 4))
 
 
+def test_templates_parse_into_kept_texts_and_spans_and_lay_out_on_the_canvas():
+    assert parse_template("KING [MASK:3] of [MASK:2].") == ["KING ", 3, " of ", 2, "."]
+    assert parse_template("[MASK:1]") == [1]
+    with pytest.raises(ValueError, match="has no \\[MASK:k\\] span"):
+        parse_template("KING of France")
+    with pytest.raises(ValueError, match="is empty"):
+        parse_template("KING [MASK:0]")
+    prompt = canvas_prompt([[[1, 2], 3, [4]], [1, [5]]], 2, 8)
+    assert prompt.fixed.tolist() == [[True, True, False, False, False, True, False, False], [False, True, *[False] * 6]]
+    assert prompt.ids[0].tolist() == [1, 2, 0, 0, 0, 4, 0, 0] and prompt.ids[1, 1] == 5
+    with pytest.raises(ValueError, match="needs 9 positions"):
+        canvas_prompt([[[1], 8]], 1, 8)
+    with pytest.raises(ValueError, match="has 3 tokens, which leaves nothing to generate in length = 3"):
+        canvas_prompt([[[1, 2, 3]]], 1, 3)
+    assert suffix_pieces([1], [2, 3], 6) == [[1], 3, [2, 3]]
+    with pytest.raises(ValueError, match="leave nothing to generate in length = 3"):
+        suffix_pieces([1], [2, 3], 3)
+
+
+def test_generate_keeps_a_template_and_a_suffix(tiny_run):
+    _, module = tiny_run  # character-level: one token per character
+    encode = module.tokenizer.encode
+    ids, texts = module.generate(3, 24, "ancestral", 8, template="KING [MASK:4] of [MASK:3].")
+    assert (ids[:, :5] == torch.tensor(encode("KING "))).all() and (ids[:, 9:13] == torch.tensor(encode(" of "))).all()
+    assert (ids[:, 16] == encode(".")[0]).all() and all(t.startswith("KING ") for t in texts)
+    ids, texts = module.generate(2, 20, "ancestral", 8, prompt=["ROMEO", "JULIET"], suffix="END")
+    assert (ids[:, -3:] == torch.tensor(encode("END"))).all() and all(t.endswith("END") for t in texts)
+    assert texts[0].startswith("ROMEO") and texts[1].startswith("JULIET")
+    with pytest.raises(ValueError, match="a template, or a prompt and / or a suffix, not both"):
+        module.generate(2, 20, "ancestral", 8, prompt="ROMEO", template="[MASK:2]")
+
+
 def test_prefix_prompt_and_leading():
     prompt = prefix_prompt([[1, 2], [3]], 2, 4)
     assert prompt.fixed.tolist() == [[True, True, False, False], [True, False, False, False]]
@@ -99,7 +135,8 @@ def test_cli_samples_start_with_the_prompt(tiny_run, tmp_path, capsys):
     from cdlm.cli import main
     from tests.runs import refused
 
-    run_dir, _ = tiny_run
+    run_dir, module = tiny_run
+    encode = module.tokenizer.encode
     out = tmp_path / "samples.jsonl"
     main(["sample", f"path={run_dir / 'final'}", "n=2", "length=24", "prompt=KING HENRY", f"out={out}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -120,6 +157,19 @@ def test_cli_samples_start_with_the_prompt(tiny_run, tmp_path, capsys):
     assert 'line 1: a JSON line needs a "prompt" string' in err
     err = refused(["sample", f"path={run_dir / 'final'}", "prompt=a", f"prompt_file={prompts}"], capsys)
     assert "give prompt= or prompt_file=, not both" in err
+    out3 = tmp_path / "infill.jsonl"
+    main(["sample", f"path={run_dir / 'final'}", "n=2", "length=24", "infill=KING [MASK:6] of France", f"out={out3}"])
+    rows = [json.loads(line) for line in out3.read_text().splitlines()]
+    kept = encode(" of France")
+    assert all(r["infill"] == "KING [MASK:6] of France" and r["ids"][11:21] == kept for r in rows), rows
+    err = refused(["sample", f"path={run_dir / 'final'}", "infill=KING of France"], capsys)
+    assert "infill: template 'KING of France' has no [MASK:k] span" in err
+    err = refused(["sample", f"path={run_dir / 'final'}", "infill=[MASK:2]", "prompt=a"], capsys)
+    assert "infill= takes no prompt=" in err
+    main(["sample", f"path={run_dir / 'final'}", "n=1", "length=12", "prompt=1599", f"out={tmp_path / 'n.jsonl'}"])
+    assert json.loads((tmp_path / "n.jsonl").read_text())["prompt"] == "1599"  # text as typed, not a number
+    err = refused(["sample", f"path={run_dir / 'final'}", "length=8", "infill=[MASK:2] of France"], capsys)
+    assert "infill: prompt 0 needs 12 positions" in err
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
