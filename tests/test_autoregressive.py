@@ -183,3 +183,18 @@ def test_tiny_run_loss_falls_and_generates(tmp_path):
     assert cdlm.load(folder).objective.backbone.mask_mode == "causal"
     ids, texts = module.generate(2, 32, "autoregressive", steps=1, seed=0)
     assert ids.shape == (2, 32) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+
+
+@torch.no_grad()
+def test_conditional_nll_is_the_exact_nll_of_the_tokens_after_the_prompt(ar_objective):
+    x = torch.randint(0, 11, (2, 6))
+    padding = torch.ones(2, 6, dtype=torch.bool)
+    padding[1, 5:] = False
+    fixed = torch.tensor([[True, True, False, False, False, False], [True, False, False, False, False, False]])
+    batch = {"input_ids": x, "attention_mask": padding}
+    full, given = ar_objective.eval().nll(batch), ar_objective.conditional_nll(batch, fixed)
+    free = padding & ~fixed
+    assert torch.equal(given.mask, free) and torch.equal(given.nll, full.nll * free)
+    assert float(given.nll.sum()) < float(full.nll.sum())  # the prompt's own tokens are not charged
+    with pytest.raises(ValueError, match="fixed positions before the free ones"):
+        ar_objective.conditional_nll(batch, torch.tensor([[False, True, False, False, False, False]] * 2))

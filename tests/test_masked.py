@@ -33,12 +33,15 @@ def test_loss_shapes_and_padding_ignored(masked_objective):
     assert all(p.grad is not None for p in masked_objective.head.parameters())
 
 
-def exact_nelbo(obj: MaskedDiffusion, x: torch.Tensor) -> float:
-    """Continuous-time NELBO of one sequence by enumerating every mask pattern and integrating over t."""
-    L = x.shape[1]
+def exact_nelbo(obj: MaskedDiffusion, x: torch.Tensor, fixed: torch.Tensor | None = None) -> float:
+    """Continuous-time NELBO of one sequence by enumerating every mask pattern and integrating over t; positions in
+    ``fixed`` ``[1, L]`` are never masked (the conditional bound)."""
+    fixed = torch.zeros_like(x, dtype=torch.bool) if fixed is None else fixed
+    L = int((~fixed).sum())
     terms = []  # (number masked, sum of masked CE) per pattern
     for pattern in itertools.product([False, True], repeat=L):
-        masked = torch.tensor(pattern)[None]
+        masked = torch.zeros_like(fixed)
+        masked[~fixed] = torch.tensor(pattern)
         z = torch.where(masked, obj.mask_id, x)
         logp = obj.denoise(z, torch.tensor([0.5])).double()  # not time-conditioned: t is ignored
         ce = -logp.gather(-1, x[..., None])[..., 0]
@@ -66,6 +69,28 @@ def test_nelbo_matches_exact_enumeration():
     estimate, stderr = per_seq.mean().item(), per_seq.std().item() / math.sqrt(n)
     assert abs(estimate - exact) < 4 * stderr + 1e-3, (estimate, exact, stderr)
     assert exact > 0
+
+
+@torch.no_grad()
+def test_conditional_nelbo_keeps_the_fixed_tokens_and_matches_exact_enumeration():
+    """V = 3, L = 3, the first token given: the Monte Carlo ``conditional_nll`` equals the integral over the mask
+    patterns of the two free positions only, and no term falls on the fixed position."""
+    torch.manual_seed(0)
+    obj = MaskedDiffusion(tiny_backbone(), vocab_size=3).eval()
+    x, fixed = torch.tensor([[2, 0, 1]]), torch.tensor([[True, False, False]])
+    exact = exact_nelbo(obj, x, fixed)
+    n = 100_000
+    batch = {
+        "input_ids": x.expand(n, 3),
+        "attention_mask": torch.ones(n, 3, dtype=torch.bool),
+        "u": (torch.arange(n, dtype=torch.float64) + 0.5) / n,
+    }
+    out = obj.conditional_nll(batch, fixed.expand(n, 3))
+    assert (out.nll[:, 0] == 0).all() and out.mask[:, 0].logical_not().all() and out.mask[:, 1:].all()
+    per_seq = out.nll.double().sum(1)  # [n]
+    estimate, stderr = per_seq.mean().item(), per_seq.std().item() / math.sqrt(n)
+    assert abs(estimate - exact) < 4 * stderr + 1e-3, (estimate, exact, stderr)
+    assert exact < exact_nelbo(obj, x) - 0.1  # the first token's own cost is not charged
 
 
 @torch.no_grad()

@@ -77,6 +77,19 @@ class Autoregressive(nn.Module):
         nll = torch.where(padding, ce, 0.0)
         return LossOutput(nll.sum() / padding.sum().clamp_min(1), nll, padding)
 
+    def conditional_nll(self, batch: Batch, fixed: torch.Tensor) -> LossOutput:
+        """The exact ``-log p(x_free | x_fixed)`` per free token when the ``fixed`` ``[B, L]`` (bool) positions of
+        each row come before its free ones (a prompt); a ``ValueError`` otherwise, where the left-to-right
+        factorisation does not condition on the later fixed tokens."""
+        padding = batch["attention_mask"].bool()
+        free = padding & ~fixed  # [B, L]
+        after_free = free.long().cumsum(1) > 0  # [B, L]: at or after the row's first free position
+        if bool((after_free & fixed & padding).any()):
+            raise ValueError("the autoregressive conditional NLL needs the fixed positions before the free ones")
+        out = self.nll(batch)
+        nll = out.nll * free
+        return LossOutput(nll.sum() / free.sum().clamp_min(1), nll, free)
+
     def loss(self, batch: Batch) -> LossOutput:
         """Training loss: mean next-token cross-entropy over the valid tokens (no noise, no time)."""
         return self.nll(batch)

@@ -91,15 +91,19 @@ class MaskedDiffusion(nn.Module):
         """The absorbing prior: every position masked, ``[n, length]``."""
         return torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
 
-    def nelbo(self, x: torch.Tensor, padding: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token NELBO terms ``[B, L]`` (nats) and the masked-position indicator, one mask draw per row.
+    def nelbo(
+        self, x: torch.Tensor, padding: torch.Tensor, t: torch.Tensor, fixed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NELBO terms ``[B, L]`` (nats) and the masked-position indicator, one mask draw per row;
+        positions in ``fixed`` ``[B, L]`` (bool, or None) are never masked and carry no term.
 
         Static shapes and no host sync: the cross-entropy is taken at every position and multiplied by the mask
         (docs/math.md §1's indicator), in chunks of positions so that the ``[B, L, V]`` logits never exist whole
         (``chunked_cross_entropy``).
         """
         alpha = self.schedule.alpha(t)[:, None]  # [B, 1]
-        masked = (draws.rand(*x.shape, device=x.device) < 1 - alpha) & padding  # [B, L]
+        maskable = padding if fixed is None else padding & ~fixed  # [B, L]
+        masked = (draws.rand(*x.shape, device=x.device) < 1 - alpha) & maskable  # [B, L]
         z = torch.where(masked, self.mask_id, x)
         h = self.hidden(z, t, padding)  # [B, L, D]
         ce = self.masked_cross_entropy(h, x, masked)  # [B, L]
@@ -137,3 +141,13 @@ class MaskedDiffusion(nn.Module):
         t = u.clamp_min(1e-6)
         nll, _ = self.nelbo(x, padding, t)
         return LossOutput(nll.sum() / padding.sum().clamp_min(1), nll, padding)
+
+    def conditional_nll(self, batch: Batch, fixed: torch.Tensor) -> LossOutput:
+        """A one-sample bound of ``-log p(x_free | x_fixed)``: the NELBO of the tokens not in ``fixed`` ``[B, L]``
+        (bool) while the fixed ones stay visible at every noise level (docs/math.md §1, "Conditional bound"), as the
+        samplers keep a prompt. Terms per free token; average several calls for a tighter estimate."""
+        x, padding = batch["input_ids"], batch["attention_mask"].bool()
+        t = training_u(batch).clamp_min(1e-6)
+        nll, _ = self.nelbo(x, padding, t, fixed)
+        free = padding & ~fixed  # [B, L]
+        return LossOutput(nll.sum() / free.sum().clamp_min(1), nll, free)
