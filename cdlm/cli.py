@@ -38,6 +38,13 @@ def sample(argv: list[str]) -> list[dict]:
         if opts.devices > 1:
             raise ConfigError("trace= records the sampler steps of one process: use devices=1 with trace=")
         recorder = trace_recorder(module.objective, length, sampler=node.name, steps=node.steps)
+        conditioning = opts.conditioning()
+        if any(value is not None for value in conditioning.values()):  # the prompt shown as kept at every step
+            n = opts.n if conditioning["prompt"] is None else len(conditioning["prompt"])
+            try:
+                recorder.keep(module.canvas(n=n, length=length, **conditioning))
+            except ValueError as err:
+                raise ConfigError(f"{'infill' if opts.infill is not None else 'prompt'}: {err}") from err
     samples = api.draw_samples(module, opts, node, length, callback=recorder)
     if samples_is_rank_zero():
         for i, text in enumerate(samples.texts):

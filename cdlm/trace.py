@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from cdlm.prompts import Prompt
 from cdlm.types import BlockwiseObjective, ContinuousObjective, SamplerStep
 
 DecodeIds = Callable[[SamplerStep], tuple[torch.Tensor, torch.Tensor | None]]
@@ -146,6 +147,7 @@ class TraceRow:
     masked: torch.Tensor  # bool, still masked (or not generated yet) after the step
     committed: torch.Tensor  # bool, newly committed at this step
     confidence: torch.Tensor | None  # float16 in [0, 1], continuous traces only
+    fixed: torch.Tensor | None = None  # bool, the prompt's positions (kept, never generated), if prompted
 
 
 class TraceRecorder:
@@ -175,6 +177,14 @@ class TraceRecorder:
         self.sampler, self.steps = sampler, steps
         self.rows: list[TraceRow] = []
         self._offset, self._batch, self._last_index, self._last_nfe = 0, 0, None, 0
+        self.prompt_ids: torch.Tensor | None = None  # [L] int64: the recorded sample's kept tokens, if prompted
+        self.fixed: torch.Tensor | None = None  # [L] bool: where they are
+
+    def keep(self, prompt: Prompt) -> None:
+        """Show the recorded sample's prompt (``cdlm.prompts.Prompt`` of the whole ``generate`` call) as kept
+        tokens at every step: never masked, never "committed" (docs/sampling.md, "Prompts")."""
+        self.prompt_ids = prompt.ids[self.sample_index].detach().to("cpu", torch.int64)
+        self.fixed = prompt.fixed[self.sample_index].detach().to("cpu")
 
     def __call__(self, step: SamplerStep) -> None:
         if self._last_index is not None and step.index <= self._last_index and step.nfe <= self._last_nfe:
@@ -185,6 +195,8 @@ class TraceRecorder:
             return
         ids, confidence = self.decode_ids(one_sample(step, row))
         ids = ids[0].detach().to("cpu", torch.int64, copy=True)  # [L]; a copy: samplers update states in place
+        if self.fixed is not None:  # the prompt's tokens, also where a left-to-right trace has not reached them yet
+            ids = torch.where(self.fixed, self.prompt_ids, ids)
         masked = ids < 0  # PENDING: not generated yet
         if self.mask_id is not None:
             masked |= ids == self.mask_id
@@ -195,8 +207,11 @@ class TraceRecorder:
         else:  # changed since the previous step, or newly generated
             changed = (ids != previous.ids) | previous.masked if previous is not None else torch.ones_like(masked)
             committed = changed & ~masked
+        if self.fixed is not None:
+            committed &= ~self.fixed
         conf = None if confidence is None else confidence[0].detach().float().clamp(0, 1).to("cpu", torch.float16)
-        self.rows.append(TraceRow(step.index, float(step.t), int(step.nfe), ids, masked, committed, conf))
+        row = TraceRow(step.index, float(step.t), int(step.nfe), ids, masked, committed, conf, self.fixed)
+        self.rows.append(row)
 
     @property
     def nfe(self) -> int:
@@ -220,7 +235,7 @@ padding:.4em 0}body.js .controls{display:flex}#slider{flex:1}
 .tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9;word-break:break-all}
 .tok{padding:1px 0}.m{display:inline-block;width:.9ch;height:1.1em;vertical-align:middle;background:#bbb;
 border-radius:2px;margin:0 1px}.new{background:#ffe066;border-radius:2px;box-shadow:0 0 0 1px #e0b000}
-.nl,.sp{color:#999}
+.nl,.sp{color:#999}.fix{background:#dbe9ff;border-radius:2px}
 """
 
 JS = """
@@ -254,6 +269,11 @@ def row_html(row: TraceRow, number: int, decode: Callable[[int], str]) -> str:
         if row.masked[i]:
             what = "not generated yet" if token < 0 else "masked"
             spans.append(f'<span class="tok m" title="{what}, position {i}"></span>')
+            continue
+        if row.fixed is not None and row.fixed[i]:
+            spans.append(
+                f'<span class="tok fix" title="prompt (kept), id {token}, position {i}">{decode(token)}</span>'
+            )
             continue
         cls = "tok new" if row.committed[i] else "tok"
         style = ""
@@ -324,6 +344,8 @@ def render_html(
         legend = '<span class="m"></span> masked &nbsp; ' + legend
     if any(r.confidence is not None for r in rows):
         legend += " &nbsp; opacity = confidence"
+    if any(r.fixed is not None and bool(r.fixed.any()) for r in rows):
+        legend = '<span class="fix">x</span> prompt (kept) &nbsp; ' + legend
     controls = (
         f'<div class="controls"><button id="play">play</button><input id="slider" type="range" min="0" '
         f'max="{len(rows) - 1}" value="{len(rows) - 1}"><span id="label"></span></div>'
@@ -341,4 +363,4 @@ def _remask(row: TraceRow, mask_id: int, previous: TraceRow | None) -> TraceRow:
     """``row`` with masked / committed recomputed for ``mask_id`` (when it differs from the recorder's)."""
     masked = (row.ids == mask_id) | (row.ids < 0)
     was_masked = (previous.ids == mask_id) | (previous.ids < 0) if previous is not None else torch.ones_like(masked)
-    return TraceRow(row.index, row.t, row.nfe, row.ids, masked, was_masked & ~masked, row.confidence)
+    return TraceRow(row.index, row.t, row.nfe, row.ids, masked, was_masked & ~masked, row.confidence, row.fixed)

@@ -286,3 +286,27 @@ def test_cli_trace_needs_one_process(tmp_path, capsys) -> None:
     final = run.module.save_pretrained(tmp_path / "run" / "final")
     err = refused(["sample", f"path={final}", "devices=2", f"trace={tmp_path / 't.html'}"], capsys)
     assert "use devices=1 with trace=" in err and not (tmp_path / "t.html").exists()
+
+
+FIXED = re.compile(r'<span class="tok fix" title="prompt \(kept\), id (\d+), position (\d+)">')
+
+
+@pytest.mark.parametrize("name", ["masked", "autoregressive", "langflow"])
+def test_cli_trace_shows_the_prompt_as_kept_at_every_step(name: str, tmp_path, capsys) -> None:
+    """``prompt=`` / ``infill=`` with ``trace=``: every step shows the prompt's tokens at their positions, marked as
+    kept (never masked, not generated yet, or committed); the free positions are traced as before."""
+    overrides = {"masked": [], "autoregressive": CLI_RUNS["autoregressive"][0], "langflow": CLI_RUNS["langflow"][0]}
+    run = prepare(compose([*TINY, *overrides[name], f"run_dir={tmp_path / 'run'}"]))
+    final = run.module.save_pretrained(tmp_path / "run" / "final")
+    trace = tmp_path / "trace.html"
+    main(
+        ["sample", f"path={final}", "n=2", "length=16", "sampler.steps=4", "infill=KING [MASK:4] of", f"trace={trace}"]
+    )
+    page = trace.read_text()
+    steps = STEP_DIV.findall(page)
+    kept = [int(m[2]) for m in FIXED.finditer(page)]
+    assert kept == [*range(5), *range(9, 12)] * len(steps), kept  # "KING " and " of", every step
+    encode = run.module.tokenizer.encode
+    assert [int(m[1]) for m in FIXED.finditer(page)][:8] == encode("KING ") + encode(" of")
+    assert "prompt (kept)" in page.split('<div class="step"')[0]  # the legend
+    capsys.readouterr()
