@@ -226,6 +226,8 @@ class DiffusionLM(L.LightningModule):
                         extra["fixed"] = fixed
                     elif fixed is not None:  # masked samplers keep the visible tokens of their starting state
                         x = fixed.apply(x)
+                    if stop_at_eos and spec.takes_stop and self.tokenizer is not None:
+                        extra["stop_id"] = self.tokenizer.eos_id  # the rows after their EOS are padded below
                     with given(fixed):  # an objective trained with clean spans reads the prompt clean
                         chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra))
         self.train(was_training)

@@ -198,3 +198,33 @@ def test_conditional_nll_is_the_exact_nll_of_the_tokens_after_the_prompt(ar_obje
     assert float(given.nll.sum()) < float(full.nll.sum())  # the prompt's own tokens are not charged
     with pytest.raises(ValueError, match="fixed positions before the free ones"):
         ar_objective.conditional_nll(batch, torch.tensor([[False, True, False, False, False, False]] * 2))
+
+
+@torch.no_grad()
+def test_rows_stop_at_their_eos_and_the_batch_ends_when_every_row_has(ar_objective):
+    """``stop_id``: the same draws as the full-length run up to each row's first stop token (the generator is read
+    in the same order), padding after it once cut, and no network call after the last row has stopped; a suffix
+    fixed after the stop keeps its tokens."""
+    from cdlm.prompts import canvas_prompt, cut_at_eos
+
+    stop, pad = 3, 0
+    ar_objective.head.bias[stop] = 2.0  # p(stop) about 0.4 per position: every row stops within a few tokens
+    spec, L = get_sampler("autoregressive", ar_objective), 24
+    calls = []
+
+    def run(**kwargs) -> torch.Tensor:
+        calls.append(0)
+        counter = lambda step: calls.__setitem__(-1, step.nfe)  # noqa: E731
+        g = torch.Generator().manual_seed(0)
+        return spec.fn(
+            ar_objective, ar_objective.prior(4, L, "cpu"), spec.grid(L), generator=g, callback=counter, **kwargs
+        )
+
+    full, early = run(), run(stop_id=stop)
+    assert torch.equal(cut_at_eos(early, stop, pad), cut_at_eos(full, stop, pad))
+    assert calls[0] == L and calls[1] < L / 2, calls  # the early run stopped once every row had drawn the stop
+    suffix = canvas_prompt([[[], L - 2, [5, 6]]], 4, L)
+    kept = run(fixed=suffix, stop_id=stop)
+    assert (kept[:, -2:] == torch.tensor([5, 6])).all() and (
+        cut_at_eos(kept, stop, pad, suffix.fixed)[:, -2:] == torch.tensor([5, 6])
+    ).all()

@@ -76,23 +76,34 @@ def sample_autoregressive(
     top_k: int = 0,
     cache: bool = True,
     fixed: Prompt | None = None,
+    stop_id: int | None = None,
 ) -> torch.Tensor:
     """Fill ``x`` ``[B, L]`` left to right, one network call per position; ``ts`` is unused.
 
     ``temperature=0`` is greedy decoding; ``top_k`` (0 = off) is applied before ``top_p``. ``cache=False`` runs
     the full prefix at every step. The callback's ``t`` is the fraction of positions still to generate. ``fixed``:
     a prompt; its tokens are kept, the batch's common fixed prefix is read in one (cached) call, and a row's fixed
-    position later on is fed as it is instead of drawn.
+    position later on is fed as it is instead of drawn. ``stop_id``: once every row has drawn it (a row's EOS;
+    not a fixed token), the positions left are not drawn and keep ``stop_id``; the caller pads them
+    (``cdlm.prompts.cut_at_eos``), as it pads a row's positions after its first EOS.
     """
     B, L = x.shape
     x = x.clone() if fixed is None else fixed.apply(x)
     kv = objective.new_cache(L) if cache else None
     start = 0 if fixed is None else fixed.leading()
     nfe = 0
+    stopped = torch.zeros(B, dtype=torch.bool, device=x.device)  # [B]: the row has drawn stop_id
     for i in range(start, L):
         logits, nfe = objective.next_logits(x[:, :i], kv), nfe + 1  # [B, V]
         draw = next_token(logits, temperature, top_p, top_k, generator)  # [B]
-        x[:, i] = draw if fixed is None else torch.where(fixed.fixed[:, i], x[:, i], draw)
+        drawn = torch.ones_like(stopped) if fixed is None else ~fixed.fixed[:, i]  # [B]
+        x[:, i] = torch.where(drawn, draw, x[:, i])
         if callback is not None:
             callback(SamplerStep(i, 1.0 - (i + 1) / L, x, None, nfe))
+        if stop_id is not None:
+            stopped |= drawn & (draw == stop_id)
+            if bool(stopped.all()):  # one host sync per token, only when asked to stop
+                rest = x[:, i + 1 :]
+                x[:, i + 1 :] = stop_id if fixed is None else torch.where(fixed.fixed[:, i + 1 :], rest, stop_id)
+                break
     return x

@@ -32,7 +32,7 @@ from cdlm.types import Space
 Grid = Callable[[int, torch.device], torch.Tensor]
 # the parameters every sampler takes (``fixed``, a prompt's positions, only those that keep them outside the state:
 # masked samplers keep the visible tokens of ``x``); the rest are knobs
-SHARED = ("objective", "x", "ts", "generator", "callback", "fixed")
+SHARED = ("objective", "x", "ts", "generator", "callback", "fixed", "stop_id")
 
 
 class Constraint(Protocol):
@@ -171,6 +171,12 @@ class SamplerSpec:
         """Whether the sampler takes a prompt as ``fixed=`` (``cdlm.prompts``); the others keep the visible tokens
         of their starting state."""
         return "fixed" in inspect.signature(self.fn).parameters
+
+    @property
+    def takes_stop(self) -> bool:
+        """Whether the sampler ends early once every row has drawn ``stop_id`` (``generate(stop_at_eos=True)``
+        passes the EOS id); the others draw the whole length and the result is cut after."""
+        return "stop_id" in inspect.signature(self.fn).parameters
 
     def knobs(self) -> list[str]:
         """The keyword arguments the sampler accepts beyond the shared signature."""
