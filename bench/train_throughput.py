@@ -156,10 +156,16 @@ def optimizer_for(model: nn.Module, device: torch.device) -> torch.optim.Optimiz
 
 
 def cdlm_loss(objective: nn.Module) -> Callable[[Batch], tuple[torch.Tensor, float]]:
-    """The diffusion objective's training loss and its masked fraction."""
+    """The diffusion objective's training loss and its masked fraction, with its noise drawn per global row as a
+    training step draws it (``cdlm.draws.row_draws``, one generator per row)."""
+    from cdlm.draws import row_draws
+
+    steps = iter(range(1 << 62))
 
     def loss(batch: Batch) -> tuple[torch.Tensor, float]:
-        out = objective.loss(batch)
+        rows = list(range(batch["input_ids"].shape[0]))
+        with row_draws(0, next(steps), 0, rows, batch["input_ids"].device):
+            out = objective.loss(batch)
         return out.loss, out.logs["masked_fraction"]
 
     return loss
