@@ -30,6 +30,7 @@ from cdlm.module import DiffusionLM
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.options import (
     DEFAULT_EVAL_N,
+    DEFAULT_PROMPT_TOKENS,
     DEFAULT_SEEDS,
     EvalOptions,
     SampleOptions,
@@ -191,10 +192,13 @@ def evaluate(
     sampler_options: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
     write: bool = True,
+    prompts: str | None = None,
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
 ) -> Evaluation:
     """The evaluation protocol of ``cdlm eval`` (docs/math.md §8): validation bound, Gen PPL under ``judge`` and
-    entropy over ``seeds``, the reference row, zero-shot bounds. With ``write``, the result goes to ``out``
-    (default: ``eval_<sampler>_<steps>.json`` beside the model)."""
+    entropy over ``seeds``, the reference row, zero-shot bounds; ``prompts="val"``: the conditional protocol
+    (continuations of ``prompt_tokens``-token validation prompts, judged given them). With ``write``, the result goes
+    to ``out`` (default: ``eval_<sampler>_<steps>.json`` beside the model)."""
     opts = checked(
         EvalOptions,
         path=str(path),
@@ -209,6 +213,8 @@ def evaluate(
         out=None if out is None else str(out),
         batch_size=batch_size,
         device=device,
+        prompts=prompts,
+        prompt_tokens=prompt_tokens,
     )
     return evaluate_options(opts, sampler, sampler_options, write=write)
 
@@ -234,6 +240,8 @@ def evaluate_options(
         zero_shot=opts.zero_shot,
         zero_shot_tokens=opts.zero_shot_tokens,
         batch_size=opts.batch_size,
+        prompts=opts.prompts,
+        prompt_tokens=opts.prompt_tokens,
     )
     result["model"] = str(opts.path)
     out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from cdlm.config import instantiate
+from cdlm.conditional_eval import conditional_scores, split_windows
+from cdlm.config import ConfigError, instantiate
 from cdlm.device import device_name
 from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, UnigramModel, build_judge, unigram_bound
 from cdlm.metrics.likelihood import score_batches
 from cdlm.metrics.unigram import ALPHA, TokenStream
 from cdlm.module import DiffusionLM
-from cdlm.options import DEFAULT_EVAL_N, DEFAULT_SEEDS, sample_length
+from cdlm.options import DEFAULT_EVAL_N, DEFAULT_PROMPT_TOKENS, DEFAULT_SEEDS, sample_length
 from cdlm.sampling import draw
 
 
@@ -171,8 +172,14 @@ def evaluate(
     zero_shot: list[str] | None = None,
     zero_shot_tokens: int | None = None,
     batch_size: int | None = None,
+    prompts: str | None = None,
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
 ) -> dict:
     """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars).
+
+    ``prompts="val"``: the conditional protocol (``cdlm.conditional_eval``): every sample continues the first
+    ``prompt_tokens`` tokens of a validation window, and Gen PPL, entropy and distinct-n are the continuations',
+    given their prompts, in the samples', reference and unigram rows.
 
     ``zero_shot``: corpora (``cdlm.zero_shot.resolve`` specs: files, folders, ``hf:`` datasets, standard names) whose
     likelihood bound is added as ``result["zero_shot"]``, one row each (at most ``zero_shot_tokens`` tokens each).
@@ -182,6 +189,8 @@ def evaluate(
     from cdlm.zero_shot import resolve, zero_shot_table
 
     length = sample_length(module.config, length)
+    if prompts is not None and not 0 < prompt_tokens < length:
+        raise ConfigError(f"prompt_tokens={prompt_tokens} must lie in [1, length - 1] with length={length}")
     # first: a judge that cannot be loaded fails before any work
     scorer = build_judge(judge, device=module.device) if judge else None
     for corpus in zero_shot or []:
@@ -193,10 +202,16 @@ def evaluate(
     if zero_shot:
         result["zero_shot"] = zero_shot_table(module, zero_shot, max_tokens=zero_shot_tokens)
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
+    given = None  # the conditional protocol's (prompts [n, k], true continuations [n, length - k])
+    if prompts is not None:
+        given = split_windows(reference_texts(module, n, length)[1], prompt_tokens)
+        knobs["prompt"] = [row.tolist() for row in given[0]]
     for seed in range(seeds):
         samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, batch_size=batch_size, **knobs)
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
-        if scorer is not None:
+        if scorer is not None and given is not None:
+            row |= conditional_scores(scorer, module.tokenizer, given[0], samples.ids[:, prompt_tokens:])
+        elif scorer is not None:
             row |= generative_scores(scorer, samples.texts, samples.ids)
         result["per_seed"].append(row)
     for key in result["per_seed"][0]:
@@ -204,15 +219,32 @@ def evaluate(
             mean, std = mean_std([float(r[key]) for r in result["per_seed"]])
             metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean, std
     metrics["nfe"] = result["per_seed"][0]["nfe"]
-    if scorer is not None and reference:
+    if scorer is not None and reference and given is not None:
+        result["reference"] = conditional_scores(scorer, module.tokenizer, *given)
+        _, ids = unigram_texts(module, train_unigram(module), n, length - prompt_tokens)
+        result["unigram_draws"] = conditional_scores(scorer, module.tokenizer, given[0], ids)
+    elif scorer is not None and reference:
         texts, ids = reference_texts(module, n, length)
         result["reference"] = generative_scores(scorer, texts, ids)
         texts, ids = unigram_texts(module, train_unigram(module), n, length)
         result["unigram_draws"] = generative_scores(scorer, texts, ids)
     result["protocol"] = protocol(module, scorer, sampler, n, length, seeds)
+    if given is not None:
+        result["protocol"]["conditional"] = conditional_protocol(prompts, prompt_tokens, length)
     if zero_shot:
         result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
     return result
+
+
+def conditional_protocol(source: str, prompt_tokens: int, length: int) -> str:
+    """What the conditional rows mean (``cdlm.conditional_eval``)."""
+    return (
+        f"prompts={source}: the first {prompt_tokens} tokens of n validation windows of {length} tokens (evenly "
+        f"spaced over the split); samples, the true continuations (reference) and {length - prompt_tokens} "
+        "independent unigram draws (unigram_draws) continue them; gen_ppl is the judge's token-weighted perplexity "
+        "of each continuation given its prompt (each encoded apart by the judge), entropy and distinct-n are the "
+        "continuations' own ids"
+    )
 
 
 ZERO_SHOT_PROTOCOL = (
@@ -271,6 +303,8 @@ def summary(result: dict) -> str:
     lines = [f"validation bound: {m['val_bpc']:.4f}{se} bits/char, PPL {m['val_ppl']:.2f}"] if "val_bpc" in m else []
     if result.get("unigram"):
         lines.append(unigram_line(m, result["unigram"]))
+    if result.get("protocol", {}).get("conditional"):
+        lines.append(f"conditional protocol: {result['protocol']['conditional']}")
     if "gen_ppl_mean" in m:
         lines.append(
             f"samples ({result['protocol']['sampler']['name']}, NFE {m['nfe']}): Gen PPL {m['gen_ppl_mean']:.2f} "

@@ -21,6 +21,8 @@ from cdlm.config import SAMPLE_LENGTH, SAMPLE_N, ConfigError, _parse_value, buil
 
 DEFAULT_EVAL_N = 16
 """Samples per seed that ``cdlm eval`` (and ``cdlm.api.evaluate``) draw by default."""
+DEFAULT_PROMPT_TOKENS = 64
+"""Prompt tokens of the conditional protocol (``cdlm eval prompts=val``)."""
 DEFAULT_SEEDS = 3
 """Seeds that ``cdlm eval`` (and ``cdlm.api.evaluate``) draw samples with by default."""
 
@@ -168,11 +170,20 @@ class EvalOptions:
     out: str | None = option(None, "the result JSON (default: eval_<sampler>_<steps>.json beside the model)")
     batch_size: int | None = option(None, "samples per sampler call (default: all n at once)")
     device: str = option("auto", "auto (cuda where there is one, else cpu), cpu, cuda or cuda:N; the judge runs there")
+    prompts: str | None = option(None, "val: continue prompts from validation windows, judged given their prompt")
+    prompt_tokens: int = option(DEFAULT_PROMPT_TOKENS, "tokens of each prompt (prompts=val)")
 
     def __post_init__(self) -> None:
         require_path(self.path)
-        for name in ("n", "length", "seeds", "zero_shot_tokens", "batch_size"):
+        for name in ("n", "length", "seeds", "zero_shot_tokens", "batch_size", "prompt_tokens"):
             positive(name, getattr(self, name))
+        if self.prompts is not None and self.prompts != "val":
+            raise ConfigError(f"prompts={self.prompts!r} is not a prompt source; valid: val")
+        if self.prompts is not None and self.length is not None and self.prompt_tokens >= self.length:
+            raise ConfigError(
+                f"prompt_tokens={self.prompt_tokens} leaves nothing to generate in length={self.length}; "
+                "give prompt_tokens < length"
+            )
         if self.val_batches is not None and self.val_batches < 0:
             raise ConfigError(f"val_batches must be >= 0 (0 skips the bound), got {self.val_batches}")
         check_device(self.device)

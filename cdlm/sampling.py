@@ -20,7 +20,7 @@ class Samples:
     nfe: int
     seconds_per_sample: float
     seeds: list[int] = field(default_factory=list)
-    conditions: list[dict[str, str]] | None = None  # each sample's prompt / suffix / infill texts, if any
+    conditions: list[dict] | None = None  # each sample's prompt (text or ids) / suffix / infill, if any
 
     def rows(self) -> list[dict]:
         """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``; with its ``prompt`` and ``suffix``
@@ -56,7 +56,7 @@ def draw(
     callback=None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
-    prompt: list[str] | None = None,
+    prompt: list[str] | list[list[int]] | None = None,
     suffix: str | None = None,
     template: list[str] | None = None,
     **knobs,
@@ -75,12 +75,12 @@ def draw(
 
 
 def conditions(
-    n: int, prompt: list[str] | None, suffix: str | None, template: list[str] | None
-) -> list[dict[str, str]] | None:
+    n: int, prompt: list[str] | list[list[int]] | None, suffix: str | None, template: list[str] | None
+) -> list[dict] | None:
     """Each sample's conditioning texts for its JSONL row (``prompt``, ``suffix``, ``infill``), or None."""
     if prompt is None and suffix is None and template is None:
         return None
-    rows: list[dict[str, str]] = [{} for _ in range(n)]
+    rows: list[dict] = [{} for _ in range(n)]
     for row, text in zip(rows, prompt or []):
         row["prompt"] = text
     for row, text in zip(rows, template or []):

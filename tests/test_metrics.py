@@ -81,6 +81,20 @@ def test_hf_judge_matches_manual_logits(judge):
     assert judge.score(["x"])[0][1] == 1  # the first token is scored (from the prepended EOS)
 
 
+def test_hf_judge_scores_a_text_given_its_prompt_by_the_chain_rule(judge):
+    """``score_given``: -log p(text | prompt) = -log p(prompt + text) + log p(prompt), prompt and text encoded
+    apart; a continuation longer than the judge's window is read in windows after as much context as fits."""
+    prompts, texts = ["To be, or not", "", "All the world"], [" to be", "O", "'s a stage, and all the men and women"]
+    for prompt, text, (nll, n) in zip(prompts, texts, judge.score_given(prompts, texts)):
+        p, t = judge.tokenizer(prompt)["input_ids"], judge.tokenizer(text)["input_ids"]
+        assert n == len(t) and nll == pytest.approx(manual_ids_nll(judge, p + t) - manual_ids_nll(judge, p), rel=1e-5)
+    long = " ".join(SENTENCES * 4)
+    [(nll, n)] = judge.score_given(["Once"], [long])
+    assert n == len(judge.encode(long)) > judge.max_length and nll > 0
+    with pytest.raises(ValueError, match="one prompt per text"):
+        judge.score_given(["a"], ["b", "c"])
+
+
 def test_text_after_first_eos_is_ignored(judge):
     (base, n_base), (cut, n_cut), (other, n_other) = judge.score(
         ["To be, or not", f"To be, or not{EOT}", f"To be, or not{EOT} all the world's a stage{EOT} more"]
@@ -235,6 +249,16 @@ def test_cdlm_judge_equals_objective_nll(autoregressive_run):
     nll, n = CdlmJudge(str(directory), max_length=16).score([long])[0]
     assert n == len(ids) > 16
     assert nll == pytest.approx(sum(objective_nll(module, ids[i : i + 16]) for i in range(0, len(ids), 16)), rel=1e-5)
+
+
+def test_cdlm_judge_scores_a_text_given_its_prompt_by_the_chain_rule(autoregressive_run):
+    module, directory = autoregressive_run
+    judge = build_judge(str(directory))
+    prompts, texts = ["To be, or not", "KING"], [" to be", " HENRY. Once more unto the breach"]
+    for prompt, text, (nll, n) in zip(prompts, texts, judge.score_given(prompts, texts)):
+        p, t = module.tokenizer.encode(prompt), module.tokenizer.encode(text)
+        expected = objective_nll(module, p + t) - objective_nll(module, p)
+        assert n == len(t) and nll == pytest.approx(expected, rel=1e-5)
 
 
 def test_cdlm_judge_refuses_a_diffusion_checkpoint(tmp_path):

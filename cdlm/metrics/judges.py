@@ -38,6 +38,10 @@ class Judge(Protocol):
         """Per text: (sum of token NLL in nats, number of scored tokens)."""
         ...
 
+    def score_given(self, prompts: list[str], texts: list[str]) -> list[tuple[float, int]]:
+        """Per pair: (sum of the NLL of the text's tokens given the prompt's, number of the text's tokens)."""
+        ...
+
 
 def truncate_at_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
     """``ids`` up to and including the first ``eos_id`` (the protocol's EOS rule); all of them if none."""
@@ -52,6 +56,19 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
     if size < 1:
         raise ValueError(f"window size must be >= 1, got {size}")
     return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def given_rows(context: list[int], ids: list[int], size: int) -> list[tuple[list[int], int]]:
+    """Rows of at most ``size`` tokens that score ``ids`` after ``context``: ``(row, start)`` with the tokens of
+    ``row[start:]`` scored. ``ids`` is cut into windows of ``size // 2`` or fewer tokens, each read after as many of
+    the tokens before it (``context`` then the earlier windows) as fit."""
+    step = max(size // 2, 1)
+    rows = []
+    for begin in range(0, len(ids), step):
+        window = ids[begin : begin + step]
+        before = (context + ids[:begin])[-(size - len(window)) :] if size > len(window) else []
+        rows.append((before + window, len(before)))
+    return rows
 
 
 def _gather(rows: list[list[int]], owners: list[int], n_texts: int, row_scores: list[float]) -> list[tuple[float, int]]:
@@ -130,15 +147,21 @@ class HFJudge:
 
     def encode(self, text: str) -> list[int]:
         """The judge's ids for ``text`` (no specials added), cut by the EOS rule."""
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        return truncate_at_eos(ids, self.eos_id)
+        return truncate_at_eos(self.prompt_ids(text), self.eos_id)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The judge's ids for ``text`` (no specials added), whole."""
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     @torch.no_grad()
-    def _score_rows(self, rows: list[list[int]]) -> list[float]:
-        """Sum NLL (nats) of every token of each row given ``[BOS] + row`` as input; float64 sums."""
+    def _score_rows(self, rows: list[list[int]], starts: list[int] | None = None) -> list[float]:
+        """Sum NLL (nats) of the tokens ``row[start:]`` of each row (every token by default) given ``[BOS] + row``
+        as input; float64 sums."""
         out: list[float] = []
+        starts = [0] * len(rows) if starts is None else starts
         for start in range(0, len(rows), self.batch_size):
             chunk = [[self.bos_id, *row] for row in rows[start : start + self.batch_size]]
+            first = torch.tensor(starts[start : start + self.batch_size])[:, None]  # [B, 1]
             width = max(len(r) for r in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -148,7 +171,8 @@ class HFJudge:
             ids, mask = ids.to(self.device), mask.to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # [B, W, V]
             logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [B, W - 1]
-            nll = -(logp.double() * mask[:, 1:])
+            scored = mask[:, 1:].cpu().bool() & (torch.arange(width - 1)[None] >= first)  # [B, W - 1]
+            nll = -(logp.double() * scored.to(logp.device))
             out.extend(nll.sum(-1).tolist())
         return out
 
@@ -161,6 +185,11 @@ class HFJudge:
                 rows.append(window)
                 owners.append(k)
         return _gather(rows, owners, len(texts), self._score_rows(rows))
+
+    def score_given(self, prompts: list[str], texts: list[str]) -> list[tuple[float, int]]:
+        """Per pair ``(sum NLL of the text's tokens given the prompt's, the text's tokens)``: prompt and text are
+        encoded apart (the text cut by the EOS rule) and read as one sequence (``given_rows``)."""
+        return score_given(self, prompts, texts, self.max_length - 1)
 
     def __repr__(self) -> str:
         return f"HFJudge({self.name!r}, max_length={self.max_length})"
@@ -207,11 +236,18 @@ class CdlmJudge:
         """The model's ids for ``text``, cut by the EOS rule."""
         return truncate_at_eos(self.tokenizer.encode(text), self.eos_id)
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """The model's ids for ``text``, whole."""
+        return self.tokenizer.encode(text)
+
     @torch.no_grad()
-    def _score_rows(self, rows: list[list[int]]) -> list[float]:
+    def _score_rows(self, rows: list[list[int]], starts: list[int] | None = None) -> list[float]:
+        """Sum NLL (nats) of the tokens ``row[start:]`` of each row (every token by default); float64 sums."""
         out: list[float] = []
         lengths = self.tokenizer.char_lengths()
+        starts = [0] * len(rows) if starts is None else starts
         for start in range(0, len(rows), self.batch_size):
+            first = torch.tensor(starts[start : start + self.batch_size])[:, None]  # [B, 1]
             chunk = rows[start : start + self.batch_size]
             width = max(len(r) for r in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
@@ -223,7 +259,8 @@ class CdlmJudge:
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
             mask = batch["attention_mask"]
             result = self.model.objective.nll(batch)
-            out.extend((result.nll.double() * mask).sum(-1).tolist())
+            scored = mask & (torch.arange(width, device=mask.device)[None] >= first.to(mask.device))  # [B, W]
+            out.extend((result.nll.double() * scored).sum(-1).tolist())
         return out
 
     def score(self, texts: list[str]) -> list[tuple[float, int]]:
@@ -236,8 +273,35 @@ class CdlmJudge:
                 owners.append(k)
         return _gather(rows, owners, len(texts), self._score_rows(rows))
 
+    def score_given(self, prompts: list[str], texts: list[str]) -> list[tuple[float, int]]:
+        """Per pair ``(sum NLL of the text's tokens given the prompt's, the text's tokens)`` (``given_rows``)."""
+        return score_given(self, prompts, texts, self.max_length)
+
     def __repr__(self) -> str:
         return f"CdlmJudge({self.name!r}, max_length={self.max_length})"
+
+
+def score_given(judge, prompts: list[str], texts: list[str], size: int) -> list[tuple[float, int]]:
+    """``Judge.score_given`` for a judge with ``prompt_ids``, ``encode`` and ``_score_rows(rows, starts)``: each
+    prompt and text
+    encoded apart (the prompt's EOS rule does not apply to it: a prompt may hold EOS between documents), rows of at
+    most ``size`` tokens."""
+    if len(prompts) != len(texts):
+        raise ValueError(f"give one prompt per text, got {len(prompts)} prompts and {len(texts)} texts")
+    rows: list[list[int]] = []
+    starts: list[int] = []
+    owners: list[int] = []
+    for k, (prompt, text) in enumerate(zip(prompts, texts)):
+        for row, start in given_rows(judge.prompt_ids(prompt), judge.encode(text), size):
+            rows.append(row)
+            starts.append(start)
+            owners.append(k)
+    scores = judge._score_rows(rows, starts)
+    totals = [[0.0, 0] for _ in texts]
+    for row, start, owner, nll in zip(rows, starts, owners, scores):
+        totals[owner][0] += nll
+        totals[owner][1] += len(row) - start
+    return [(float(total), int(n)) for total, n in totals]
 
 
 def is_cdlm_checkpoint(spec: str | Path) -> bool:

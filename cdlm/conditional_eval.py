@@ -1,0 +1,44 @@
+"""The conditional evaluation protocol (``cdlm eval prompts=val``; docs/math.md §8, "Conditional protocol").
+
+Prompts are the first ``prompt_tokens`` tokens of ``n`` windows of real validation text (evenly spaced over the
+split, as the reference row's windows), and the rest of each window is its true continuation. The model continues
+each prompt (the prompt kept exactly, docs/sampling.md "Prompts"); the judge scores every continuation given its
+prompt (conditional Gen PPL: token-weighted ``exp`` of the judge's NLL of the continuation's tokens given the
+prompt's), beside the entropy and distinct-n of the continuation's own ids. The true continuations (the reference
+row) and independent unigram draws after the same prompts (the unigram row) are scored the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cdlm.metrics.generative import DistinctN, UnigramEntropy
+
+PROMPT_SOURCES = ("val",)
+"""Where ``cdlm eval prompts=...`` takes its prompts from: ``val``, windows of the validation split."""
+
+
+def split_windows(windows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompts [n, k], continuations [n, L - k])`` of validation windows ``[n, L]``; a ``ValueError`` unless
+    ``0 < k < L``."""
+    length = windows.shape[1]
+    if not 0 < prompt_tokens < length:
+        raise ValueError(f"prompt_tokens must lie in [1, length - 1] = [1, {length - 1}], got {prompt_tokens}")
+    return windows[:, :prompt_tokens], windows[:, prompt_tokens:]
+
+
+def conditional_scores(judge, tokenizer, prompts: torch.Tensor, continuations: torch.Tensor) -> dict[str, float]:
+    """Conditional Gen PPL of ``continuations`` ``[n, m]`` given ``prompts`` ``[n, k]`` (token ids of the run's
+    tokenizer, decoded for the judge) under ``judge.score_given``, and the continuations' mean unigram entropy
+    (nats) and distinct-n."""
+    prompt_texts = [tokenizer.decode(row.tolist()) for row in prompts]
+    texts = [tokenizer.decode(row.tolist()) for row in continuations]
+    scored = judge.score_given(prompt_texts, texts)
+    nll, tokens = sum(s for s, _ in scored), sum(n for _, n in scored)
+    entropy, distinct = UnigramEntropy(), DistinctN()
+    entropy.update(continuations)
+    distinct.update(continuations)
+    scores = {"gen_ppl": math.exp(nll / max(tokens, 1)), "judge_tokens": tokens, "entropy": float(entropy.compute())}
+    return scores | {name: float(v) for name, v in distinct.compute().items()}
