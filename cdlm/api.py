@@ -194,11 +194,12 @@ def evaluate(
     write: bool = True,
     prompts: str | None = None,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+    mauve: bool = False,
 ) -> Evaluation:
     """The evaluation protocol of ``cdlm eval`` (docs/math.md §8): validation bound, Gen PPL under ``judge`` and
     entropy over ``seeds``, the reference row, zero-shot bounds; ``prompts="val"``: the conditional protocol
-    (continuations of ``prompt_tokens``-token validation prompts, judged given them). With ``write``, the result goes
-    to ``out`` (default: ``eval_<sampler>_<steps>.json`` beside the model)."""
+    (continuations of ``prompt_tokens``-token validation prompts, judged given them; ``mauve``: with MAUVE). With
+    ``write``, the result goes to ``out`` (default: ``eval_<sampler>_<steps>.json`` beside the model)."""
     opts = checked(
         EvalOptions,
         path=str(path),
@@ -215,6 +216,7 @@ def evaluate(
         device=device,
         prompts=prompts,
         prompt_tokens=prompt_tokens,
+        mauve=mauve,
     )
     return evaluate_options(opts, sampler, sampler_options, write=write)
 
@@ -242,6 +244,7 @@ def evaluate_options(
         batch_size=opts.batch_size,
         prompts=opts.prompts,
         prompt_tokens=opts.prompt_tokens,
+        mauve=opts.mauve,
     )
     result["model"] = str(opts.path)
     out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")

@@ -5,7 +5,8 @@ split, as the reference row's windows), and the rest of each window is its true 
 each prompt (the prompt kept exactly, docs/sampling.md "Prompts"); the judge scores every continuation given its
 prompt (conditional Gen PPL: token-weighted ``exp`` of the judge's NLL of the continuation's tokens given the
 prompt's), beside the entropy and distinct-n of the continuation's own ids. The true continuations (the reference
-row) and independent unigram draws after the same prompts (the unigram row) are scored the same way.
+row) and independent unigram draws after the same prompts (the unigram row) are scored the same way. With
+``mauve=true``, MAUVE (Pillutla et al. 2021) compares the continuations with the true ones on the judge's features.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import math
 
 import torch
 
+from cdlm.config import ConfigError
 from cdlm.metrics.generative import DistinctN, UnigramEntropy
+
+MAUVE_SEED = 25  # mauve-text's default k-means seed, fixed so a result can be reproduced
 
 PROMPT_SOURCES = ("val",)
 """Where ``cdlm eval prompts=...`` takes its prompts from: ``val``, windows of the validation split."""
@@ -42,3 +46,24 @@ def conditional_scores(judge, tokenizer, prompts: torch.Tensor, continuations: t
     distinct.update(continuations)
     scores = {"gen_ppl": math.exp(nll / max(tokens, 1)), "judge_tokens": tokens, "entropy": float(entropy.compute())}
     return scores | {name: float(v) for name, v in distinct.compute().items()}
+
+
+def check_mauve() -> None:
+    """A ``ConfigError`` naming the extra when ``mauve-text`` is not installed (before any work)."""
+    try:
+        import mauve  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("mauve=true needs the mauve-text package: pip install -e '.[mauve]'") from err
+
+
+def mauve_score(judge, texts: list[str], references: list[str], seed: int = MAUVE_SEED) -> float:
+    """MAUVE of ``texts`` against ``references`` (Pillutla et al. 2021: the area under the divergence frontier of
+    the two feature histograms after joint k-means quantisation), on the judge's features (``judge.features``: the
+    last hidden state of each text, so it runs offline). With tens of texts per set, as at the quickstart's ``n``,
+    mauve-text's automatic ``n / 10`` clusters make it a coarse score: compare it across models at the same ``n``."""
+    check_mauve()
+    import mauve
+
+    p = judge.features(texts).double().numpy()  # [n, d]
+    q = judge.features(references).double().numpy()  # [m, d]
+    return float(mauve.compute_mauve(p_features=p, q_features=q, seed=seed, verbose=False).mauve)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from cdlm.conditional_eval import conditional_scores, split_windows
+from cdlm.conditional_eval import check_mauve, conditional_scores, mauve_score, split_windows
 from cdlm.config import ConfigError, instantiate
 from cdlm.device import device_name
 from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, UnigramModel, build_judge, unigram_bound
@@ -174,12 +174,14 @@ def evaluate(
     batch_size: int | None = None,
     prompts: str | None = None,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+    mauve: bool = False,
 ) -> dict:
     """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars).
 
     ``prompts="val"``: the conditional protocol (``cdlm.conditional_eval``): every sample continues the first
     ``prompt_tokens`` tokens of a validation window, and Gen PPL, entropy and distinct-n are the continuations',
-    given their prompts, in the samples', reference and unigram rows.
+    given their prompts, in the samples', reference and unigram rows; ``mauve``: also MAUVE of the samples' and the
+    unigram draws' continuations against the true ones, on the judge's features.
 
     ``zero_shot``: corpora (``cdlm.zero_shot.resolve`` specs: files, folders, ``hf:`` datasets, standard names) whose
     likelihood bound is added as ``result["zero_shot"]``, one row each (at most ``zero_shot_tokens`` tokens each).
@@ -191,6 +193,10 @@ def evaluate(
     length = sample_length(module.config, length)
     if prompts is not None and not 0 < prompt_tokens < length:
         raise ConfigError(f"prompt_tokens={prompt_tokens} must lie in [1, length - 1] with length={length}")
+    if mauve and (prompts is None or judge is None):
+        raise ConfigError("mauve=true compares continuations: give prompts=val and a judge (its features)")
+    if mauve:
+        check_mauve()
     # first: a judge that cannot be loaded fails before any work
     scorer = build_judge(judge, device=module.device) if judge else None
     for corpus in zero_shot or []:
@@ -211,6 +217,8 @@ def evaluate(
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
         if scorer is not None and given is not None:
             row |= conditional_scores(scorer, module.tokenizer, given[0], samples.ids[:, prompt_tokens:])
+            if mauve:
+                row["mauve"] = continuation_mauve(scorer, module.tokenizer, samples.ids[:, prompt_tokens:], given[1])
         elif scorer is not None:
             row |= generative_scores(scorer, samples.texts, samples.ids)
         result["per_seed"].append(row)
@@ -223,6 +231,8 @@ def evaluate(
         result["reference"] = conditional_scores(scorer, module.tokenizer, *given)
         _, ids = unigram_texts(module, train_unigram(module), n, length - prompt_tokens)
         result["unigram_draws"] = conditional_scores(scorer, module.tokenizer, given[0], ids)
+        if mauve:
+            result["unigram_draws"]["mauve"] = continuation_mauve(scorer, module.tokenizer, ids, given[1])
     elif scorer is not None and reference:
         texts, ids = reference_texts(module, n, length)
         result["reference"] = generative_scores(scorer, texts, ids)
@@ -236,6 +246,12 @@ def evaluate(
     return result
 
 
+def continuation_mauve(judge, tokenizer, ids: torch.Tensor, truth: torch.Tensor) -> float:
+    """MAUVE of continuations ``ids`` ``[n, m]`` against the true ones ``truth`` ``[n, m]`` (decoded)."""
+    decode = lambda rows: [tokenizer.decode(row.tolist()) for row in rows]  # noqa: E731
+    return mauve_score(judge, decode(ids), decode(truth))
+
+
 def conditional_protocol(source: str, prompt_tokens: int, length: int) -> str:
     """What the conditional rows mean (``cdlm.conditional_eval``)."""
     return (
@@ -243,7 +259,8 @@ def conditional_protocol(source: str, prompt_tokens: int, length: int) -> str:
         f"spaced over the split); samples, the true continuations (reference) and {length - prompt_tokens} "
         "independent unigram draws (unigram_draws) continue them; gen_ppl is the judge's token-weighted perplexity "
         "of each continuation given its prompt (each encoded apart by the judge), entropy and distinct-n are the "
-        "continuations' own ids"
+        "continuations' own ids; mauve (if asked): MAUVE (mauve-text, k-means seed 25) of the continuations against "
+        "the true ones on the judge's last hidden states"
     )
 
 

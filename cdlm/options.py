@@ -172,6 +172,7 @@ class EvalOptions:
     device: str = option("auto", "auto (cuda where there is one, else cpu), cpu, cuda or cuda:N; the judge runs there")
     prompts: str | None = option(None, "val: continue prompts from validation windows, judged given their prompt")
     prompt_tokens: int = option(DEFAULT_PROMPT_TOKENS, "tokens of each prompt (prompts=val)")
+    mauve: bool = option(False, "MAUVE of the continuations against the true ones (prompts=val, judge; mauve-text)")
 
     def __post_init__(self) -> None:
         require_path(self.path)

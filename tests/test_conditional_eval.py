@@ -31,6 +31,10 @@ class RecordingJudge:
         self.pairs.extend(zip(prompts, texts))
         return [(0.25 * len(t), len(t)) for t in texts]
 
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """Letter counts: a feature that tells text from other text."""
+        return torch.tensor([[t.count(c) for c in "etaoin hsr"] for t in texts], dtype=torch.float32)
+
 
 def test_split_windows_and_the_scores_of_one_set():
     windows = torch.arange(12).view(2, 6)
@@ -90,3 +94,26 @@ def test_cli_refuses_an_unknown_prompt_source_and_prompts_that_fill_the_length(t
     assert "prompt_tokens=16 leaves nothing to generate in length=16" in err
     err = refused(["eval", final, "prompts=val", "prompt_tokens=4096"], capsys)  # the run's seq_len is shorter
     assert "prompt_tokens=4096 must lie in [1, length - 1]" in err
+
+
+def test_mauve_row_compares_continuations_with_the_true_ones(tiny_run, monkeypatch, capsys):
+    from tests.runs import refused
+
+    run_dir, module = tiny_run
+    monkeypatch.setattr("cdlm.evaluate.build_judge", lambda spec, device: RecordingJudge())
+    result = evaluate(
+        module,
+        "recording-judge",
+        SAMPLER,
+        n=12,
+        length=24,
+        seeds=1,
+        val_batches=0,
+        prompts="val",
+        prompt_tokens=4,
+        mauve=True,
+    )
+    assert 0 < result["per_seed"][0]["mauve"] <= 1 and 0 < result["unigram_draws"]["mauve"] <= 1
+    assert "mauve_mean" in result["metrics"] and "MAUVE" in result["protocol"]["conditional"]
+    err = refused(["eval", f"path={run_dir / 'final'}", "mauve=true"], capsys)
+    assert "mauve=true compares continuations: give prompts=val and a judge" in err

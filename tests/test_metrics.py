@@ -261,6 +261,30 @@ def test_cdlm_judge_scores_a_text_given_its_prompt_by_the_chain_rule(autoregress
         assert n == len(t) and nll == pytest.approx(expected, rel=1e-5)
 
 
+def test_judge_features_are_batch_independent_and_mauve_tells_text_from_noise(autoregressive_run, judge):
+    """``features``: one vector per text, the same alone as in a padded batch, for both judge kinds; MAUVE on the
+    cdlm judge's features scores two samples of real text above noise against real text."""
+    import random
+
+    from cdlm.conditional_eval import mauve_score
+
+    _, directory = autoregressive_run
+    ar = build_judge(str(directory))
+    texts = ["To be, or not to be", "O", "", "ay, there's the rub, for in that sleep of death"]
+    for scorer in (ar, judge):
+        batched = scorer.features(texts)
+        assert batched.shape[0] == 4 and batched.dtype == torch.float32
+        for i, text in enumerate(texts):
+            torch.testing.assert_close(scorer.features([text])[0], batched[i], rtol=1e-4, atol=1e-4)
+    rng = random.Random(0)
+    corpus = " ".join(SENTENCES * 20)
+    real = [corpus[i : i + 48] for i in rng.sample(range(len(corpus) - 48), 60)]
+    more = [corpus[i : i + 48] for i in rng.sample(range(len(corpus) - 48), 60)]
+    noise = ["".join(rng.choice("qxzjkvw ;!") for _ in range(48)) for _ in range(60)]
+    same, apart = mauve_score(ar, more, real), mauve_score(ar, noise, real)
+    assert 0 < apart < same <= 1, (apart, same)
+
+
 def test_cdlm_judge_refuses_a_diffusion_checkpoint(tmp_path):
     module, _, _ = fit(tmp_path / "run", "trainer.max_steps=1")
     directory = module.save_pretrained(tmp_path / "final")

@@ -191,6 +191,23 @@ class HFJudge:
         encoded apart (the text cut by the EOS rule) and read as one sequence (``given_rows``)."""
         return score_given(self, prompts, texts, self.max_length - 1)
 
+    @torch.no_grad()
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """``[n, d]`` float32: the last layer's hidden state at each text's last token (its first ``max_length - 1``
+        tokens after BOS, cut by the EOS rule), the text feature MAUVE compares (docs/math.md §8)."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [[self.bos_id, *self.encode(t)][: self.max_length] for t in texts[start : start + self.batch_size]]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, r in enumerate(chunk):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            out.append(hidden[torch.arange(len(chunk)), mask.sum(1) - 1].float().cpu())  # [b, d]
+        return torch.cat(out)
+
     def __repr__(self) -> str:
         return f"HFJudge({self.name!r}, max_length={self.max_length})"
 
@@ -276,6 +293,22 @@ class CdlmJudge:
     def score_given(self, prompts: list[str], texts: list[str]) -> list[tuple[float, int]]:
         """Per pair ``(sum NLL of the text's tokens given the prompt's, the text's tokens)`` (``given_rows``)."""
         return score_given(self, prompts, texts, self.max_length)
+
+    @torch.no_grad()
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """``[n, W]`` float32: the hidden state after each text's last token (its first ``max_length`` tokens, cut
+        by the EOS rule; ``Autoregressive.features``), the text feature MAUVE compares (docs/math.md §8)."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [self.encode(t)[: self.max_length] for t in texts[start : start + self.batch_size]]
+            width = max(max(len(r) for r in chunk), 1)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for i, r in enumerate(chunk):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
+            device = self.model.device
+            out.append(self.model.objective.features(ids.to(device), mask.to(device)).float().cpu())
+        return torch.cat(out)
 
     def __repr__(self) -> str:
         return f"CdlmJudge({self.name!r}, max_length={self.max_length})"

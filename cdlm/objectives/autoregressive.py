@@ -69,6 +69,16 @@ class Autoregressive(nn.Module):
             padding = torch.cat([torch.ones_like(padding[:, :1]), padding[:, :-1]], dim=1)
         return self.head(self.backbone(self.embed(inputs), None, padding))  # [B, L, V]
 
+    def features(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """The last layer's hidden state ``[B, W]`` after each row's last real token of ``x`` ``[B, L]`` (``padding``
+        ``[B, L]``: real tokens, on the right): a feature of the whole text, e.g. for MAUVE (docs/math.md §8)."""
+        bos = torch.full_like(x[:, :1], self.bos_id)
+        inputs = torch.cat([bos, x], dim=1)  # [B, L + 1]
+        real = torch.cat([torch.ones_like(padding[:, :1]), padding], dim=1).bool()  # [B, L + 1]
+        h = self.backbone(self.embed(inputs), None, real)  # [B, L + 1, W]
+        last = padding.long().sum(1)  # [B]: the position that has read every real token
+        return h[torch.arange(x.shape[0], device=x.device), last]
+
     def nll(self, batch: Batch) -> LossOutput:
         """Exact per-token NLL ``[B, L]`` in nats (zero on padding); ``loss`` is its mean over valid tokens."""
         x, padding = batch["input_ids"], batch["attention_mask"]
