@@ -71,6 +71,18 @@ def given_rows(context: list[int], ids: list[int], size: int) -> list[tuple[list
     return rows
 
 
+def padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` right-padded with ``pad_id``: ids ``[B, W]`` (int64) and the mask of real tokens ``[B, W]`` (bool;
+    ``W`` at least 1)."""
+    width = max(max((len(r) for r in rows), default=0), 1)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
 def _gather(rows: list[list[int]], owners: list[int], n_texts: int, row_scores: list[float]) -> list[tuple[float, int]]:
     totals = [[0.0, 0] for _ in range(n_texts)]
     for row, owner, nll in zip(rows, owners, row_scores):
@@ -162,13 +174,9 @@ class HFJudge:
         for start in range(0, len(rows), self.batch_size):
             chunk = [[self.bos_id, *row] for row in rows[start : start + self.batch_size]]
             first = torch.tensor(starts[start : start + self.batch_size])[:, None]  # [B, 1]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = padded(chunk, self.pad_id)
+            width = ids.shape[1]
+            ids, mask = ids.to(self.device), mask.long().to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # [B, W, V]
             logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [B, W - 1]
             scored = mask[:, 1:].cpu().bool() & (torch.arange(width - 1)[None] >= first)  # [B, W - 1]
@@ -198,12 +206,8 @@ class HFJudge:
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = [[self.bos_id, *self.encode(t)][: self.max_length] for t in texts[start : start + self.batch_size]]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = padded(chunk, self.pad_id)
+            ids, mask = ids.to(self.device), mask.long().to(self.device)
             hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
             out.append(hidden[torch.arange(len(chunk)), mask.sum(1) - 1].float().cpu())  # [b, d]
         return torch.cat(out)
@@ -266,12 +270,8 @@ class CdlmJudge:
         for start in range(0, len(rows), self.batch_size):
             first = torch.tensor(starts[start : start + self.batch_size])[:, None]  # [B, 1]
             chunk = rows[start : start + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = True
+            ids, mask = padded(chunk, self.pad_id)
+            width = ids.shape[1]
             batch = {"input_ids": ids, "attention_mask": mask, "n_chars": (lengths[ids] * mask).sum(-1)}
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
             mask = batch["attention_mask"]
@@ -301,11 +301,7 @@ class CdlmJudge:
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = [self.encode(t)[: self.max_length] for t in texts[start : start + self.batch_size]]
-            width = max(max(len(r) for r in chunk), 1)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
+            ids, mask = padded(chunk, self.pad_id)
             device = self.model.device
             out.append(self.model.objective.features(ids.to(device), mask.to(device)).float().cpu())
         return torch.cat(out)
