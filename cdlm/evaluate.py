@@ -215,35 +215,56 @@ def evaluate(
     for seed in range(seeds):
         samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, batch_size=batch_size, **knobs)
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
-        if scorer is not None and given is not None:
-            row |= conditional_scores(scorer, module.tokenizer, given[0], samples.ids[:, prompt_tokens:])
-            if mauve:
-                row["mauve"] = continuation_mauve(scorer, module.tokenizer, samples.ids[:, prompt_tokens:], given[1])
-        elif scorer is not None:
-            row |= generative_scores(scorer, samples.texts, samples.ids)
+        if scorer is not None:
+            row |= sample_scores(scorer, module, samples.ids, samples.texts, given, mauve)
         result["per_seed"].append(row)
     for key in result["per_seed"][0]:
         if key != "seed":
             mean, std = mean_std([float(r[key]) for r in result["per_seed"]])
             metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean, std
     metrics["nfe"] = result["per_seed"][0]["nfe"]
-    if scorer is not None and reference and given is not None:
-        result["reference"] = conditional_scores(scorer, module.tokenizer, *given)
-        _, ids = unigram_texts(module, train_unigram(module), n, length - prompt_tokens)
-        result["unigram_draws"] = conditional_scores(scorer, module.tokenizer, given[0], ids)
-        if mauve:
-            result["unigram_draws"]["mauve"] = continuation_mauve(scorer, module.tokenizer, ids, given[1])
-    elif scorer is not None and reference:
-        texts, ids = reference_texts(module, n, length)
-        result["reference"] = generative_scores(scorer, texts, ids)
-        texts, ids = unigram_texts(module, train_unigram(module), n, length)
-        result["unigram_draws"] = generative_scores(scorer, texts, ids)
+    if scorer is not None and reference:
+        result["reference"], result["unigram_draws"] = reference_rows(scorer, module, n, length, given, mauve)
     result["protocol"] = protocol(module, scorer, sampler, n, length, seeds)
     if given is not None:
         result["protocol"]["conditional"] = conditional_protocol(prompts, prompt_tokens, length)
     if zero_shot:
         result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
     return result
+
+
+def sample_scores(
+    scorer, module: DiffusionLM, ids: torch.Tensor, texts: list[str], given: tuple | None, mauve: bool
+) -> dict:
+    """A set of samples' scores: Gen PPL, entropy, distinct-n of ``ids`` ``[n, L]`` (``texts`` decoded); under the
+    conditional protocol (``given`` = prompts ``[n, k]``, true continuations) those of the continuations
+    ``ids[:, k:]`` given their prompts, and with ``mauve`` their MAUVE against the true ones."""
+    if given is None:
+        return generative_scores(scorer, texts, ids)
+    prompts, truth = given
+    continuations = ids[:, prompts.shape[1] :]  # [n, L - k]
+    scores = conditional_scores(scorer, module.tokenizer, prompts, continuations)
+    if mauve:
+        scores["mauve"] = continuation_mauve(scorer, module.tokenizer, continuations, truth)
+    return scores
+
+
+def reference_rows(
+    scorer, module: DiffusionLM, n: int, length: int, given: tuple | None, mauve: bool
+) -> tuple[dict, dict]:
+    """``(reference, unigram_draws)``: real validation text and independent unigram draws scored as the samples
+    are; under the conditional protocol, the true continuations and unigram draws after the same prompts (MAUVE
+    for the draws only: the true continuations are its reference)."""
+    unigram = train_unigram(module)
+    if given is None:
+        texts, ids = reference_texts(module, n, length)
+        reference = generative_scores(scorer, texts, ids)
+        texts, ids = unigram_texts(module, unigram, n, length)
+        return reference, generative_scores(scorer, texts, ids)
+    prompts, truth = given
+    _, draws = unigram_texts(module, unigram, n, truth.shape[1])
+    reference = sample_scores(scorer, module, torch.cat(given, 1), [], given, mauve=False)
+    return reference, sample_scores(scorer, module, torch.cat([prompts, draws], 1), [], given, mauve)
 
 
 def continuation_mauve(judge, tokenizer, ids: torch.Tensor, truth: torch.Tensor) -> float:
