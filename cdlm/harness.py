@@ -11,9 +11,9 @@ The three request types, on the bounds and samplers the rest of cdlm uses:
 - ``loglikelihood(context, continuation)``: minus the model's bound on ``-log p(continuation | context)``, from the
   objective's ``conditional_nll`` with the context's positions fixed (exact for the autoregressive objective; the
   mean of ``mc_samples`` one-sample NELBOs for masked diffusion, docs/math.md §1 "Conditional bound"; the ODE bound
-  for LangFlow trained with ``condition_rate > 0``). ``is_greedy``: whether every continuation token is the argmax
-  of the model's prediction there (autoregressive: given the tokens before it; masked: with the whole continuation
-  masked, one step); False for the other objectives, which have no single-step prediction of the tokens. Every
+  for a continuous objective trained with ``condition_rate > 0``). ``is_greedy``: whether every continuation token is
+  the argmax of the model's prediction there (autoregressive: given the tokens before it; masked: with the whole
+  continuation masked, one step); False for the other objectives, which have no single-step prediction. Every
   request's bound draws its noise from ``seed``, so the choices of a question are compared on common noise.
 - ``loglikelihood_rolling(text)``: minus the bound of the whole text (no prompt), in consecutive windows of
   ``max_length`` tokens, each bounded on its own (a window does not see the previous one).
@@ -160,7 +160,7 @@ class CdlmLM(LM):
         if bound is None:
             raise ValueError(
                 f"{type(objective).__name__} has no conditional bound yet: loglikelihood needs a masked, "
-                "autoregressive or conditionally trained LangFlow run (objective.condition_rate > 0)"
+                "autoregressive or continuous run trained with clean spans (objective.condition_rate > 0)"
             )
         with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # the same draws for every request: choices compared on common noise

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from cdlm.cli import main
 from cdlm.config import compose
@@ -88,3 +89,17 @@ def refused(args: list[str], capsys) -> str:
     assert exit_info.value.code == 2, err
     assert "cdlm: error:" in err and "Traceback" not in err
     return err
+
+
+def prompted_bounds(module, datamodule) -> tuple[float, float]:
+    """A conditionally trained continuous run's bound of the second half of its first validation batch's rows given
+    the first half (``conditional_nll``), and its unconditional bound of the same rows, nats/token, each with the
+    same noise."""
+    batch = next(iter(datamodule.val_dataloader()))
+    fixed = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    fixed[:, : fixed.shape[1] // 2] = True
+    with torch.no_grad(), module.seeded(-1, 0):
+        given_half = module.objective.conditional_nll(batch, fixed)
+    with torch.no_grad(), module.seeded(-1, 0):
+        alone = module.objective.nll(batch)
+    return float(given_half.nll.sum() / given_half.mask.sum()), float(alone.nll.sum() / alone.mask.sum())

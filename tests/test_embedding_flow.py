@@ -13,7 +13,7 @@ from cdlm.objectives.noise_schedule import NoiseSchedule
 from cdlm.samplers.continuous import euler_step
 from cdlm.types import ContinuousObjective
 from tests.conftest import tiny_backbone
-from tests.runs import LossRecorder, fit
+from tests.runs import LossRecorder, fit, prompted_bounds
 
 EULER_GAMMA = 0.5772156649
 
@@ -175,7 +175,7 @@ def test_the_analytic_skip_can_be_left_out_of_the_logits():
 
 
 def test_clean_spans_are_prefixes_or_scattered_and_never_padding():
-    from cdlm.objectives.embedding_flow import clean_spans
+    from cdlm.objectives.clean_spans import clean_spans
 
     torch.manual_seed(0)
     padding = torch.ones(400, 12, dtype=torch.bool)
@@ -206,7 +206,7 @@ def test_conditional_training_scores_only_the_free_positions_and_reads_given_one
     fixed[:, :4] = True
     with torch.no_grad():
         model.clean_flag.fill_(0.5)
-        explicit = model.logits(torch.where(fixed[..., None], model.clean_state(ids[:2]), z), gamma, x_sc, None, fixed)
+        explicit = model.logits(z, gamma, x_sc, None, Prompt(ids[:2], fixed))
         with given(Prompt(ids[:2], fixed)):
             read = model.logits(z, gamma, x_sc)
         plain = model.logits(z, gamma, x_sc)
@@ -225,13 +225,5 @@ def test_a_conditionally_trained_run_bounds_tokens_given_their_prompt_lower(tmp_
     module, _, datamodule = fit(tmp_path, *overrides, "objective.ode_steps=8", "objective.condition_rate=0.5")
     ids, texts = module.generate(2, 16, "euler", steps=8, prompt="KING")
     assert all(t.startswith("KING") for t in texts)
-    batch = next(iter(datamodule.val_dataloader()))
-    fixed = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    fixed[:, : fixed.shape[1] // 2] = True
-    with torch.no_grad(), module.seeded(-1, 0):
-        given_half = module.objective.conditional_nll(batch, fixed)
-    with torch.no_grad(), module.seeded(-1, 0):
-        alone = module.objective.nll(batch)
-    conditional = float(given_half.nll.sum() / given_half.mask.sum())
-    unconditional = float(alone.nll.sum() / alone.mask.sum())
+    conditional, unconditional = prompted_bounds(module, datamodule)
     assert conditional < unconditional - 0.1, (conditional, unconditional)

@@ -30,10 +30,12 @@ from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.bits import bit_width, decode_bits, ids_to_bits
+from cdlm.objectives.clean_spans import CleanSpans
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE
 from cdlm.objectives.training_time import training_u
 from cdlm.objectives.ve import VEObjective
+from cdlm.prompts import Prompt
 from cdlm.types import Batch, LossOutput
 
 
@@ -57,7 +59,7 @@ def check_schedule_keys(schedule: dict | None) -> None:
         raise checks.ArgumentError(f"schedule has unknown keys {unknown}; valid keys: {valid}")
 
 
-class Bitstream(VEObjective, nn.Module):
+class Bitstream(CleanSpans, VEObjective, nn.Module):
     """CoBit objective; owns the bit-patch input map, the self-conditioning channel, the head and the schedule.
 
     Args:
@@ -70,6 +72,10 @@ class Bitstream(VEObjective, nn.Module):
         ode_steps: Heun steps of the ODE likelihood bound used by ``nll``.
         ode_probes: Hutchinson probes per sequence in ``nll``, all on one ODE trajectory; ``>= 2`` also reports the
             bound's standard error ``nll_se`` (docs/math.md §6).
+        condition_rate: the fraction of training rows that keep clean spans (a prefix or scattered positions), whose
+            exact bits the network reads at unit scale, flagged, and which are not scored, so that a prompt can be
+            given clean at sampling time (``cdlm.objectives.clean_spans``; docs/math.md §3, "Conditional training").
+            0: unconditional (prompts by replacement only).
 
     The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not docs/math.md's
     ``c_in (x0_hat - 1/2)``: the estimate is a clean quantity, and scaling it by ``c_in ~ 1/sigma`` would silence
@@ -93,6 +99,7 @@ class Bitstream(VEObjective, nn.Module):
         schedule: dict | None = None,
         ode_steps: int = 32,
         ode_probes: int = 1,
+        condition_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
@@ -113,6 +120,7 @@ class Bitstream(VEObjective, nn.Module):
         self.head = nn.Linear(width, k)  # zero at init: the model starts as the matched filter
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.init_clean_spans(condition_rate, width)  # the flag marks positions given clean (zero at init)
         self.invalid_decoded = 0  # invalid codes (ids >= V) repaired by ``decode`` since construction
 
     @property
@@ -130,15 +138,30 @@ class Bitstream(VEObjective, nn.Module):
 
     # ---- the network ------------------------------------------------------------------------------------------
     def logits(
-        self, x: torch.Tensor, sigma: torch.Tensor, x_sc: torch.Tensor | None, padding: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        x_sc: torch.Tensor | None,
+        padding: torch.Tensor | None = None,
+        clean: Prompt | None = None,
     ) -> torch.Tensor:
         """Bit logits ``[B, L, k]`` float32 for the state ``x`` ``[B, L, k]`` at ``sigma`` ``[B]``.
 
         ``x_sc`` ``[B, L, k]`` is the self-conditioning estimate in [0, 1], or None (the channel is then zero).
+        ``clean``: the positions read clean (``CleanSpans.spans``: the training spans, else a sampler's prompt for a
+        model trained with them): their input channel is the exact bits at ``sigma = 0``'s scale,
+        ``(b - 1/2) / sigma_d``, and they are flagged.
         """
         c_in = (sigma.float().square() + self.sigma_data**2).rsqrt()[:, None, None]  # [B, 1, 1]
+        signal = c_in * (x.float() - 0.5)  # [B, L, k]
+        clean = self.spans(clean, x.shape[0], x.shape[1])
+        if clean is not None:
+            exact = (self.clean_state(clean.ids).float() - 0.5) / self.sigma_data  # [B, L, k]
+            signal = torch.where(clean.fixed[..., None], exact, signal)
         sc = torch.zeros_like(x) if x_sc is None else (x_sc.float() - 0.5) / self.sigma_data
-        h = self.proj_in(torch.cat([c_in * (x.float() - 0.5), sc.float()], dim=-1))  # [B, L, W]
+        h = self.proj_in(torch.cat([signal, sc.float()], dim=-1))  # [B, L, W]
+        if clean is not None:
+            h = self.flagged(h, clean.fixed)
         h = self.backbone(h, self.time_embed(sigma.float().log()), padding)  # [B, L, W]
         return self.head(h).float() + matched_filter(x, sigma, self.clip)
 
@@ -157,20 +180,24 @@ class Bitstream(VEObjective, nn.Module):
 
         ``sigma = schedule(u)`` with ``u`` from ``batch["u"]`` (low-discrepancy). With probability ``self_condition``
         per batch (global torch RNG) a no-grad pass supplies ``x_sc = x0_hat``. While training, the per-sequence
-        unweighted error ``m = mean (x0_hat - b)^2`` is handed to the schedule (``observe``). ``nll`` of the
-        returned ``LossOutput`` is the weighted error per token (summed over bits), not a likelihood.
+        unweighted error ``m = mean (x0_hat - b)^2`` is handed to the schedule (``observe``; a row with clean spans
+        reports its free bits' error, so every rank observes the same number of rows, as DDP's gather needs).
+        ``nll`` of the returned ``LossOutput`` is the weighted error per token (summed over bits), not a likelihood;
+        with ``condition_rate > 0`` the clean spans (``CleanSpans.training_spans``) are read clean and not scored.
         """
         ids, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
         sigma = self.schedule.sample_training_sigma(training_u(batch)).float().to(ids.device)  # [B]
         b = self.clean_state(ids)  # [B, L, k]
         x = b + sigma[:, None, None] * draws.randn_like(b)  # [B, L, k]
+        clean = self.training_spans(ids, padding)
         x_sc = None
         if draws.coin(self.self_condition):
             with torch.no_grad():
-                x_sc = self.logits(x, sigma, None, padding).sigmoid()
-        x0_hat = self.logits(x, sigma, x_sc, padding).sigmoid()  # [B, L, k]
+                x_sc = self.logits(x, sigma, None, padding, clean).sigmoid()
+        x0_hat = self.logits(x, sigma, x_sc, padding, clean).sigmoid()  # [B, L, k]
         sq = (x0_hat - b).square()  # [B, L, k]
-        valid = padding.float()
+        scored = padding if clean is None else padding & ~clean.fixed  # [B, L]
+        valid = scored.float()
         per_token = self.weight(sigma)[:, None] * sq.sum(-1) * valid  # [B, L]
         bits = valid.sum() * self.bits
         loss = per_token.sum() / bits.clamp_min(1)
@@ -178,7 +205,7 @@ class Bitstream(VEObjective, nn.Module):
             seq_error = (sq.mean(-1) * valid).sum(1) / valid.sum(1).clamp_min(1)  # [B] unweighted, per bit
             self.schedule.observe(sigma, seq_error)
         logs = {**self.schedule.logs(), "mse": ((sq.mean(-1) * valid).sum() / valid.sum().clamp_min(1)).detach()}
-        return LossOutput(loss, per_token.detach(), padding, logs)
+        return LossOutput(loss, per_token.detach(), scored, logs)
 
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:

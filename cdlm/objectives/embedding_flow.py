@@ -28,11 +28,12 @@ from torch import nn
 from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
+from cdlm.objectives.clean_spans import CleanSpans
 from cdlm.objectives.gumbel_schedule import GumbelSchedule
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.training_time import training_u
 from cdlm.objectives.ve import VEObjective, row_sigma
-from cdlm.prompts import Prompt, given, given_positions
+from cdlm.prompts import Prompt
 from cdlm.types import Batch, LossOutput
 
 REFERENCE_WIDTH = 768  # LangFlow's published loc = 4.723, scale = 0.852 are for D = 768
@@ -57,24 +58,7 @@ def default_loc(dim: int) -> float:
     return REFERENCE_LOC + math.log(dim / REFERENCE_WIDTH)
 
 
-def clean_spans(padding: torch.Tensor, rate: float) -> torch.Tensor:
-    """Positions given clean in training ``[B, L]`` (bool; CDCD's conditional training, docs/math.md §3).
-
-    A row is conditioned with probability ``rate``; a conditioned row gets, with probability 1/2, a prefix of
-    ``k ~ U{1, .., n - 1}`` of its ``n`` tokens (continuation), else each position with probability ``r ~ U(0, 1)``
-    (infilling). Padding is never given. Drawn per row (``cdlm.draws``), static shapes.
-    """
-    rows, length = padding.shape
-    u = draws.rand(rows, 4, device=padding.device)  # [B, 4]: conditioned, kind, prefix fraction, rate
-    n = padding.sum(1)  # [B]
-    k = (u[:, 2] * (n - 1).clamp_min(0)).floor() + 1  # [B] in 1..n-1
-    prefix = torch.arange(length, device=padding.device)[None] < k[:, None]  # [B, L]
-    scattered = draws.rand(rows, length, device=padding.device) < u[:, 3:4]  # [B, L]
-    spans = torch.where((u[:, 1] < 0.5)[:, None], prefix, scattered)
-    return spans & (u[:, :1] < rate) & padding
-
-
-class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
+class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
     """LangFlow objective; owns the token embedding, self-conditioning map, time embedding, head and schedule.
 
     Args:
@@ -119,15 +103,13 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         checks.positive(scale=scale)
         checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
         checks.booleans(analytic_skip=analytic_skip)
-        if not (checks.is_real(condition_rate) and 0.0 <= condition_rate <= 1.0):
-            raise checks.ArgumentError(f"condition_rate is a probability in [0, 1], got {condition_rate}")
         if loc is not None:
             checks.finite(loc=loc)
         if embed_dim is not None:
             checks.positive_ints(embed_dim=embed_dim)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.self_condition, self.ode_steps, self.ode_probes = self_condition, ode_steps, ode_probes
-        self.analytic_skip, self.condition_rate = analytic_skip, condition_rate
+        self.analytic_skip = analytic_skip
         width = backbone.width
         self.dim = dim = embed_dim or width
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
@@ -142,8 +124,7 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         self.head = nn.Linear(width, vocab_size)  # zero at init: the model starts as the factorised posterior
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        if condition_rate > 0:  # added to the input at positions given clean (zero at init)
-            self.clean_flag = nn.Parameter(torch.zeros(dim))
+        self.init_clean_spans(condition_rate, dim)  # the flag marks positions given clean (zero at init)
 
     @property
     def state_width(self) -> int:
@@ -165,23 +146,20 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         gamma: torch.Tensor,
         x_sc: torch.Tensor,
         padding: torch.Tensor | None = None,
-        clean: torch.Tensor | None = None,
+        clean: Prompt | None = None,
     ) -> torch.Tensor:
         """Token logits ``[B, L, V]`` (float32) for the native state ``z`` ``[B, L, D]`` at ``gamma`` ``[B]``.
 
-        ``x_sc`` ``[B, L, D]`` is the self-conditioning estimate (zeros when absent). ``clean`` ``[B, L]`` (bool):
-        positions whose ``z`` is a clean embedding, flagged by ``clean_flag`` (a model trained with
-        ``condition_rate > 0``); None: the prompt given to the sampler (``cdlm.prompts.given``), if any, is read
-        clean.
+        ``x_sc`` ``[B, L, D]`` is the self-conditioning estimate (zeros when absent). ``clean``: the positions read
+        as clean embeddings and flagged (``CleanSpans.spans``; None: the prompt given to the sampler, if the model was
+        trained with clean spans).
         """
-        if clean is None and self.condition_rate > 0:
-            prompt = given_positions(z.shape[0], z.shape[1])
-            if prompt is not None:
-                clean = prompt.fixed
-                z = torch.where(clean[..., None], self.clean_state(prompt.ids).to(z.dtype), z)
+        clean = self.spans(clean, z.shape[0], z.shape[1])
+        if clean is not None:
+            z = torch.where(clean.fixed[..., None], self.clean_state(clean.ids).to(z.dtype), z)
         h = z + self.self_cond(torch.cat([z, x_sc], dim=-1))  # [B, L, D]
         if clean is not None:
-            h = h + clean[..., None] * self.clean_flag
+            h = self.flagged(h, clean.fixed)
         h = self.backbone(self.proj_in(h), self.time_embed(gamma), padding)  # [B, L, W]
         residual = self.head(h).float()  # [B, L, V]
         if not self.analytic_skip:
@@ -214,35 +192,21 @@ class EmbeddingFlow(SigmaRange, VEObjective, nn.Module):
         gamma = self.schedule.gamma(training_u(batch).float())  # [B]
         x0 = self.clean_state(x)  # [B, L, D]
         z = self.noisy(x0, gamma)  # [B, L, D]
-        clean = clean_spans(padding, self.condition_rate) if self.condition_rate > 0 else None  # [B, L]
-        if clean is not None:  # given positions: the clean embedding, flagged, not scored
-            z = torch.where(clean[..., None], x0, z)
+        clean = self.training_spans(x, padding)  # given positions: the clean embedding, flagged, not scored
         x_sc = torch.zeros_like(z)
         if draws.coin(self.self_condition):
             with torch.no_grad():
                 x_sc = self.estimate(self.logits(z, gamma, x_sc, padding, clean))
         logits = self.logits(z, gamma, x_sc, padding, clean)  # [B, L, V]
-        scored = padding if clean is None else padding & ~clean  # [B, L]
+        scored = padding if clean is None else padding & ~clean.fixed  # [B, L]
         ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * scored  # [B, L]
         tokens = scored.sum(1)  # [B]
         mean_ce = ce.sum() / tokens.sum().clamp_min(1)
         seq_ce = ce.sum(1) / tokens.clamp_min(1)  # [B]
-        valid = tokens > 0 if clean is None else (tokens > 0) & ~clean.any(1)  # the fit reads unconditioned rows
+        valid = tokens > 0 if clean is None else (tokens > 0) & ~clean.fixed.any(1)  # the fit reads unconditioned rows
         fit = self.schedule.fit_loss(gamma, seq_ce, valid=valid)
         logs = {**self.schedule.logs(), "ce": mean_ce.detach(), "fit_loss": fit.detach()}
         return LossOutput(mean_ce + fit, ce, scored, logs)
-
-    def conditional_nll(self, batch: Batch, fixed: torch.Tensor) -> LossOutput:
-        """The ODE bound of the tokens not in ``fixed`` ``[B, L]`` (bool) given the ``fixed`` ones clean:
-        ``-log p(x_free | x_fixed)`` per free token (docs/math.md §3, "Conditional training"). The network reads the
-        fixed positions clean at every evaluation, so the flow of the free coordinates is an ODE of its own; the
-        probes, the prior and the decoder cover the free positions only. Needs a model trained with
-        ``condition_rate > 0``."""
-        if self.condition_rate <= 0:
-            raise ValueError("conditional_nll needs a model trained with clean spans (objective.condition_rate > 0)")
-        padding = batch["attention_mask"].bool()  # [B, L]
-        with given(Prompt(batch["input_ids"], fixed & padding)):
-            return self.nll({**batch, "attention_mask": padding & ~fixed})
 
     # ---- sampling view (cdlm.types.ContinuousObjective) -------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,12 @@ from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
 from cdlm.objectives.chunked_ce import chunk_rows
+from cdlm.objectives.clean_spans import CleanSpans
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.time_warps import OneHotTimeWarp
 from cdlm.objectives.training_time import training_u
 from cdlm.objectives.ve import VEObjective, row_sigma
+from cdlm.prompts import Prompt
 from cdlm.types import Batch, LossOutput, StateProjection
 
 # log sigma spans about [-2.1, 5.1] for V = 2048 at the default t range; x100 spreads it over ~700 rad of DiT's
@@ -104,7 +106,7 @@ def check_flow(
     checks.positive_ints(ode_steps=ode_steps, **({} if ode_rows is None else {"ode_rows": ode_rows}))
 
 
-class OneHotFlow(SigmaRange, VEObjective, nn.Module):
+class OneHotFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
     """FLM objective; owns the token embedding ``E`` ``[V, width]``, the time embedding, the head and the warp.
 
     Args:
@@ -128,6 +130,10 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
             figures differ from a whole-batch solve by the bound's sampling noise only.
         ode_probes: Hutchinson probes per sequence in ``nll``, all on one ODE trajectory (one forward, ``ode_probes``
             vector-Jacobian products per evaluation); ``>= 2`` also reports the bound's standard error ``nll_se``.
+        condition_rate: the fraction of training rows that keep clean spans (a prefix or scattered positions), read
+            by the network as ``E[x]`` (the input map of the clean one-hot) plus a learned flag and not scored, so
+            that a prompt can be given clean at sampling time (``cdlm.objectives.clean_spans``; docs/math.md §3,
+            "Conditional training"). 0: unconditional (FLM as published; prompts by replacement only).
 
     The clean state is one-hot: each coordinate has mean ``1/V`` and std ``sqrt((1/V)(1 - 1/V))``. ``prior`` and
     ``nll`` (the ODE bound) are ``VEObjective``'s. FLM itself starts from ``z = (1 - c) eps`` at ``c -> 0``, i.e.
@@ -148,6 +154,7 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         matched_filter: bool = False,
         ode_rows: int | None = None,
         ode_probes: int = 1,
+        condition_rate: float = 0.0,
     ) -> None:
         super().__init__()
         check_flow(vocab_size, soft_cap, t_min, t_max, ode_steps, ode_rows)
@@ -165,6 +172,7 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         self.head = nn.Linear(width, vocab_size)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.init_clean_spans(condition_rate, width)  # the flag marks positions given clean (zero at init)
 
     @property
     def state_width(self) -> int:
@@ -172,9 +180,12 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         return self.vocab_size
 
     # ---- the network ------------------------------------------------------------------------------------------
-    def logits(self, z: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """Token logits ``[B, L, V]`` (float32) for the native state ``z`` ``[B, L, V]`` at ``log_sigma`` ``[B]``."""
-        logits = self.network(self.input_map(z), log_sigma, padding)  # [B, L, V]
+    def logits(
+        self, z: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None, clean: Prompt | None = None
+    ) -> torch.Tensor:
+        """Token logits ``[B, L, V]`` (float32) for the native state ``z`` ``[B, L, V]`` at ``log_sigma`` ``[B]``;
+        ``clean``: positions read clean (``network``)."""
+        logits = self.network(self.input_map(z), log_sigma, padding, clean=clean)  # [B, L, V]
         return logits + self.evidence(z, log_sigma) if self.matched_filter else logits
 
     def input_map(self, z: torch.Tensor) -> torch.Tensor:
@@ -194,9 +205,28 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             return z.float() * ((1 + sigma) / sigma.square()).float()
 
-    def network(self, h: torch.Tensor, log_sigma: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, L, V]`` from the projected input ``h = z @ E`` ``[B, L, W]``."""
+    def network(
+        self,
+        h: torch.Tensor,
+        log_sigma: torch.Tensor,
+        padding: torch.Tensor | None = None,
+        clean: Prompt | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, L, V]`` from the projected input ``h = z @ E`` ``[B, L, W]``; ``clean``: the positions read
+        clean (``given_clean``)."""
+        h = self.given_clean(h, clean)
         return self.readout(self.backbone(h, self.time_embed(log_sigma.float()), padding))
+
+    def given_clean(self, h: torch.Tensor, clean: Prompt | None) -> torch.Tensor:
+        """The network input ``h`` ``[B, L, W]`` with the clean positions (``CleanSpans.spans``: ``clean`` in
+        training, else the sampler's prompt for a model trained with clean spans) set to ``E[x]``, the input map of
+        the clean one-hot, and flagged."""
+        clean = self.spans(clean, h.shape[0], h.shape[1])
+        if clean is None:
+            return h
+        with torch.autocast(h.device.type, enabled=False):
+            e = F.embedding(clean.ids, self.embed.weight.float())  # [B, L, W]
+        return self.flagged(torch.where(clean.fixed[..., None], e.to(h.dtype), h), clean.fixed)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[B, L, V]`` from the backbone output ``[B, L, W]``, soft-capped if ``soft_cap``."""
@@ -234,20 +264,23 @@ class OneHotFlow(SigmaRange, VEObjective, nn.Module):
         """x-prediction CE per valid token at ``c = c(t)``, ``t = u`` (``batch["u"]``, low-discrepancy).
 
         ``z = c onehot(x) + (1 - c) eps`` (FLM's interpolant), fed to the network as ``z @ E`` drawn directly in
-        width ``W`` (``noisy_input``); the CE is averaged over ``attention_mask``.
+        width ``W`` (``noisy_input``); the CE is averaged over ``attention_mask``, less the positions given clean
+        when ``condition_rate > 0`` (``CleanSpans.training_spans``).
         """
         x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
         c = self.c_of_t(training_u(batch))  # [B] float64
         log_sigma = torch.log((1 - c) / c).float()  # [B]
         c = c.float()[:, None, None]  # [B, 1, 1]
+        clean = self.training_spans(x, padding)
         if self.matched_filter:  # the filter needs the dense state
             onehot = self.clean_state(x)  # [B, L, V]
-            logits = self.logits(c * onehot + (1 - c) * draws.randn_like(onehot), log_sigma, padding)
+            logits = self.logits(c * onehot + (1 - c) * draws.randn_like(onehot), log_sigma, padding, clean)
         else:
-            logits = self.network(self.noisy_input(x, c), log_sigma, padding)  # [B, L, V]
-        ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * padding  # [B, L]
-        loss = ce.sum() / padding.sum().clamp_min(1)
-        return LossOutput(loss, ce, padding, {"c": c.mean().detach()})
+            logits = self.network(self.noisy_input(x, c), log_sigma, padding, clean=clean)  # [B, L, V]
+        scored = padding if clean is None else padding & ~clean.fixed  # [B, L]
+        ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * scored  # [B, L]
+        loss = ce.sum() / scored.sum().clamp_min(1)
+        return LossOutput(loss, ce, scored, {"c": c.mean().detach()})
 
     # ---- sampling view (cdlm.types.ContinuousObjective) ---------------------------------------------------------
     def _native(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,10 +42,11 @@ from cdlm.objectives.flow import LOG_SIGMA_EMBED_SCALE, OneHotFlow
 from cdlm.objectives.teacher import FrozenTeacher, state_differences
 from cdlm.objectives.training_time import training_u
 from cdlm.objectives.ve import row_sigma
+from cdlm.prompts import Prompt
 from cdlm.types import Batch, LossOutput
 
 DIAGONAL, JUMP, BOUNDARY = 0, 1, 2  # row kinds of a training batch
-SETTINGS = ("vocab_size", "soft_cap", "t_min", "t_max", "matched_filter")  # must equal the teacher's
+SETTINGS = ("vocab_size", "soft_cap", "t_min", "t_max", "matched_filter", "condition_rate")  # must equal the teacher's
 BACKBONE_SETTINGS = ("width", "depth", "heads", "cond_width", "mask_mode", "block_size")
 
 
@@ -53,8 +54,10 @@ class FlowMap(OneHotFlow):
     """FMLM objective: FLM's network and warp plus a zero-initialised target-time embedding ``g``; docs/math.md §2.
 
     Args:
-        backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter: as ``OneHotFlow``; they must equal
-            the teacher's (checked when the teacher is attached), so that the student starts as the teacher.
+        backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter, condition_rate: as ``OneHotFlow``;
+            they must equal the teacher's (checked when the teacher is attached), so that the student starts as the
+            teacher. With ``condition_rate > 0`` the student trains on the same kind of clean spans, given to the
+            teacher and to both halves of the bootstrap target, and reads a sampler's prompt clean.
         teacher: path of the FLM teacher run (a ``save_pretrained`` folder or a ``.ckpt``). The run builder loads it
             (``cdlm.checkpoint.load_frozen``: a missing path fails there, before any work) and passes it as
             ``teacher_model``; the constructor never reads disk.
@@ -84,8 +87,19 @@ class FlowMap(OneHotFlow):
         boundary_fraction: float = 0.5 / 32,
         teacher_model: OneHotFlow | None = None,
         ode_probes: int = 1,
+        condition_rate: float = 0.0,
     ) -> None:
-        super().__init__(backbone, vocab_size, soft_cap, t_min, t_max, ode_steps, matched_filter, ode_probes=ode_probes)
+        super().__init__(
+            backbone,
+            vocab_size,
+            soft_cap,
+            t_min,
+            t_max,
+            ode_steps,
+            matched_filter,
+            ode_probes=ode_probes,
+            condition_rate=condition_rate,
+        )
         fractions = (diagonal_fraction, boundary_fraction)
         if not (all(is_real(f) and f >= 0 for f in fractions) and sum(fractions) <= 1):
             raise ArgumentError(
@@ -136,9 +150,12 @@ class FlowMap(OneHotFlow):
         log_sigma: torch.Tensor,
         padding: torch.Tensor | None = None,
         log_sigma_target: torch.Tensor | None = None,
+        clean: Prompt | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, V]`` of ``D_{s,t}`` from ``h = z @ E`` ``[B, L, W]`` at ``log sigma_s`` ``[B]``; the target
-        ``log sigma_t`` ``[B]`` adds ``g(log sigma_t) - g(log sigma_s)`` to the conditioning (None: the diagonal)."""
+        ``log sigma_t`` ``[B]`` adds ``g(log sigma_t) - g(log sigma_s)`` to the conditioning (None: the diagonal).
+        ``clean``: the positions read clean (``OneHotFlow.given_clean``)."""
+        h = self.given_clean(h, clean)
         cond = self.time_embed(log_sigma.float())  # [B, C]
         if log_sigma_target is not None:
             g_t, g_s = self.target_embed(torch.cat([log_sigma_target, log_sigma]).float()).chunk(2)  # 2 x [B, C]
@@ -151,9 +168,11 @@ class FlowMap(OneHotFlow):
         log_sigma_s: torch.Tensor,
         log_sigma_t: torch.Tensor,
         padding: torch.Tensor | None = None,
+        clean: Prompt | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, L, V]`` (float32) of ``D_{s,t}(z)`` for the native state ``z`` ``[B, L, V]`` at time ``s``."""
-        logits = self.network(self.input_map(z), log_sigma_s, padding, log_sigma_t)  # [B, L, V]
+        """Logits ``[B, L, V]`` (float32) of ``D_{s,t}(z)`` for the native state ``z`` ``[B, L, V]`` at time ``s``;
+        ``clean``: the positions read clean."""
+        logits = self.network(self.input_map(z), log_sigma_s, padding, log_sigma_t, clean)  # [B, L, V]
         return logits + self.evidence(z, log_sigma_s) if self.matched_filter else logits
 
     def bootstrap_target(
@@ -162,16 +181,18 @@ class FlowMap(OneHotFlow):
         tau_s: torch.Tensor,
         tau_t: torch.Tensor,
         padding: torch.Tensor | None = None,
+        clean: Prompt | None = None,
     ) -> torch.Tensor:
         """``lambda D_{s,u}(z) + (1 - lambda) D_{u,t}(X_{s->u}(z))`` ``[B, L, V]``, on the simplex, computed by the
         student at the sampler-time midpoint ``tau_u = (tau_s + tau_t) / 2``; ``z`` ``[B, L, V]`` is native at ``s``,
-        ``tau_s >= tau_t`` are ``[B]``. Call it under ``torch.no_grad()`` for the stop-gradient target.
+        ``tau_s >= tau_t`` are ``[B]``; ``clean``: the positions read clean in both calls. Call it under
+        ``torch.no_grad()`` for the stop-gradient target.
         """
         tau_u = (tau_s + tau_t) / 2
         c_s, c_u, c_t = self.c_of_t(tau_s), self.c_of_t(tau_u), self.c_of_t(tau_t)  # [B] float64
-        d_su = self.map_logits(z, log_sigma_of_c(c_s), log_sigma_of_c(c_u), padding).softmax(-1)  # [B, L, V]
+        d_su = self.map_logits(z, log_sigma_of_c(c_s), log_sigma_of_c(c_u), padding, clean).softmax(-1)  # [B, L, V]
         y = flow_map(z, d_su, c_s, c_u)  # X_{s->u}(z) [B, L, V]
-        d_ut = self.map_logits(y, log_sigma_of_c(c_u), log_sigma_of_c(c_t), padding).softmax(-1)  # [B, L, V]
+        d_ut = self.map_logits(y, log_sigma_of_c(c_u), log_sigma_of_c(c_t), padding, clean).softmax(-1)  # [B, L, V]
         lam = jump_weight(c_s, c_u, c_t).float()[:, None, None]  # [B, 1, 1]
         return lam * d_su + (1 - lam) * d_ut
 
@@ -183,7 +204,9 @@ class FlowMap(OneHotFlow):
         ``batch["u"]`` (low-discrepancy). ``loss`` and ``nll`` ``[B, L]`` report the CE less the targets' entropy, i.e.
         ``KL(target || D_{s,t})``: the same gradient as the CE (the targets carry none), but 0 at a perfect fit, where
         the CE's floor moves with the bootstrap targets and would hide progress. Logs the CE itself (``ce``) and the
-        KL per row kind (``kl_diagonal``, ``kl_jump`` = off-diagonal and boundary rows).
+        KL per row kind (``kl_diagonal``, ``kl_jump`` = off-diagonal and boundary rows). With ``condition_rate > 0``
+        the rows' clean spans (``CleanSpans.training_spans``) are read clean by the teacher and the student alike and
+        are not scored.
         """
         x, padding = batch["input_ids"], batch["attention_mask"].bool()  # [B, L]
         teacher = self.teacher(x.device)
@@ -195,21 +218,26 @@ class FlowMap(OneHotFlow):
         a = c_s.float()[:, None, None]  # [B, 1, 1]
         z = a * onehot + (1 - a) * draws.randn_like(onehot)  # [B, L, V]
         diag = kind == DIAGONAL
+        clean = self.training_spans(x, padding)
         with torch.no_grad():
             target = torch.empty_like(z)  # [B, L, V]
             if diag.any():
-                target[diag] = teacher.logits(z[diag], log_sigma_of_c(c_s[diag]), padding[diag]).softmax(-1)
+                logits = teacher.logits(z[diag], log_sigma_of_c(c_s[diag]), padding[diag], row_subset(clean, diag))
+                target[diag] = logits.softmax(-1)
             if (~diag).any():
-                target[~diag] = self.bootstrap_target(z[~diag], tau_s[~diag], tau_t[~diag], padding[~diag])
-        logits = self.map_logits(z, log_sigma_of_c(c_s), log_sigma_of_c(c_t), padding)  # [B, L, V]
-        ce = -(target * logits.log_softmax(-1)).sum(-1) * padding  # [B, L] soft-target CE
-        kl = ce - torch.special.entr(target).sum(-1) * padding  # [B, L]: the CE less its floor, the targets' entropy
+                rest = ~diag
+                spans = row_subset(clean, rest)
+                target[rest] = self.bootstrap_target(z[rest], tau_s[rest], tau_t[rest], padding[rest], spans)
+        logits = self.map_logits(z, log_sigma_of_c(c_s), log_sigma_of_c(c_t), padding, clean)  # [B, L, V]
+        scored = padding if clean is None else padding & ~clean.fixed  # [B, L]
+        ce = -(target * logits.log_softmax(-1)).sum(-1) * scored  # [B, L] soft-target CE
+        kl = ce - torch.special.entr(target).sum(-1) * scored  # [B, L]: the CE less its floor, the targets' entropy
         logs = {
-            "ce": _mean(ce, padding),
-            "kl_diagonal": _mean(kl, padding & diag[:, None]),
-            "kl_jump": _mean(kl, padding & ~diag[:, None]),
+            "ce": _mean(ce, scored),
+            "kl_diagonal": _mean(kl, scored & diag[:, None]),
+            "kl_jump": _mean(kl, scored & ~diag[:, None]),
         }
-        return LossOutput(kl.sum() / padding.sum().clamp_min(1), kl, padding, logs)
+        return LossOutput(kl.sum() / scored.sum().clamp_min(1), kl, scored, logs)
 
     # ---- sampling view (cdlm.types.FlowMapObjective) ------------------------------------------------------------
     def flow_denoise(self, x: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
@@ -234,6 +262,11 @@ class FlowMap(OneHotFlow):
 
 
 # ---- the pieces of the objective, as functions ----------------------------------------------------------------------
+def row_subset(clean: Prompt | None, rows: torch.Tensor) -> Prompt | None:
+    """The ``rows`` ``[B]`` (bool) of a batch's clean spans (None stays None)."""
+    return None if clean is None else Prompt(clean.ids[rows], clean.fixed[rows])
+
+
 def log_sigma_of_c(c: torch.Tensor) -> torch.Tensor:
     """``log sigma = log((1 - c) / c)`` float32 ``[B]`` from ``c`` ``[B]`` (float64)."""
     return torch.log((1 - c) / c).float()
