@@ -195,10 +195,12 @@ def evaluate(
     prompts: str | None = None,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     mauve: bool = False,
+    infill_span: int | None = None,
 ) -> Evaluation:
     """The evaluation protocol of ``cdlm eval`` (docs/math.md §8): validation bound, Gen PPL under ``judge`` and
     entropy over ``seeds``, the reference row, zero-shot bounds; ``prompts="val"``: the conditional protocol
-    (continuations of ``prompt_tokens``-token validation prompts, judged given them; ``mauve``: with MAUVE). With
+    (continuations of ``prompt_tokens``-token validation prompts, judged given them; ``mauve``: with MAUVE);
+    ``infill_span``: infilling accuracy of the middle ``infill_span`` tokens of validation windows. With
     ``write``, the result goes to ``out`` (default: ``eval_<sampler>_<steps>.json`` beside the model)."""
     opts = checked(
         EvalOptions,
@@ -217,6 +219,7 @@ def evaluate(
         prompts=prompts,
         prompt_tokens=prompt_tokens,
         mauve=mauve,
+        infill_span=infill_span,
     )
     return evaluate_options(opts, sampler, sampler_options, write=write)
 
@@ -245,6 +248,7 @@ def evaluate_options(
         prompts=opts.prompts,
         prompt_tokens=opts.prompt_tokens,
         mauve=opts.mauve,
+        infill_span=opts.infill_span,
     )
     result["model"] = str(opts.path)
     out = opts.out or str(Path(opts.path).parent / f"eval_{node.name}_{node.steps}.json")

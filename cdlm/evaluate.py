@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from cdlm.conditional_eval import check_mauve, conditional_scores, mauve_score, split_windows
 from cdlm.config import ConfigError, instantiate
 from cdlm.device import device_name
+from cdlm.infill_eval import infill_row, span_accuracy, span_bound, span_canvas
 from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, UnigramModel, build_judge, unigram_bound
 from cdlm.metrics.likelihood import score_batches
 from cdlm.metrics.unigram import ALPHA, TokenStream
@@ -175,13 +176,17 @@ def evaluate(
     prompts: str | None = None,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     mauve: bool = False,
+    infill_span: int | None = None,
 ) -> dict:
     """Run the protocol; returns the JSON-ready result (``metrics`` is a flat dict of scalars).
 
     ``prompts="val"``: the conditional protocol (``cdlm.conditional_eval``): every sample continues the first
     ``prompt_tokens`` tokens of a validation window, and Gen PPL, entropy and distinct-n are the continuations',
     given their prompts, in the samples', reference and unigram rows; ``mauve``: also MAUVE of the samples' and the
-    unigram draws' continuations against the true ones, on the judge's features.
+    unigram draws' continuations against the true ones, on the judge's features. ``infill_span``: the samples fill
+    the middle ``infill_span`` tokens of the reference row's validation windows, the rest kept; each seed's row adds
+    ``infill_accuracy`` and ``result["infill"]`` the unigram draws' expected accuracy and the span's conditional
+    bound (``cdlm.infill_eval``).
 
     ``zero_shot``: corpora (``cdlm.zero_shot.resolve`` specs: files, folders, ``hf:`` datasets, standard names) whose
     likelihood bound is added as ``result["zero_shot"]``, one row each (at most ``zero_shot_tokens`` tokens each).
@@ -193,6 +198,10 @@ def evaluate(
     length = sample_length(module.config, length)
     if prompts is not None and not 0 < prompt_tokens < length:
         raise ConfigError(f"prompt_tokens={prompt_tokens} must lie in [1, length - 1] with length={length}")
+    if infill_span is not None and prompts is not None:
+        raise ConfigError("infill_span and prompts=val are two protocols: give one of them")
+    if infill_span is not None and not 0 < infill_span < length:
+        raise ConfigError(f"infill_span={infill_span} must lie in [1, length - 1] with length={length}")
     if mauve and (prompts is None or judge is None):
         raise ConfigError("mauve=true compares continuations: give prompts=val and a judge (its features)")
     if mauve:
@@ -212,9 +221,14 @@ def evaluate(
     if prompts is not None:
         given = split_windows(reference_texts(module, n, length)[1], prompt_tokens)
         knobs["prompt"] = [row.tolist() for row in given[0]]
+    canvas = None if infill_span is None else span_canvas(reference_texts(module, n, length)[1], infill_span)
+    if canvas is not None:
+        knobs["prompt"] = canvas
     for seed in range(seeds):
         samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, batch_size=batch_size, **knobs)
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
+        if canvas is not None:
+            row["infill_accuracy"] = span_accuracy(samples.ids, canvas)
         if scorer is not None:
             row |= sample_scores(scorer, module, samples.ids, samples.texts, given, mauve)
         result["per_seed"].append(row)
@@ -230,6 +244,8 @@ def evaluate(
         result["protocol"]["conditional"] = conditional_protocol(prompts, prompt_tokens, length)
     if zero_shot:
         result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
+    if canvas is not None:
+        result["infill"] = infill_row(canvas, train_unigram(module), span_bound(module, canvas))
     return result
 
 
@@ -343,6 +359,13 @@ def summary(result: dict) -> str:
         lines.append(unigram_line(m, result["unigram"]))
     if result.get("protocol", {}).get("conditional"):
         lines.append(f"conditional protocol: {result['protocol']['conditional']}")
+    if "infill_accuracy_mean" in m:
+        fill = result["infill"]
+        bound = "" if fill["span_nll"] is None else f", span bound {fill['span_nll']:.4f} nats/token"
+        lines.append(
+            f"infilling {fill['span']} tokens: accuracy {m['infill_accuracy_mean']:.4f} +- "
+            f"{m['infill_accuracy_std']:.4f} (unigram draws {fill['unigram_accuracy']:.4f}){bound}"
+        )
     if "gen_ppl_mean" in m:
         lines.append(
             f"samples ({result['protocol']['sampler']['name']}, NFE {m['nfe']}): Gen PPL {m['gen_ppl_mean']:.2f} "

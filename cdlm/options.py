@@ -173,10 +173,11 @@ class EvalOptions:
     prompts: str | None = option(None, "val: continue prompts from validation windows, judged given their prompt")
     prompt_tokens: int = option(DEFAULT_PROMPT_TOKENS, "tokens of each prompt (prompts=val)")
     mauve: bool = option(False, "MAUVE of the continuations against the true ones (prompts=val, judge; mauve-text)")
+    infill_span: int | None = option(None, "fill the middle K tokens of validation windows: infilling accuracy")
 
     def __post_init__(self) -> None:
         require_path(self.path)
-        for name in ("n", "length", "seeds", "zero_shot_tokens", "batch_size", "prompt_tokens"):
+        for name in ("n", "length", "seeds", "zero_shot_tokens", "batch_size", "prompt_tokens", "infill_span"):
             positive(name, getattr(self, name))
         if self.prompts is not None and self.prompts != "val":
             raise ConfigError(f"prompts={self.prompts!r} is not a prompt source; valid: val")
@@ -185,6 +186,8 @@ class EvalOptions:
                 f"prompt_tokens={self.prompt_tokens} leaves nothing to generate in length={self.length}; "
                 "give prompt_tokens < length"
             )
+        if self.prompts is not None and self.infill_span is not None:
+            raise ConfigError("infill_span and prompts=val are two protocols: give one of them")
         if self.val_batches is not None and self.val_batches < 0:
             raise ConfigError(f"val_batches must be >= 0 (0 skips the bound), got {self.val_batches}")
         check_device(self.device)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cdlm.module import DiffusionLM
+from cdlm.prompts import Prompt
 from cdlm.types import SamplerStep
 
 
@@ -56,13 +57,14 @@ def draw(
     callback=None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
-    prompt: list[str] | list[list[int]] | None = None,
+    prompt: list[str] | list[list[int]] | Prompt | None = None,
     suffix: str | None = None,
     template: list[str] | None = None,
     **knobs,
 ) -> Samples:
     """Generate ``n`` samples in batches of ``batch_size`` (default: all at once) and time them; ``dtype`` is the
-    network's autocast dtype (None = full precision); ``prompt``: one text per sample that it starts with;
+    network's autocast dtype (None = full precision); ``prompt``: one text per sample that it starts with (or a
+    ``cdlm.prompts.Prompt`` of fixed positions);
     ``suffix``: a text every sample ends with; ``template``: one infilling template per sample (``generate``)."""
     counter = NFECounter(callback)
     start = time.perf_counter()
@@ -75,9 +77,11 @@ def draw(
 
 
 def conditions(
-    n: int, prompt: list[str] | list[list[int]] | None, suffix: str | None, template: list[str] | None
+    n: int, prompt: list[str] | list[list[int]] | Prompt | None, suffix: str | None, template: list[str] | None
 ) -> list[dict] | None:
     """Each sample's conditioning texts for its JSONL row (``prompt``, ``suffix``, ``infill``), or None."""
+    if isinstance(prompt, Prompt):  # fixed positions on a canvas (cdlm eval infill_span=): no texts to record
+        prompt = None
     if prompt is None and suffix is None and template is None:
         return None
     rows: list[dict] = [{} for _ in range(n)]
