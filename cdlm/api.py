@@ -112,7 +112,7 @@ def sampler_config(module: DiffusionLM, chosen: str | None, overrides: Mapping[s
 def sample(
     path: str | Path,
     n: int = SAMPLE_N,
-    length: int | None = None,
+    length: int | str | None = None,
     *,
     sampler: str | None = None,
     sampler_options: Mapping[str, Any] | None = None,
@@ -125,12 +125,14 @@ def sample(
     prompt_file: str | Path | None = None,
     suffix: str | None = None,
     infill: str | None = None,
+    stop_at_eos: bool = True,
 ) -> Samples:
     """``n`` samples of ``length`` tokens (default: the run's ``data.seq_len``) from a trained model (``cdlm
     sample``): ``sampler`` (default: the run's) with ``sampler_options`` (``{"steps": 64, "top_p": 0.9}``);
     ``prompt``: a text every sample starts with, or ``prompt_file``: ``n`` samples for each of its prompts;
     ``suffix``: a text every sample ends with; ``infill``: a template of kept text and ``[MASK:k]`` spans
-    (docs/sampling.md, "Prompts")."""
+    (docs/sampling.md, "Prompts"); ``stop_at_eos``: each sample ends at its first generated EOS (padding after
+    it); ``length="auto"``: up to the run's ``data.seq_len``, each sample ending at its EOS."""
     opts = checked(
         SampleOptions,
         path=str(path),
@@ -144,6 +146,7 @@ def sample(
         prompt_file=None if prompt_file is None else str(prompt_file),
         suffix=suffix,
         infill=infill,
+        stop_at_eos=stop_at_eos,
     )
     module = load_model(opts.path, opts.device)
     node = sampler_config(module, sampler, sampler_options)

@@ -33,17 +33,20 @@ def split_windows(windows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Tens
     return windows[:, :prompt_tokens], windows[:, prompt_tokens:]
 
 
-def conditional_scores(judge, tokenizer, prompts: torch.Tensor, continuations: torch.Tensor) -> dict[str, float]:
+def conditional_scores(
+    judge, tokenizer, prompts: torch.Tensor, continuations: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, float]:
     """Conditional Gen PPL of ``continuations`` ``[n, m]`` given ``prompts`` ``[n, k]`` (token ids of the run's
     tokenizer, decoded for the judge) under ``judge.score_given``, and the continuations' mean unigram entropy
-    (nats) and distinct-n."""
+    (nats) and distinct-n; ``mask`` ``[n, m]``: the continuation tokens to use (those up to an EOS)."""
+    keep = torch.ones_like(continuations, dtype=torch.bool) if mask is None else mask
     prompt_texts = [tokenizer.decode(row.tolist()) for row in prompts]
-    texts = [tokenizer.decode(row.tolist()) for row in continuations]
+    texts = [tokenizer.decode(row[m].tolist()) for row, m in zip(continuations, keep)]
     scored = judge.score_given(prompt_texts, texts)
     nll, tokens = sum(s for s, _ in scored), sum(n for _, n in scored)
     entropy, distinct = UnigramEntropy(), DistinctN()
-    entropy.update(continuations)
-    distinct.update(continuations)
+    entropy.update(continuations, keep)
+    distinct.update(continuations, keep)
     scores = {"gen_ppl": math.exp(nll / max(tokens, 1)), "judge_tokens": tokens, "entropy": float(entropy.compute())}
     return scores | {name: float(v) for name, v in distinct.compute().items()}
 

@@ -25,6 +25,7 @@ from cdlm.metrics.likelihood import score_batches
 from cdlm.metrics.unigram import ALPHA, TokenStream
 from cdlm.module import DiffusionLM
 from cdlm.options import DEFAULT_EVAL_N, DEFAULT_PROMPT_TOKENS, DEFAULT_SEEDS, sample_length
+from cdlm.prompts import after_eos
 from cdlm.sampling import draw
 
 
@@ -134,12 +135,13 @@ def unigram_texts(
     return [module.tokenizer.decode(row.tolist()) for row in ids], ids
 
 
-def generative_scores(judge, texts: list[str], ids: torch.Tensor) -> dict:
-    """Gen PPL under ``judge``, mean unigram entropy (nats) and distinct-n of one set of samples."""
+def generative_scores(judge, texts: list[str], ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """Gen PPL under ``judge``, mean unigram entropy (nats) and distinct-n of one set of samples (the ids where
+    ``mask`` ``[n, L]``, if given, holds)."""
     gen_ppl, entropy, distinct = GenPPL(judge), UnigramEntropy(), DistinctN()
     gen_ppl.update(texts)
-    entropy.update(ids)
-    distinct.update(ids)
+    entropy.update(ids, mask)
+    distinct.update(ids, mask)
     scores = {"gen_ppl": float(gen_ppl.compute()), "entropy": float(entropy.compute())}
     scores.update({name: float(v) for name, v in distinct.compute().items()})  # distinct_1, distinct_2, ...
     return scores
@@ -256,13 +258,19 @@ def sample_scores(
     conditional protocol (``given`` = prompts ``[n, k]``, true continuations) those of the continuations
     ``ids[:, k:]`` given their prompts, and with ``mauve`` their MAUVE against the true ones."""
     if given is None:
-        return generative_scores(scorer, texts, ids)
+        return generative_scores(scorer, texts, ids, until_eos(module, ids))
     prompts, truth = given
     continuations = ids[:, prompts.shape[1] :]  # [n, L - k]
-    scores = conditional_scores(scorer, module.tokenizer, prompts, continuations)
+    scores = conditional_scores(scorer, module.tokenizer, prompts, continuations, until_eos(module, continuations))
     if mauve:
         scores["mauve"] = continuation_mauve(scorer, module.tokenizer, continuations, truth)
     return scores
+
+
+def until_eos(module: DiffusionLM, ids: torch.Tensor) -> torch.Tensor | None:
+    """``[n, L]`` (bool): the positions of ``ids`` up to each row's first EOS (the positions after it are padding,
+    not text: ``cdlm.prompts.after_eos``), or None without a tokenizer."""
+    return None if module.tokenizer is None else ~after_eos(ids, module.tokenizer.eos_id)
 
 
 def reference_rows(

@@ -17,6 +17,7 @@ from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFini
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
 from cdlm.prompts import (
     Prompt,
+    after_eos,
     canvas_prompt,
     cut_at_eos,
     given,
@@ -186,7 +187,7 @@ class DiffusionLM(L.LightningModule):
         dtype: torch.dtype | None = torch.bfloat16,
         callback=None,
         prompt: Prompt | str | list[str] | list[list[int]] | None = None,
-        stop_at_eos: bool = False,
+        stop_at_eos: bool | None = None,
         template: str | list[str] | None = None,
         suffix: str | list[int] | None = None,
         **knobs,
@@ -200,10 +201,11 @@ class DiffusionLM(L.LightningModule):
         suffix generated. ``template``: an infilling template for every row, or ``n`` of them: text kept exactly with
         ``[MASK:k]`` spans of ``k`` positions to generate (``"KING [MASK:8] of France"``; positions after the
         template are generated too; ``cdlm.prompts.parse_template``). The returned ids hold the prompt's tokens
-        exactly at its positions. ``stop_at_eos``:
-        a row ends at its first generated EOS; the positions after it hold the tokenizer's padding and the text
-        stops there (``cdlm.prompts.cut_at_eos``; ``stops`` says where).
+        exactly at its positions. ``stop_at_eos`` (None: True when the run has a tokenizer): a row ends at its
+        first generated EOS; the positions after it hold the tokenizer's padding and the text stops there
+        (``cdlm.prompts.cut_at_eos``; ``stops`` says where).
         """
+        stop_at_eos = self.tokenizer is not None if stop_at_eos is None else stop_at_eos
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
@@ -240,15 +242,22 @@ class DiffusionLM(L.LightningModule):
         return ids, self.decode(ids, stop_at_eos, None if prompt is None else prompt.fixed)
 
     def decode(self, ids: torch.Tensor, stop_at_eos: bool = False, fixed: torch.Tensor | None = None) -> list[str]:
-        """Texts of ``ids`` ``[n, L]`` (none without a tokenizer); with ``stop_at_eos`` each ends before its first
-        generated EOS (an EOS at a ``fixed`` prompt position does not end it)."""
+        """Texts of ``ids`` ``[n, L]`` (none without a tokenizer); with ``stop_at_eos`` each ends at its first
+        generated EOS, save for the prompt's ``fixed`` positions after it (a suffix stays; an EOS at a fixed position
+        does not end the row)."""
         if self.tokenizer is None:
             return []
         if not stop_at_eos:
             return [self.tokenizer.decode(row.tolist()) for row in ids]
-        fixed = None if fixed is None else fixed.to(ids.device)
-        ends = [ids.shape[1] if p is None else p for p in stops(ids, self.tokenizer.eos_id, fixed)]
-        return [self.tokenizer.decode(row[:end].tolist()) for row, end in zip(ids, ends)]
+        keep = ~after_eos(ids, self.tokenizer.eos_id, None if fixed is None else fixed.to(ids.device))  # [n, L]
+        return [self.tokenizer.decode(row[k].tolist()) for row, k in zip(ids, keep)]
+
+    def stops(self, ids: torch.Tensor, fixed: torch.Tensor | None = None) -> list[int | None]:
+        """Each row's position of its first generated EOS in ``ids`` ``[n, L]`` (None: the row ran to its length, or
+        the run has no tokenizer); an EOS at a ``fixed`` prompt position does not count."""
+        if self.tokenizer is None:
+            return [None] * ids.shape[0]
+        return stops(ids, self.tokenizer.eos_id, None if fixed is None else fixed.to(ids.device))
 
     def keepable(self, prompt: Prompt | None, n: int, length: int, spec: SamplerSpec) -> Prompt | None:
         """``prompt`` (of ``canvas``) checked: a ``ValueError`` if the sampler cannot keep it or it is not

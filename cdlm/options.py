@@ -62,13 +62,18 @@ def positive(name: str, value: int | None) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
 
 
+AUTO_LENGTH = "auto"  # cdlm sample length=auto: up to the run's data.seq_len, each sample ending at its EOS
+
+
 @dataclass(frozen=True)
 class SampleOptions:
     """``cdlm sample`` / ``python sample.py``: draw samples from a trained model."""
 
     path: str | None = option(None, "a save_pretrained folder (RUN_DIR/final) or a .ckpt file (required)")
     n: int = option(SAMPLE_N, "number of samples")
-    length: int | None = option(None, "tokens per sample (default: the run's data.seq_len)")
+    length: int | str | None = option(
+        None, "tokens per sample (default: the run's data.seq_len); auto: up to data.seq_len, each ending at its EOS"
+    )
     seed: int = option(0, "random seed of the draws")
     batch_size: int | None = option(None, "samples per sampler call (default: all n at once)")
     out: str | None = option(None, "write the samples as JSONL to this file")
@@ -80,12 +85,16 @@ class SampleOptions:
     prompt_file: str | None = option(None, "prompts, one per line (or JSONL with a prompt field): n samples for each")
     suffix: str | None = option(None, "text every sample ends with, kept exactly (with or without prompt=)")
     infill: str | None = option(None, "infilling template: kept text with [MASK:k] spans of k tokens to generate")
-    stop_at_eos: bool = option(False, "end each sample at its first generated EOS (padding after it)")
+    stop_at_eos: bool = option(True, "end each sample at its first generated EOS (padding after it)")
 
     def __post_init__(self) -> None:
         require_path(self.path)
+        if isinstance(self.length, str) and self.length != AUTO_LENGTH:
+            raise ConfigError(f"length={self.length!r} is not a length; give a positive integer or auto")
+        if self.length == AUTO_LENGTH and not self.stop_at_eos:
+            raise ConfigError("length=auto ends each sample at its EOS: it needs stop_at_eos=true")
         for name in ("n", "length", "batch_size", "devices"):
-            positive(name, getattr(self, name))
+            positive(name, None if getattr(self, name) == AUTO_LENGTH else getattr(self, name))
         check_device(self.device)
         for name in ("out", "trace"):
             check_new_file(name, getattr(self, name), self.overwrite)
@@ -204,9 +213,13 @@ class ScheduleOptions:
         require_path(self.path)
 
 
-def sample_length(config: Mapping[str, Any], length: int | None) -> int:
+def sample_length(config: Mapping[str, Any], length: int | str | None) -> int:
     """Tokens per sample for a run's stored ``config``: ``length``, by default the run's ``data.seq_len``, within the
-    positions the model covers (``model.max_len``); the one rule of ``cdlm sample``, ``cdlm eval`` and the API."""
+    positions the model covers (``model.max_len``); the one rule of ``cdlm sample``, ``cdlm eval`` and the API.
+    ``auto`` (``cdlm sample``): the canvas is the run's ``data.seq_len``, the longest a sample may be, and each
+    sample ends at its first generated EOS (``stop_at_eos``)."""
+    if length == AUTO_LENGTH:
+        length = None
     length = length or int(config["data"].get("seq_len", SAMPLE_LENGTH))
     max_len = config["model"].get("max_len")
     if max_len is not None and length > max_len:

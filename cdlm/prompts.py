@@ -154,16 +154,20 @@ def given_positions(rows: int, length: int) -> Prompt | None:
     return prompt
 
 
-def cut_at_eos(ids: torch.Tensor, eos_id: int, pad_id: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
-    """``ids`` ``[n, length]`` with every position after a row's first generated EOS set to ``pad_id`` except
-    the prompt's ``fixed`` positions (the EOS stays; an EOS of the prompt does not stop the row)."""
+def after_eos(ids: torch.Tensor, eos_id: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n, length]`` (bool): the positions after each row's first generated EOS, less the prompt's ``fixed``
+    positions (an EOS of the prompt does not stop the row; the prompt's own tokens stay where they are)."""
     eos = ids == eos_id  # [n, L]
     if fixed is not None:
         eos &= ~fixed
     after = (eos.long().cumsum(1) - eos.long()) > 0  # [n, L]: a generated EOS lies strictly before
-    if fixed is not None:
-        after &= ~fixed  # the prompt's own tokens stay where they are
-    return ids.masked_fill(after, pad_id)
+    return after if fixed is None else after & ~fixed
+
+
+def cut_at_eos(ids: torch.Tensor, eos_id: int, pad_id: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """``ids`` ``[n, length]`` with every position after a row's first generated EOS set to ``pad_id`` except
+    the prompt's ``fixed`` positions (``after_eos``; the EOS stays)."""
+    return ids.masked_fill(after_eos(ids, eos_id, fixed), pad_id)
 
 
 def stops(ids: torch.Tensor, eos_id: int, fixed: torch.Tensor | None = None) -> list[int | None]:

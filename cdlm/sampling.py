@@ -22,16 +22,20 @@ class Samples:
     seconds_per_sample: float
     seeds: list[int] = field(default_factory=list)
     conditions: list[dict] | None = None  # each sample's prompt (text or ids) / suffix / infill, if any
+    stops: list[int | None] | None = None  # each sample's first generated EOS (None: ran to its length), if cut
 
     def rows(self) -> list[dict]:
         """One JSON-ready dict per sample (the JSONL format of ``cdlm sample``; with its ``prompt`` and ``suffix``
-        or ``infill`` template when conditioned)."""
+        or ``infill`` template when conditioned, and ``stop``, the position of its first generated EOS or null, when
+        the samples stop at EOS)."""
         rows = [
             {"text": t, "ids": i.tolist(), "seed": s, "nfe": self.nfe, "seconds": self.seconds_per_sample}
             for t, i, s in zip(self.texts, self.ids, self.seeds)
         ]
         for row, condition in zip(rows, self.conditions or []):
             row.update(condition)
+        for row, stop in zip(rows, self.stops or []):
+            row["stop"] = stop
         return rows
 
 
@@ -68,12 +72,15 @@ def draw(
     ``suffix``: a text every sample ends with; ``template``: one infilling template per sample (``generate``)."""
     counter = NFECounter(callback)
     start = time.perf_counter()
-    conditioning = {"prompt": prompt, "suffix": suffix, "template": template}
+    kept = module.canvas(prompt, template, suffix, n, length)  # the fixed positions, or None
     ids, texts = module.generate(
-        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, **conditioning, **knobs
+        n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, prompt=kept, **knobs
     )
     seconds = (time.perf_counter() - start) / max(n, 1)
-    return Samples(ids, texts, counter.nfe, seconds, [seed] * n, conditions(n, prompt, suffix, template))
+    cut = knobs.get("stop_at_eos")
+    cut = module.tokenizer is not None if cut is None else cut  # generate's default
+    ends = module.stops(ids, None if kept is None else kept.fixed) if cut else None
+    return Samples(ids, texts, counter.nfe, seconds, [seed] * n, conditions(n, prompt, suffix, template), ends)
 
 
 def conditions(
@@ -121,5 +128,6 @@ def draw_sharded(
     seconds = fabric.all_gather(torch.tensor(local.seconds_per_sample, device=fabric.device)).float().mean()
     ids = ids.reshape(-1, ids.shape[-1])[:n].cpu()
     seeds = [seed - fabric.global_rank + r for r in range(fabric.world_size) for _ in range(per_rank)][:n]
-    texts = module.decode(ids, kwargs.get("stop_at_eos", False))
+    cut = kwargs.get("stop_at_eos")
+    texts = module.decode(ids, module.tokenizer is not None if cut is None else cut)
     return Samples(ids, texts, local.nfe, float(seconds), seeds)

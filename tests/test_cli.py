@@ -23,7 +23,7 @@ def test_sample_writes_jsonl(tiny_run, tmp_path, capsys):
     main(["sample", f"path={run_dir / 'final'}", "n=3", "length=16", "sampler.steps=8", "seed=5", f"out={out}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
-    assert set(rows[0]) == {"text", "ids", "seed", "nfe", "seconds"}
+    assert set(rows[0]) == {"text", "ids", "seed", "nfe", "seconds", "stop"}  # stop: the first EOS, or null
     assert all(len(r["ids"]) == 16 and r["seed"] == 5 and 1 <= r["nfe"] <= 9 for r in rows)
     assert "===== sample 2" in capsys.readouterr().out
 

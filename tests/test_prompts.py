@@ -4,12 +4,15 @@ draw the law conditioned on the prompt; continuous samplers clamp the fixed posi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cdlm.module import DiffusionLM
 from cdlm.prompts import Prompt, canvas_prompt, parse_template, prefix_prompt, suffix_pieces
 from cdlm.samplers import SAMPLERS
+from cdlm.sampling import draw
 from tests.exact import LAWS, install_oracle
 from tests.test_exact_samplers import CASES, PAIRS, build
 
@@ -246,5 +249,50 @@ def test_generate_stops_at_eos_and_the_text_ends_there(tiny_run, monkeypatch):
     ids, texts = module.generate(2, 5, "ancestral", 4, stop_at_eos=True, prompt=[[eos], [a]])
     assert ids.tolist() == [[eos, a, eos, pad, pad], [a, b, a, b, a]]
     assert texts == [module.tokenizer.decode([eos, a]), "ababa"]
-    plain, _ = module.generate(2, 5, "ancestral", 4, prompt=[[eos], [a]])
+    plain, _ = module.generate(2, 5, "ancestral", 4, prompt=[[eos], [a]], stop_at_eos=False)
     assert torch.equal(plain, drawn)
+    default, _ = module.generate(2, 5, "ancestral", 4, prompt=[[eos], [a]])  # a run with a tokenizer stops
+    assert torch.equal(default, ids)
+    samples = draw(module, 2, 5, "ancestral", 4, 0, prompt=[[eos], [a]])  # the JSONL rows say where each stopped
+    assert [row["stop"] for row in samples.rows()] == [2, None] and torch.equal(samples.ids, ids)
+    samples = draw(module, 2, 5, "ancestral", 4, 0, prompt=[[eos], [a]], stop_at_eos=False)
+    assert "stop" not in samples.rows()[0]
+
+
+def test_eval_metrics_read_a_sample_up_to_its_eos(tiny_run):
+    """Entropy and distinct-n count the tokens up to a row's first EOS: the padding after it is not text."""
+    from cdlm.evaluate import until_eos
+    from cdlm.metrics import UnigramEntropy
+
+    _, module = tiny_run
+    eos, pad = module.tokenizer.eos_id, module.tokenizer.pad_id
+    a, b = module.tokenizer.encode("ab")
+    ids = torch.tensor([[a, b, eos, pad, pad, pad], [a, a, b, b, a, b]])
+    assert until_eos(module, ids).tolist() == [[True] * 3 + [False] * 3, [True] * 6]
+    entropy = UnigramEntropy()
+    entropy.update(ids, until_eos(module, ids))
+    assert float(entropy.compute()) == pytest.approx((math.log(3) + math.log(2)) / 2)
+
+
+def test_sample_length_auto_draws_up_to_the_run_length_and_ends_each_sample_at_its_eos(tiny_run, tmp_path, capsys):
+    import json
+
+    from cdlm.cli import main
+    from tests.runs import refused
+
+    run_dir, module = tiny_run
+    out = tmp_path / "auto.jsonl"
+    main(["sample", f"path={run_dir / 'final'}", "length=auto", "n=3", "sampler.steps=4", f"out={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    seq_len = module.config["data"]["seq_len"]
+    assert len(rows) == 3 and all(len(row["ids"]) == seq_len and "stop" in row for row in rows)
+    for row in rows:  # padding after a row's EOS, none before
+        ids, stop = row["ids"], row["stop"]
+        assert stop is None or (
+            ids[stop] == module.tokenizer.eos_id and set(ids[stop + 1 :]) <= {module.tokenizer.pad_id}
+        )
+    err = refused(["sample", f"path={run_dir / 'final'}", "length=auto", "stop_at_eos=false"], capsys)
+    assert "length=auto ends each sample at its EOS: it needs stop_at_eos=true" in err
+    assert "is not a length; give a positive integer or auto" in refused(
+        ["sample", f"path={run_dir}", "length=x"], capsys
+    )

@@ -43,7 +43,7 @@ def test_trace_of_masked_generation(masked_objective, tmp_path):
     model = DiffusionLM(masked_objective, tokenizer)
     mask_id = masked_objective.mask_id
     recorder = TraceRecorder(mask_id=mask_id, sampler="ancestral", steps=16)
-    ids, _ = model.generate(2, 24, "ancestral", steps=16, seed=0, dtype=None, callback=recorder)
+    ids, _ = model.generate(2, 24, "ancestral", steps=16, seed=0, dtype=None, callback=recorder, stop_at_eos=False)
     rows = recorder.rows
     assert len(rows) in (16, 17)  # the 16 grid steps, plus the final commit when masks remained
     assert torch.equal(rows[-1].ids, ids[0]) and not rows[-1].masked.any()
@@ -103,7 +103,7 @@ def test_continuous_trace_uses_decode_hook(tmp_path):
 def test_recorder_follows_the_chosen_sample_across_batches(masked_objective):
     model = DiffusionLM(masked_objective, None)
     recorder = TraceRecorder(mask_id=masked_objective.mask_id, sample_index=3)
-    ids, _ = model.generate(4, 8, steps=4, seed=1, batch_size=2, dtype=None, callback=recorder)
+    ids, _ = model.generate(4, 8, steps=4, seed=1, batch_size=2, dtype=None, callback=recorder, stop_at_eos=False)
     assert len(recorder.rows) in (4, 5)
     assert torch.equal(recorder.rows[-1].ids, ids[3])
 
@@ -168,7 +168,9 @@ def test_trace_of_every_objective_and_sampler(path: str, name: str) -> None:
             calls.append(step.index)
             recorder(step)
 
-        ids, _ = model.generate(1, LENGTH, sampler, steps=STEPS, seed=0, dtype=None, callback=callback)
+        ids, _ = model.generate(
+            1, LENGTH, sampler, steps=STEPS, seed=0, dtype=None, callback=callback, stop_at_eos=False
+        )
         rows = recorder.rows
         where = f"{name} / {sampler}"
         assert len(rows) == len(calls) >= 1, where
@@ -213,7 +215,9 @@ def test_block_prior_trace_follows_the_chosen_sample_across_batches() -> None:
     objective = latent_prior(prior_block=2)(tokenizer.vocab_size).eval()
     model = DiffusionLM(objective, tokenizer)
     recorder = trace_recorder(objective, LENGTH, "heun", STEPS, sample_index=2)
-    ids, _ = model.generate(3, LENGTH, "heun", steps=STEPS, seed=0, batch_size=2, dtype=None, callback=recorder)
+    ids, _ = model.generate(
+        3, LENGTH, "heun", steps=STEPS, seed=0, batch_size=2, dtype=None, callback=recorder, stop_at_eos=False
+    )
     rows = recorder.rows
     assert len(rows) == 2 * STEPS  # 4 latents: 2 blocks of STEPS steps, of the second batch only
     assert torch.equal(rows[-1].ids, ids[2])
