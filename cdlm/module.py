@@ -221,7 +221,7 @@ class DiffusionLM(L.LightningModule):
                 fixed = None if prompt is None else prompt.rows(start, start + rows, self.device)
                 if isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise:  # block by block
                     runner = BlockRunner(spec, ts, generator, callback, knobs)
-                    chunks.append(self.objective.sample_blocks(runner, x))
+                    chunks.append(self.objective.sample_blocks(runner, x, fixed))
                 else:
                     extra = dict(knobs)
                     if fixed is not None and spec.takes_fixed:
@@ -264,11 +264,13 @@ class DiffusionLM(L.LightningModule):
         ``[n, length]``."""
         if prompt is None:
             return None
+        blockwise = isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise
         fits = spec.takes_fixed or isinstance(self.objective, AbsorbingObjective)
         shape = getattr(self.objective, "state_shape", None)
         per_token = shape is None or shape(n, length)[1] == length  # a latent state has L / r positions
-        if not (fits and per_token) or (isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise):
-            raise ValueError(f"sampler {spec.name!r} on {type(self.objective).__name__} cannot keep a prompt yet")
+        if not blockwise and not (fits and per_token):  # a block-causal prior takes a prefix as its first blocks
+            hint = " (a latent prior takes a prefix with objective.prior_block set)" if not per_token else ""
+            raise ValueError(f"sampler {spec.name!r} on {type(self.objective).__name__} cannot keep a prompt{hint}")
         if tuple(prompt.ids.shape) != (n, length):
             raise ValueError(f"the prompt is {tuple(prompt.ids.shape)}, the samples [{n}, {length}]")
         return prompt

@@ -10,6 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from cdlm.models.kv_cache import KVCache
+    from cdlm.prompts import Prompt
 
 Space = Literal["continuous", "discrete", "autoregressive"]
 Batch = dict[str, torch.Tensor]  # input_ids [B, L], attention_mask [B, L], n_chars [B], optional u [B]
@@ -214,13 +215,16 @@ class ProjectedFlowMap(ProjectedState, FlowMapObjective, Protocol):
 class BlockwiseObjective(Protocol):
     """An objective sampled block by block, each block by a continuous sampler given the blocks before it (Cola
     DLM's block-causal latent prior, docs/math.md §5). ``blockwise`` says whether it is in that mode (a latent
-    objective is only with a block-causal prior); ``sample_blocks(run, x)`` returns ids ``[B, L]`` from the draw
-    ``x`` at ``sigma_max``, calling ``run(view, x_block)`` (a ``cdlm.samplers.blocks.BlockRunner``) on each block's
-    ``ContinuousObjective`` view."""
+    objective is only with a block-causal prior); ``sample_blocks(run, x, prompt)`` returns ids ``[B, L]`` from the
+    draw ``x`` at ``sigma_max``, calling ``run(view, x_block)`` (a ``cdlm.samplers.blocks.BlockRunner``) on each
+    block's ``ContinuousObjective`` view; ``prompt`` (a ``cdlm.prompts.Prompt`` or None): a prefix per row, given as
+    the first clean blocks and kept in the ids (a ``ValueError`` for fixed positions it cannot keep)."""
 
     blockwise: bool
 
-    def sample_blocks(self, run: Callable[[object, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor: ...
+    def sample_blocks(
+        self, run: Callable[[object, torch.Tensor], torch.Tensor], x: torch.Tensor, prompt: Prompt | None = None
+    ) -> torch.Tensor: ...
 
 
 @dataclass

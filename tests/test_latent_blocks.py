@@ -11,9 +11,11 @@ import torch
 import cdlm
 from cdlm.models.backbone import two_stream_mask
 from cdlm.models.kv_cache import KVCache
+from cdlm.module import DiffusionLM
 from cdlm.objectives.latent_blocks import ConditionalPrior, sample_blocks
 from cdlm.objectives.latent_network import BlockCausalNetwork
 from cdlm.objectives.latent_prior import LatentFlowPrior
+from cdlm.prompts import Prompt
 from cdlm.samplers import get_sampler
 from cdlm.sampling import draw
 from tests.conftest import tiny_backbone
@@ -130,6 +132,50 @@ def test_blockwise_sampling_matches_an_uncached_reference(sampler: str) -> None:
 
             done[:, start : start + width] = run(ConditionalPrior(objective, velocity), x[:, start : start + width])
     torch.testing.assert_close(cached.float(), done, rtol=1e-4, atol=1e-4)
+
+
+def test_a_prefix_prompt_gives_the_first_clean_blocks_and_the_rest_is_drawn_given_them() -> None:
+    """A prompt of one complete block (3 latents = 6 tokens) plus one token: the first block is the prompt's encoded
+    latents (never sampled), the later blocks equal the uncached reference given those latents, the ids keep the
+    whole prompt, and a different prompt moves the later blocks."""
+    objective = block_prior()
+    spec = get_sampler("euler", objective)
+    ts = spec.grid(4, torch.device("cpu"))
+    x = latents(5) * math.sqrt(objective.sigma_max**2 + 1)
+    length = N * VAE_SETTINGS["compression"]  # 16 tokens
+
+    def run(view, xb):
+        return spec.fn(view, xb, ts, generator=torch.Generator().manual_seed(7), callback=None)
+
+    def prompt(first: int) -> Prompt:
+        ids = torch.zeros(2, length, dtype=torch.long)
+        ids[:, :7] = torch.arange(first, first + 7) % V
+        return Prompt(ids, torch.arange(length)[None].expand(2, -1) < 7)
+
+    with torch.no_grad():
+        given = objective.prompt_blocks(prompt(1))
+        assert given[1].tolist() == [1, 1]  # 7 tokens: one complete block of 6, one token past it
+        cached = sample_blocks(objective.network, objective, run, x, given)
+        done = torch.zeros_like(x)
+        done[:, :BLOCK] = given[0][:, :BLOCK]
+        for start in range(BLOCK, N, BLOCK):
+            width = min(BLOCK, N - start)
+
+            def velocity(z, t, start=start, width=width):
+                full = x.float().clone()
+                full[:, start : start + width] = z
+                return objective.network.two_stream(full, t[:, None].expand(2, N), done)[:, start : start + width]
+
+            done[:, start : start + width] = run(ConditionalPrior(objective, velocity), x[:, start : start + width])
+        other = sample_blocks(objective.network, objective, run, x, objective.prompt_blocks(prompt(4)))
+    torch.testing.assert_close(cached.float(), done, rtol=1e-4, atol=1e-4)
+    assert (other[:, BLOCK:] - cached[:, BLOCK:]).abs().max() > 1e-3  # the prompt conditions the later blocks
+    samples = draw(DiffusionLM(objective), 2, length, "euler", 4, 0, prompt=prompt(1), dtype=None)
+    assert torch.equal(samples.ids[:, :7], prompt(1).ids[:, :7])
+    assert samples.nfe == 2 * 4  # 3 blocks, the first one given: 2 sampled blocks of 4 Euler steps
+    with pytest.raises(ValueError, match="prefix prompt only"):
+        suffix = (torch.arange(length) >= 8)[None].expand(2, -1)  # a suffix: fixed positions after free ones
+        objective.prompt_blocks(Prompt(torch.zeros(2, length, dtype=torch.long), suffix))
 
 
 def test_staged_run_with_a_block_causal_prior(tmp_path) -> None:

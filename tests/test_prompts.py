@@ -34,8 +34,9 @@ def test_every_sampler_keeps_a_ragged_prompt(objective_path: str, case: str) -> 
     objective = build(objective_path)
     install_oracle(objective, LAWS["correlated"]())
     latent = hasattr(objective, "state_shape") and objective.state_shape(8, 4)[1] != 4  # L / r positions
-    if latent or getattr(objective, "blockwise", False):  # not yet: the prompt's latents as clean blocks
-        with pytest.raises(ValueError, match="cannot keep a prompt yet"):
+    blockwise = getattr(objective, "blockwise", False)  # a block-causal prior: a prefix as its first clean blocks
+    if latent and not blockwise:
+        with pytest.raises(ValueError, match="cannot keep a prompt .a latent prior takes a prefix"):
             generate(objective, case, 8, PREFIXES * 2)
         return
     ids = generate(objective, case, 8, PREFIXES * 2)
@@ -43,6 +44,10 @@ def test_every_sampler_keeps_a_ragged_prompt(objective_path: str, case: str) -> 
     for row, prefix in enumerate(PREFIXES * 2):
         assert ids[row, : len(prefix)].tolist() == prefix, (row, ids[row].tolist())
     infill = canvas_prompt(INFILLS * 4, 8, 4)  # kept tokens between and after free spans
+    if blockwise:
+        with pytest.raises(ValueError, match="a latent prior keeps a prefix prompt only"):
+            generate(objective, case, 8, infill)
+        return
     ids = generate(objective, case, 8, infill)
     assert torch.equal(ids[infill.fixed], infill.ids[infill.fixed]), ids.tolist()
 

@@ -74,18 +74,28 @@ def sample_blocks(
     prior: TimeMap,
     run: Callable[[ConditionalPrior, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
+    given: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Clean latents ``[B, N, d_z]`` from the block-causal prior, one block after another.
 
     ``x`` ``[B, N, d_z]`` is the draw at ``sigma_max``; ``run(view, x_block)`` is a continuous sampler on the view of
     one block given the clean blocks before it, returning its clean latents. Each finished block is then fed once at
-    ``t = 0`` to extend the KV cache.
+    ``t = 0`` to extend the KV cache. ``given``: a prompt's ``(latents [B, N, d_z], blocks [B])``: row ``i``'s first
+    ``blocks[i]`` blocks are those latents, not drawn (the sampler runs on a block only while some row draws it), and
+    every later block is drawn given them.
     """
     cache = KVCache(network.backbone.depth, capacity=x.shape[1])
     view = ConditionalPrior(prior, lambda z, t: network.cached(cache, z, t))
     blocks = []
-    for start in range(0, x.shape[1], network.block):
-        clean = run(view, x[:, start : start + network.block]).to(x.dtype)  # [B, K, d_z]
+    for index, start in enumerate(range(0, x.shape[1], network.block)):
+        part = slice(start, start + network.block)
+        kept = None if given is None else given[1] > index  # [B]: rows whose prompt holds this block
+        if kept is not None and bool(kept.all()):
+            clean = given[0][:, part].to(x.dtype)
+        else:
+            clean = run(view, x[:, part]).to(x.dtype)  # [B, K, d_z]
+            if kept is not None:
+                clean = torch.where(kept[:, None, None], given[0][:, part].to(x.dtype), clean)
         network.extend(cache, clean)
         blocks.append(clean)
     return torch.cat(blocks, 1)

@@ -39,6 +39,7 @@ from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.teacher import state_differences
 from cdlm.objectives.text_vae import LatentState, TextVAEObjective, bound_per_token, posterior
 from cdlm.objectives.training_time import training_u
+from cdlm.prompts import Prompt
 from cdlm.types import Batch, LossOutput
 
 NO_STATISTICS = (
@@ -238,11 +239,33 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
         is ignored. A block-causal prior samples through ``sample_blocks`` instead."""
         return x0_from_velocity(x, sigma, self.network)
 
-    def sample_blocks(self, run, x: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, L]`` from the block-causal prior, block after block (``latent_blocks.sample_blocks``)."""
+    def sample_blocks(self, run, x: torch.Tensor, prompt: Prompt | None = None) -> torch.Tensor:
+        """Token ids ``[B, L]`` from the block-causal prior, block after block (``latent_blocks.sample_blocks``).
+
+        ``prompt``: a prefix per row (``prompt_blocks``): its complete blocks are the first clean blocks, the rest are
+        drawn given them, and the returned ids hold the prompt's tokens at its positions (docs/sampling.md,
+        "Prompts")."""
         if self.prior_block is None:
             raise ValueError("sample_blocks needs a block-causal prior (objective.prior_block)")
-        return self.decode(sample_blocks(self.network, self, run, x))
+        given = None if prompt is None else self.prompt_blocks(prompt)
+        ids = self.decode(sample_blocks(self.network, self, run, x, given))
+        return ids if prompt is None else prompt.apply(ids)
+
+    def prompt_blocks(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents [B, N, d_z], blocks [B])`` of a prefix prompt: each row's complete blocks of
+        ``prior_block * compression`` tokens, encoded by the frozen VAE from those tokens alone (the rest is padding
+        to the encoder) as normalised posterior means, and how many there are. A prompt token past the last complete
+        block is kept in the output but does not condition the latents; a fixed position after a free one (a suffix,
+        an infilling template) is a ``ValueError``."""
+        fixed = prompt.fixed
+        lead = fixed.long().cumprod(1).sum(1)  # [B] leading fixed positions
+        if bool((fixed.sum(1) != lead).any()):
+            raise ValueError("a latent prior keeps a prefix prompt only (no suffix or infilling spans)")
+        tokens = self.prior_block * self.compression  # tokens per block
+        blocks = lead // tokens  # [B]
+        padding = torch.arange(fixed.shape[1], device=fixed.device)[None] < (blocks * tokens)[:, None]  # [B, L]
+        mean, _ = self.vae.encode(prompt.ids, padding)
+        return self.normalise(mean), blocks
 
     def decoder_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen decoder's logits ``[B, L, V]`` at the unnormalised latents of ``x`` ``[B, N, d_z]``."""
