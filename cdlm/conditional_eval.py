@@ -16,6 +16,7 @@ import math
 import torch
 
 from cdlm.config import ConfigError
+from cdlm.metrics.diversity import self_bleu
 from cdlm.metrics.generative import DistinctN, UnigramEntropy
 
 MAUVE_SEED = 25  # mauve-text's default k-means seed, fixed so a result can be reproduced
@@ -48,6 +49,7 @@ def conditional_scores(
     entropy.update(continuations, keep)
     distinct.update(continuations, keep)
     scores = {"gen_ppl": math.exp(nll / max(tokens, 1)), "judge_tokens": tokens, "entropy": float(entropy.compute())}
+    scores["self_bleu"] = self_bleu(continuations, keep)
     return scores | {name: float(v) for name, v in distinct.compute().items()}
 
 

@@ -21,12 +21,15 @@ from cdlm.config import ConfigError, instantiate
 from cdlm.device import device_name
 from cdlm.infill_eval import infill_row, span_accuracy, span_bound, span_canvas
 from cdlm.metrics import DistinctN, GenPPL, UnigramEntropy, UnigramModel, build_judge, unigram_bound
+from cdlm.metrics.decoding_order import DecodingOrder
+from cdlm.metrics.diversity import self_bleu
 from cdlm.metrics.likelihood import score_batches
 from cdlm.metrics.unigram import ALPHA, TokenStream
 from cdlm.module import DiffusionLM
 from cdlm.options import DEFAULT_EVAL_N, DEFAULT_PROMPT_TOKENS, DEFAULT_SEEDS, sample_length
 from cdlm.prompts import after_eos
 from cdlm.sampling import draw
+from cdlm.types import AbsorbingObjective
 
 
 def run_datamodule(module: DiffusionLM, **overrides):
@@ -144,6 +147,7 @@ def generative_scores(judge, texts: list[str], ids: torch.Tensor, mask: torch.Te
     distinct.update(ids, mask)
     scores = {"gen_ppl": float(gen_ppl.compute()), "entropy": float(entropy.compute())}
     scores.update({name: float(v) for name, v in distinct.compute().items()})  # distinct_1, distinct_2, ...
+    scores["self_bleu"] = self_bleu(ids, mask)  # between samples: 1 = collapsed onto each other
     return scores
 
 
@@ -226,18 +230,24 @@ def evaluate(
     canvas = None if infill_span is None else span_canvas(reference_texts(module, n, length)[1], infill_span)
     if canvas is not None:
         knobs["prompt"] = canvas
+    fixed = canvas.fixed if canvas is not None else None if given is None else prompt_positions(n, length, given[0])
     for seed in range(seeds):
-        samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, batch_size=batch_size, **knobs)
+        order = decoding_order(module, fixed)
+        samples = draw(
+            module, n, length, sampler["name"], sampler["steps"], seed, order, batch_size=batch_size, **knobs
+        )
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
+        if order is not None:
+            row["left_to_right"] = order.value()
         if canvas is not None:
             row["infill_accuracy"] = span_accuracy(samples.ids, canvas)
         if scorer is not None:
             row |= sample_scores(scorer, module, samples.ids, samples.texts, given, mauve)
         result["per_seed"].append(row)
     for key in result["per_seed"][0]:
-        if key != "seed":
-            mean, std = mean_std([float(r[key]) for r in result["per_seed"]])
-            metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean, std
+        values = [float(r[key]) for r in result["per_seed"] if r[key] is not None]
+        if key != "seed" and values:
+            metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std(values)
     metrics["nfe"] = result["per_seed"][0]["nfe"]
     if scorer is not None and reference:
         result["reference"], result["unigram_draws"] = reference_rows(scorer, module, n, length, given, mauve)
@@ -249,6 +259,19 @@ def evaluate(
     if canvas is not None:
         result["infill"] = infill_row(canvas, train_unigram(module), span_bound(module, canvas))
     return result
+
+
+def prompt_positions(n: int, length: int, prompts: torch.Tensor) -> torch.Tensor:
+    """``[n, length]`` (bool): the first ``k`` positions of every row, for prompts ``[n, k]``."""
+    return (torch.arange(length) < prompts.shape[1])[None].expand(n, -1)
+
+
+def decoding_order(module: DiffusionLM, fixed: torch.Tensor | None) -> DecodingOrder | None:
+    """A ``DecodingOrder`` callback for a masked-diffusion model (the prompt's ``fixed`` positions left out), else
+    None: the left-to-right-ness of the other families' order is fixed by their sampler."""
+    if not isinstance(module.objective, AbsorbingObjective):
+        return None
+    return DecodingOrder(module.objective.mask_id, fixed)
 
 
 def sample_scores(
@@ -332,6 +355,8 @@ def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, see
         "gen_ppl": "token-weighted exp(mean NLL) of the judge on decoded, retokenised text",
         "entropy": "mean per-sample unigram entropy of the model's own token ids, nats",
         "distinct": "mean per-sample fraction of unique n-grams of the model's token ids",
+        "self_bleu": "mean BLEU-4 of each sample's token ids against the other samples' (between-sample diversity)",
+        "left_to_right": "masked diffusion: mean Spearman correlation of position and commit step (1 = AR order)",
         "likelihood": "objective.nll over the validation split, full time range, EMA weights, fixed noise",
         "unigram": UNIGRAM_PROTOCOL,
         "unigram_draws": f"{n} sequences of {length} independent unigram draws (seed {UNIGRAM_SEED}), decoded",
@@ -380,6 +405,13 @@ def summary(result: dict) -> str:
             f"+- {m['gen_ppl_std']:.2f}, entropy {m['entropy_mean']:.3f} +- {m['entropy_std']:.3f} nats, "
             f"{m['seconds_per_sample_mean']:.3f} s/sample"
         )
+    extras = [
+        (key, label)
+        for key, label in (("self_bleu", "self-BLEU"), ("left_to_right", "left-to-right"))
+        if key + "_mean" in m
+    ]
+    if extras:
+        lines.append(", ".join(f"{label} {m[key + '_mean']:.3f} +- {m[key + '_std']:.3f}" for key, label in extras))
     judge = result.get("protocol", {}).get("judge")
     for label, row in (("reference (real validation text)", ref), ("unigram draws", draws)):
         if row:

@@ -74,7 +74,8 @@ def test_eval_with_validation_prompts_keeps_them_and_judges_continuations_given_
     prompts = [module.tokenizer.decode(row[:8].tolist()) for row in windows]
     assert len(calls) == 2  # one sampler call per seed, every sample prompted by its window's first 8 tokens
     for prompt, ids in calls:
-        assert prompt == [row[:8].tolist() for row in windows] and torch.equal(ids[:, :8], windows[:, :8])
+        assert torch.equal(prompt.ids[:, :8], windows[:, :8]) and torch.equal(ids[:, :8], windows[:, :8])
+        assert prompt.fixed[:, :8].all() and not prompt.fixed[:, 8:].any()  # draw hands generate the canvas
     samples = [module.tokenizer.decode(row[8:].tolist()) for row in calls[0][1]]
     truth = [module.tokenizer.decode(row[8:].tolist()) for row in windows]
     assert judge.pairs[:3] == list(zip(prompts, samples))  # seed 0's continuations, each given its prompt
