@@ -126,13 +126,15 @@ def sample(
     suffix: str | None = None,
     infill: str | None = None,
     stop_at_eos: bool = True,
+    rope_scale: float = 1.0,
 ) -> Samples:
     """``n`` samples of ``length`` tokens (default: the run's ``data.seq_len``) from a trained model (``cdlm
     sample``): ``sampler`` (default: the run's) with ``sampler_options`` (``{"steps": 64, "top_p": 0.9}``);
     ``prompt``: a text every sample starts with, or ``prompt_file``: ``n`` samples for each of its prompts;
     ``suffix``: a text every sample ends with; ``infill``: a template of kept text and ``[MASK:k]`` spans
     (docs/sampling.md, "Prompts"); ``stop_at_eos``: each sample ends at its first generated EOS (padding after
-    it); ``length="auto"``: up to the run's ``data.seq_len``, each sample ending at its EOS."""
+    it); ``length="auto"``: up to the run's ``data.seq_len``, each sample ending at its EOS; ``rope_scale``:
+    NTK-aware rotary scaling, to sample that many times the trained length (docs/sampling.md)."""
     opts = checked(
         SampleOptions,
         path=str(path),
@@ -147,6 +149,7 @@ def sample(
         suffix=suffix,
         infill=infill,
         stop_at_eos=stop_at_eos,
+        rope_scale=rope_scale,
     )
     module = load_model(opts.path, opts.device)
     node = sampler_config(module, sampler, sampler_options)
@@ -164,6 +167,8 @@ def draw_samples(
     config (``sampler_config``), sharded over ``opts.devices`` processes when more than one (``callback`` unused)."""
     kwargs = dict(sampler=node.name, steps=node.steps, seed=opts.seed, **sampler_knobs(node))
     kwargs["stop_at_eos"] = opts.stop_at_eos
+    if opts.rope_scale != 1:
+        module.rescale_rotary(opts.rope_scale)
     if opts.devices > 1:
         accelerator = torch.device(resolve_device(opts.device)).type
         return draw_sharded(module, opts.n, length, opts.devices, accelerator, batch_size=opts.batch_size, **kwargs)

@@ -13,6 +13,7 @@ from cdlm import checks
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
+from cdlm.models.rotary import Rotary
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
 from cdlm.prompts import (
@@ -258,6 +259,13 @@ class DiffusionLM(L.LightningModule):
         if self.tokenizer is None:
             return [None] * ids.shape[0]
         return stops(ids, self.tokenizer.eos_id, None if fixed is None else fixed.to(ids.device))
+
+    def rescale_rotary(self, scale: float) -> None:
+        """NTK-aware rotary scaling by ``scale`` in every backbone of the model (LongLLaDA: sample ``scale`` times
+        the trained length; ``cdlm.models.rotary.ntk_base``); 1 restores the trained positions. Weights unchanged."""
+        rotaries = [m for m in self.modules() if isinstance(m, Rotary)]
+        for rotary in rotaries:
+            rotary.rescale(scale)
 
     def keepable(self, prompt: Prompt | None, n: int, length: int, spec: SamplerSpec) -> Prompt | None:
         """``prompt`` (of ``canvas``) checked: a ``ValueError`` if the sampler cannot keep it or it is not

@@ -86,11 +86,14 @@ class SampleOptions:
     suffix: str | None = option(None, "text every sample ends with, kept exactly (with or without prompt=)")
     infill: str | None = option(None, "infilling template: kept text with [MASK:k] spans of k tokens to generate")
     stop_at_eos: bool = option(True, "end each sample at its first generated EOS (padding after it)")
+    rope_scale: float = option(1.0, "NTK-aware rotary scaling to sample this many times the trained length (>= 1)")
 
     def __post_init__(self) -> None:
         require_path(self.path)
         if isinstance(self.length, str) and self.length != AUTO_LENGTH:
             raise ConfigError(f"length={self.length!r} is not a length; give a positive integer or auto")
+        if not self.rope_scale >= 1:
+            raise ConfigError(f"rope_scale must be >= 1 (1 = as trained), got {self.rope_scale}")
         if self.length == AUTO_LENGTH and not self.stop_at_eos:
             raise ConfigError("length=auto ends each sample at its EOS: it needs stop_at_eos=true")
         for name in ("n", "length", "batch_size", "devices"):

@@ -220,6 +220,9 @@ class Backbone(nn.Module):
             pass: activation memory of one block instead of ``depth``, for about a third more compute.
         attention: the attention kernel (``cdlm.models.attend``): ``auto`` (matmuls for short sequences on a CPU,
             SDPA elsewhere), ``sdpa`` or ``matmul``.
+        rope_scale: NTK-aware rotary scaling for ``rope_scale`` times the trained context (LongLLaDA;
+            ``cdlm.models.rotary.ntk_base``); 1 = plain rotary positions. Usually set at sampling time
+            (``sample.py rope_scale=4``, ``DiffusionLM.rescale_rotary``), not in training.
 
     Sizes are positive integers, ``width`` a multiple of ``heads`` with an even head width, ``dropout`` in [0, 1);
     anything else is an ``ArgumentError`` (a ``ValueError``) naming the argument.
@@ -239,8 +242,11 @@ class Backbone(nn.Module):
         compile: bool = False,
         activation_checkpointing: bool = False,
         attention: AttentionKernel = "auto",
+        rope_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (checks.is_real(rope_scale) and rope_scale >= 1):
+            raise checks.ArgumentError(f"rope_scale must be a number >= 1 (1 = plain rotary), got {rope_scale!r}")
         check_backbone(width, depth, heads, mlp_ratio, dropout, max_len, cond_width)
         checks.one_of("attention", attention, ATTENTION_KERNELS)
         checks.booleans(compile=compile, activation_checkpointing=activation_checkpointing)
@@ -251,7 +257,7 @@ class Backbone(nn.Module):
         self.width, self.depth, self.heads, self.cond_width = width, depth, heads, cond_width
         self.mask_mode: MaskMode = mask_mode or "bidirectional"
         self.mask_mode_given, self.block_size = mask_mode is not None, block_size
-        self.rotary = Rotary(width // heads, max_len)
+        self.rotary = Rotary(width // heads, max_len, scale=rope_scale)
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, dropout, cond_width, attention) for _ in range(depth)
         )
