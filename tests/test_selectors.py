@@ -17,6 +17,7 @@ from cdlm.samplers.selectors import (
     prophet_ready,
     remask,
     remask_sigma,
+    running_remask,
     select_threshold,
     select_topk,
     topk_count,
@@ -277,7 +278,12 @@ def test_registry_configs_and_knob_errors(masked_objective):
     base = dict(load_group("sampler", "parallel"))
     assert base.pop("name") == "parallel" and set(base) - {"steps"} == set(spec.knobs())
     assert all(base[k] == defaults[k] for k in spec.knobs())
-    for preset, key in [("threshold", "selector"), ("prophet", "selector"), ("semiar", "block_length")]:
+    for preset, key in [
+        ("threshold", "selector"),
+        ("prophet", "selector"),
+        ("rcr", "selector"),
+        ("semiar", "block_length"),
+    ]:
         node = dict(load_group("sampler", preset))
         assert node.pop("name") == "parallel" and [k for k in base if node[k] != base[k]] == [key]
         check_knobs(spec, {k: v for k, v in node.items() if k != "steps"})
@@ -289,3 +295,38 @@ def test_registry_configs_and_knob_errors(masked_objective):
         run(masked_objective, selector="greedy")
     with pytest.raises(ValueError, match="at least the number of blocks"):
         run(masked_objective, steps=2, block_length=8)
+
+
+# ---- RCR: MDPO's running-confidence remasking ----
+
+
+def test_running_remask_picks_the_least_confident_revisable_tokens():
+    running = torch.tensor([[0.9, 0.2, 0.5, 0.1], [0.3, 0.3, 0.8, 0.7]], dtype=torch.float64)
+    revisable = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    chosen = running_remask(running, revisable, torch.tensor([2, 1]))
+    assert chosen.tolist() == [[False, True, True, False], [True, False, False, False]]  # 0.1 is not revisable
+
+
+def test_rcr_keeps_top_k_counts_revises_earlier_tokens_and_never_a_prompt(masked_objective):
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    x[:, :4] = torch.arange(4)  # a prompt
+    out, seen = run(masked_objective, 0, x=x, steps=12, selector="rcr")
+    grid, alpha, mask = linear_grid(12), masked_objective.schedule.alpha, masked_objective.mask_id
+    revised = False
+    for step, (before, after) in zip(seen, zip(states(x, seen), states(x, seen)[1:])):
+        n = (before == mask).sum(-1)
+        k = topk_count(n, alpha(grid[step.index]), alpha(grid[step.index + 1]), last=step.index == 11)
+        assert torch.equal(n - (after == mask).sum(-1), k)  # the top-k schedule's count per row
+        assert torch.equal(after[:, :4], x[:, :4])  # the prompt stays
+        revised |= bool(((before != mask) & (after == mask)).any())  # a token drawn earlier went back to [MASK]
+    assert revised and (out != mask).all()
+
+
+def test_rcr_with_fixed_confidences_and_argmax_is_top_k():
+    """With confidences that do not depend on the state and argmax draws, the least confident tokens RCR remasks
+    are exactly those top-k would not have committed yet: the same samples."""
+    toy = GapToy(gap=1.0)
+    x = toy.prior(2, 20, torch.device("cpu"))
+    a, _ = run(toy, 0, x=x, steps=8, selector="rcr", temperature=0)
+    b, _ = run(toy, 0, x=x, steps=8, temperature=0)
+    assert torch.equal(a, b)

@@ -33,6 +33,7 @@ from cdlm.samplers.selectors import (
     prophet_ready,
     remask,
     remask_sigma,
+    running_remask,
     select_threshold,
     select_topk,
     top2_gap,
@@ -40,7 +41,7 @@ from cdlm.samplers.selectors import (
 )
 from cdlm.types import AbsorbingObjective, SamplerStep
 
-SELECTORS = ("topk", "threshold", "prophet")
+SELECTORS = ("topk", "threshold", "prophet", "rcr")
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,20 @@ def parallel_step(
     mask_id: int,
     generator: torch.Generator | None,
     span: slice = slice(None),
+    running: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One step on ``x`` ``[B, L]``: commit the chosen ``candidates``, then remask some ``remaskable`` tokens.
 
     ``last``: the block's final step commits every candidate and remasks nothing. ``span``: positions holding
-    every candidate (a block's), the only ones whose ``log p_theta`` rows are read.
+    every candidate (a block's), the only ones whose ``log p_theta`` rows are read. ``running`` ``[B, L]`` float64:
+    the ``rcr`` selector's running confidences, updated in place (``rcr_step``).
     """
     x = x.clone()
+    if policy.selector == "rcr":
+        n = candidates.sum(-1)  # [B]
+        k = n if last else topk_count(n, rates[0], rates[1])
+        step = {"policy": policy, "mask_id": mask_id, "generator": generator, "running": running}
+        return rcr_step(x, logp, candidates, candidates | remaskable, k, **step)
     if last:
         x[candidates] = draw_tokens(logp[candidates], policy.temperature, policy.top_p, generator)
         return x
@@ -140,6 +148,25 @@ def parallel_step(
         x[greedy] = best[greedy]  # no [N, V] copy of the greedy rows
     x[sampled] = draw_tokens(logp[sampled], policy.temperature, policy.top_p, generator)
     return remask(x, remaskable & ~ready[:, None], rates[2], mask_id, generator)
+
+
+def rcr_step(
+    x: torch.Tensor, logp: torch.Tensor, candidates: torch.Tensor, revisable: torch.Tensor, k: torch.Tensor, **step
+) -> torch.Tensor:
+    """RCR (``selectors.running_remask``) on a copy ``x`` ``[B, L]``: draw every candidate, record each drawn
+    token's probability in ``step["running"]`` ``[B, L]`` (in place), then remask as many of the block's generated
+    tokens (``revisable``, the candidates included) as the schedule leaves masked after this step (``n - k``: ``k``
+    ``[B]`` is the top-k count, every candidate at a block's last step), lowest running confidence first. Prompt
+    tokens are never revisable. A step with ``k = 0`` in every row is skipped (it would remask all it drew).
+    ``step``: ``policy``, ``mask_id``, ``generator``, ``running``."""
+    if not bool(k.any()):  # drawing every candidate only to remask them all: the same law, no draws
+        return x
+    policy, running = step["policy"], step["running"]
+    tokens = draw_tokens(logp[candidates], policy.temperature, policy.top_p, step["generator"])  # [N]
+    x[candidates] = tokens
+    running[candidates] = logp[candidates].gather(-1, tokens[:, None]).squeeze(-1).double().exp()
+    left = candidates.sum(-1) - k  # [B]: still masked after the step
+    return x.masked_fill(running_remask(running, revisable, left), step["mask_id"])
 
 
 @register_sampler(
@@ -181,7 +208,11 @@ def sample_parallel(
             candidates (the schedule's expected count); ``threshold`` commits the top-1 plus every candidate with
             confidence ``>= tau`` (Fast-dLLM); ``prophet`` is ``topk`` plus Prophet's early commit: when the mean
             top-2 logit gap over a row's remaining candidates reaches 7.5 / 5.0 / 2.5 (by tercile of the step
-            budget), the row fills all of them by argmax in that step. Confidence is ``max_v p_theta(v)``.
+            budget), the row fills all of them by argmax in that step. Confidence is ``max_v p_theta(v)``. ``rcr``:
+            MDPO's running-confidence remasking: every step draws all of the block's masked positions, records
+            each token's probability when drawn, and remasks the top-k schedule's count of the block's generated
+            tokens with the lowest such confidence, so an early, unsure token can be revised
+            (``selectors.running_remask``; ``remask_eta`` does not apply).
         tau: the ``threshold`` selector's confidence level, in (0, 1].
         block_length: semi-autoregressive blocks of this many positions, decoded left to right; None = the whole
             sequence is one block. Steps are split among the blocks (module docstring).
@@ -223,6 +254,7 @@ class BlockDecoder:
         self.generator, self.callback = generator, callback
         self.logp: torch.Tensor | None = None  # [B, L, V] for the current x
         self.nfe = 0
+        self.running = torch.zeros(generated.shape, dtype=torch.float64, device=generated.device)  # rcr: [B, L]
 
     def decode(self, x: torch.Tensor, block: torch.Tensor, grid: torch.Tensor, offset: int) -> torch.Tensor:
         """Unmask the ``block`` ``[L]`` of ``x`` ``[B, L]`` over its ``grid`` ``[n + 1]``; ``offset``: steps so far.
@@ -243,7 +275,18 @@ class BlockDecoder:
             remaskable = self.generated & block & (x != mask_id)  # [B, L]: tokens this sampler wrote in the block
             last, progress = j == n - 1, (offset + j + 1) / self.steps
             new = parallel_step(
-                self.policy, x, self.logp, candidates, remaskable, rates, progress, last, mask_id, self.generator, span
+                self.policy,
+                x,
+                self.logp,
+                candidates,
+                remaskable,
+                rates,
+                progress,
+                last,
+                mask_id,
+                self.generator,
+                span,
+                self.running,
             )
             if self.callback is not None:  # the clean estimate this step used [B, L], for the callback only
                 x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)

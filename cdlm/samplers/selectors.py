@@ -10,6 +10,8 @@ write: masked, and inside the active block when decoding block by block.
   Decoding", arXiv:2508.19982).
 - ``remask_sigma`` / ``remask``: ReMDM's remasking with the "cap" schedule (Wang et al., 2025, "Remasking Discrete
   Diffusion Models with Inference-Time Scaling", arXiv:2503.00307).
+- ``running_remask``: MDPO's running-confidence remasking, RCR (He et al., 2025, "MDPO: Overcoming the
+  Training-Inference Divide of Masked Diffusion Language Models", arXiv:2508.13148).
 - ``num_blocks`` / ``active_block`` / ``block_steps`` / ``block_grid``: semi-autoregressive blocks (Nie et al., 2025,
   "Large Language Diffusion Models" (LLaDA), semi-autoregressive remasking; Arriola et al., 2025, "Block Diffusion").
 
@@ -142,6 +144,19 @@ def remask(
         return x
     u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)  # [B, L]
     return torch.where(candidates & (u < prob), mask_id, x)
+
+
+def running_remask(running: torch.Tensor, revisable: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """RCR's choice: the ``count`` ``[B]`` positions of lowest running confidence ``running`` ``[B, L]`` among the
+    ``revisable`` ``[B, L]`` ones, bool ``[B, L]`` (ties to the leftmost).
+
+    MDPO's RCR fills every masked position of the block at each step and records each token's confidence (its
+    probability when drawn); the schedule's number of positions that should still be masked after the step is then
+    remasked, lowest running confidence first, whether the token was drawn now or steps ago. A token drawn with
+    little confidence early can thus be revised once later tokens are more sure; one drawn confidently stays.
+    """
+    low = (-running).masked_fill(~revisable, -math.inf)  # the least confident rank first
+    return select_topk(low, count)
 
 
 def num_blocks(length: int, block_length: int | None) -> int:
