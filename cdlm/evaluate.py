@@ -258,6 +258,10 @@ def evaluate(
         result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
     if canvas is not None:
         result["infill"] = infill_row(canvas, train_unigram(module), span_bound(module, canvas))
+        metrics["infill_unigram_accuracy"], metrics["infill_span_nll"] = (
+            result["infill"]["unigram_accuracy"],
+            result["infill"]["span_nll"],
+        )
     return result
 
 
