@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from cdlm import training
 from cdlm.checkpoint import load
 from cdlm.config import SAMPLE_N, ConfigError, compose, instantiate, load_group, sampler_knobs
+from cdlm.eval_report import summary, write_result
 from cdlm.evaluate import evaluate as evaluation
-from cdlm.evaluate import summary, write_result
 from cdlm.module import DiffusionLM
 from cdlm.objectives.entropy_rate import EntropyRateSchedule
 from cdlm.options import (

@@ -13,7 +13,7 @@ from pathlib import Path
 from cdlm import api
 from cdlm.config import ConfigError
 from cdlm.errors import error_message, exit_status
-from cdlm.evaluate import summary
+from cdlm.eval_report import summary
 from cdlm.help import command_help, main_help
 from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options, sample_length
 from cdlm.sweep import sweep_arguments

@@ -309,7 +309,8 @@ def test_the_bound_standard_errors_of_independent_batches_add_in_quadrature():
 
 
 def test_an_ode_bound_with_several_probes_reports_its_standard_error(tmp_path):
-    from cdlm.evaluate import summary, validation_bound
+    from cdlm.eval_report import summary
+    from cdlm.evaluate import validation_bound
 
     module, _, _ = fit(tmp_path, "objective=flow", "sampler=euler", "objective.ode_steps=4", "trainer.max_steps=2")
     module.objective.ode_probes = 3

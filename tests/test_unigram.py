@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from cdlm.eval_report import summary
 from cdlm.evaluate import (
     evaluate,
     generative_scores,
     run_datamodule,
-    summary,
     train_unigram,
     unigram_texts,
     unigram_validation_bound,

@@ -12,7 +12,8 @@ import cdlm
 import cdlm.evaluate
 from cdlm.data.corpus import load_corpus
 from cdlm.data.sources import SourceError
-from cdlm.evaluate import evaluate, summary, validation_bound
+from cdlm.eval_report import summary
+from cdlm.evaluate import evaluate, validation_bound
 from cdlm.zero_shot import ZERO_SHOT, Corpus, pick_split, resolve, zero_shot_bound, zero_shot_table
 
 ESSAY = (
