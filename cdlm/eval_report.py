@@ -56,6 +56,7 @@ def protocol(module: DiffusionLM, judge, sampler: dict, n: int, length: int, see
         "distinct": "mean per-sample fraction of unique n-grams of the model's token ids",
         "self_bleu": "mean BLEU-4 of each sample's token ids against the other samples' (between-sample diversity)",
         "left_to_right": "masked diffusion: mean Spearman correlation of position and commit step (1 = AR order)",
+        "arness": "masked diffusion: NAP's Global-ARness@1, commits left of every position still masked (1 = AR)",
         "likelihood": "objective.nll over the validation split, full time range, EMA weights, fixed noise",
         "unigram": UNIGRAM_PROTOCOL,
         "unigram_draws": f"{n} sequences of {length} independent unigram draws (seed {UNIGRAM_SEED}), decoded",
@@ -106,7 +107,7 @@ def summary(result: dict) -> str:
         )
     extras = [
         (key, label)
-        for key, label in (("self_bleu", "self-BLEU"), ("left_to_right", "left-to-right"))
+        for key, label in (("self_bleu", "self-BLEU"), ("left_to_right", "left-to-right"), ("arness", "ARness@1"))
         if key + "_mean" in m
     ]
     if extras:

@@ -241,7 +241,7 @@ def evaluate(
         )
         row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
         if order is not None:
-            row["left_to_right"] = order.value()
+            row["left_to_right"], row["arness"] = order.value(), order.arness()
         if canvas is not None:
             row["infill_accuracy"] = span_accuracy(samples.ids, canvas)
         if scorer is not None:

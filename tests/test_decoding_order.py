@@ -34,6 +34,22 @@ def test_the_callback_records_last_commits_and_leaves_the_prompt_out():
     for i, ids in enumerate(states):
         order(SamplerStep(i, 1.0 - i / 4, torch.tensor([ids]), None, i + 1))
     assert order.value() == pytest.approx(left_to_right(torch.tensor([[3, 2, 3]]), torch.ones(1, 3, dtype=torch.bool)))
+    # ARness@1: position 1 at step 1 (no mask left of it), position 2 at step 2 (position 1, remasked, is left of
+    # it: not AR), positions 1 and 3 at step 3 (no mask left): 3 of 4 commits; the prompt is no commit
+    assert order.commits == 4 and order.arness() == 0.75
+
+
+def test_arness_is_one_for_ar_order_and_small_for_random_order():
+    mask, length = 99, 64
+    ar, shuffled = DecodingOrder(mask), DecodingOrder(mask)
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(0))
+    for i in range(length):
+        left_to_right_state = torch.where(torch.arange(length) <= i, 1, mask)[None]
+        random_state = torch.full((1, length), mask)
+        random_state[0, order[: i + 1]] = 1
+        ar(SamplerStep(i, 0.0, left_to_right_state, None, i + 1))
+        shuffled(SamplerStep(i, 0.0, random_state, None, i + 1))
+    assert ar.arness() == 1.0 and shuffled.arness() < 0.15
 
 
 def test_semi_autoregressive_blocks_of_one_token_decode_left_to_right_and_top_k_does_not():

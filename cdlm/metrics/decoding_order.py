@@ -7,8 +7,13 @@ counts at its final commit; tokens committed together share their rank). 1: stri
 autoregressive order, or semi-autoregressive blocks of one token); about 0: an order unrelated to position (random
 order); -1: right to left. The figure is the mean over rows with at least two generated positions.
 
+NAP's own figure, Global-ARness@k, is also kept (``DecodingOrder.arness``): the fraction of commits that land
+within the ``k`` leftmost positions still masked after the step (a commit left of every remaining mask counts, so
+a block of tokens committed together at the left edge is autoregressive) -- 1 for the autoregressive order, about
+``k H_L / L`` for a random order of ``L`` positions.
+
 ``DecodingOrder`` is a sampler callback that records the commit steps from the states the sampler hands it;
-``left_to_right`` is the statistic itself.
+``left_to_right`` is the rank-correlation statistic itself.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ class DecodingOrder:
     call. ``value()`` is ``left_to_right`` over all rows seen.
     """
 
-    def __init__(self, mask_id: int, fixed: torch.Tensor | None = None, forward=None) -> None:
-        self.mask_id, self.fixed, self.forward = mask_id, fixed, forward
+    def __init__(self, mask_id: int, fixed: torch.Tensor | None = None, forward=None, k: int = 1) -> None:
+        self.mask_id, self.fixed, self.forward, self.k = mask_id, fixed, forward, k
+        self.commits = self.near_left = 0  # every commit event; those within the k leftmost remaining masks
         self.done: list[torch.Tensor] = []  # the commit steps of each finished call
         self.commit: torch.Tensor | None = None  # [B, L] int64, -1 = never committed
         self.previous: torch.Tensor | None = None  # [B, L] ids at the last step
@@ -66,8 +72,15 @@ class DecodingOrder:
             self.finish()
             self.commit = torch.full(x.shape, -1, dtype=torch.long)
             self.previous = torch.full_like(x, self.mask_id)  # before the first step (a prompt shows at step 0)
-        committed = (self.previous == self.mask_id) & (x != self.mask_id)  # [B, L]: became a token at this step
+        masked = x == self.mask_id
+        committed = (self.previous == self.mask_id) & ~masked  # [B, L]: became a token at this step
         self.commit[committed] = step.index
+        left = masked.long().cumsum(1) - masked.long()  # [B, L]: masks still left of each position
+        if self.fixed is not None:  # the prompt shows at the first step: no commit
+            rows = sum(len(c) for c in self.done)
+            committed &= ~self.fixed.cpu()[rows : rows + x.shape[0]]
+        self.commits += int(committed.sum())
+        self.near_left += int((committed & (left < self.k)).sum())
         self.previous = x.clone()
         if self.forward is not None:
             self.forward(step)
@@ -77,6 +90,10 @@ class DecodingOrder:
         if self.commit is not None:
             self.done.append(self.commit)
             self.commit = self.previous = None
+
+    def arness(self) -> float | None:
+        """NAP's Global-ARness@k over every commit recorded (None before any)."""
+        return self.near_left / self.commits if self.commits else None
 
     def value(self) -> float | None:
         """``left_to_right`` over every row recorded, the prompt's ``fixed`` positions left out."""
