@@ -36,7 +36,7 @@ def run(obj, sampler: str, steps: int, x: torch.Tensor, **knobs) -> tuple[torch.
         estimates.append(step.x0.clone())
 
     network = obj.network
-    obj.network = lambda h, *args: inputs.append(h.clone()) or network(h, *args)
+    obj.network = lambda h, *args, **kwargs: inputs.append(h.clone()) or network(h, *args, **kwargs)
     try:
         ids = SAMPLERS[sampler].fn(obj, x, continuous_grid(steps), callback=callback, **knobs)
     finally:
