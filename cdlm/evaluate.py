@@ -32,7 +32,7 @@ from cdlm.metrics.likelihood import score_batches
 from cdlm.metrics.unigram import ALPHA, TokenStream
 from cdlm.module import DiffusionLM
 from cdlm.options import DEFAULT_EVAL_N, DEFAULT_PROMPT_TOKENS, DEFAULT_SEEDS, sample_length
-from cdlm.prompts import after_eos
+from cdlm.prompts import Prompt, after_eos
 from cdlm.sampling import draw
 from cdlm.types import AbsorbingObjective
 
@@ -205,16 +205,7 @@ def evaluate(
     from cdlm.zero_shot import resolve, zero_shot_table
 
     length = sample_length(module.config, length)
-    if prompts is not None and not 0 < prompt_tokens < length:
-        raise ConfigError(f"prompt_tokens={prompt_tokens} must lie in [1, length - 1] with length={length}")
-    if infill_span is not None and prompts is not None:
-        raise ConfigError("infill_span and prompts=val are two protocols: give one of them")
-    if infill_span is not None and not 0 < infill_span < length:
-        raise ConfigError(f"infill_span={infill_span} must lie in [1, length - 1] with length={length}")
-    if mauve and (prompts is None or judge is None):
-        raise ConfigError("mauve=true compares continuations: give prompts=val and a judge (its features)")
-    if mauve:
-        check_mauve()
+    check_protocols(length, judge, prompts, prompt_tokens, mauve, infill_span)
     # first: a judge that cannot be loaded fails before any work
     scorer = build_judge(judge, device=module.device) if judge else None
     for corpus in zero_shot or []:
@@ -226,11 +217,9 @@ def evaluate(
     if zero_shot:
         result["zero_shot"] = zero_shot_table(module, zero_shot, max_tokens=zero_shot_tokens)
     knobs = {k: v for k, v in sampler.items() if k not in ("name", "steps")}
-    given = None  # the conditional protocol's (prompts [n, k], true continuations [n, length - k])
-    if prompts is not None:
-        given = split_windows(reference_texts(module, n, length)[1], prompt_tokens)
+    given, canvas = protocol_inputs(module, n, length, prompts, prompt_tokens, infill_span)
+    if given is not None:
         knobs["prompt"] = [row.tolist() for row in given[0]]
-    canvas = None if infill_span is None else span_canvas(reference_texts(module, n, length)[1], infill_span)
     if canvas is not None:
         knobs["prompt"] = canvas
     fixed = canvas.fixed if canvas is not None else None if given is None else prompt_positions(n, length, given[0])
@@ -247,11 +236,7 @@ def evaluate(
         if scorer is not None:
             row |= sample_scores(scorer, module, samples.ids, samples.texts, given, mauve)
         result["per_seed"].append(row)
-    for key in result["per_seed"][0]:
-        values = [float(r[key]) for r in result["per_seed"] if r[key] is not None]
-        if key != "seed" and values:
-            metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std(values)
-    metrics["nfe"] = result["per_seed"][0]["nfe"]
+    metrics |= seed_statistics(result["per_seed"])
     if scorer is not None and reference:
         result["reference"], result["unigram_draws"] = reference_rows(scorer, module, n, length, given, mauve)
     result["protocol"] = protocol(module, scorer, sampler, n, length, seeds)
@@ -261,11 +246,48 @@ def evaluate(
         result["protocol"]["zero_shot"] = ZERO_SHOT_PROTOCOL
     if canvas is not None:
         result["infill"] = infill_row(canvas, train_unigram(module), span_bound(module, canvas))
-        metrics["infill_unigram_accuracy"], metrics["infill_span_nll"] = (
-            result["infill"]["unigram_accuracy"],
-            result["infill"]["span_nll"],
-        )
+        metrics["infill_unigram_accuracy"] = result["infill"]["unigram_accuracy"]
+        metrics["infill_span_nll"] = result["infill"]["span_nll"]
     return result
+
+
+def check_protocols(
+    length: int, judge: str | None, prompts: str | None, prompt_tokens: int, mauve: bool, infill_span: int | None
+) -> None:
+    """A ``ConfigError`` for a protocol that cannot run on samples of ``length`` tokens, before any work."""
+    if prompts is not None and not 0 < prompt_tokens < length:
+        raise ConfigError(f"prompt_tokens={prompt_tokens} must lie in [1, length - 1] with length={length}")
+    if infill_span is not None and prompts is not None:
+        raise ConfigError("infill_span and prompts=val are two protocols: give one of them")
+    if infill_span is not None and not 0 < infill_span < length:
+        raise ConfigError(f"infill_span={infill_span} must lie in [1, length - 1] with length={length}")
+    if mauve and (prompts is None or judge is None):
+        raise ConfigError("mauve=true compares continuations: give prompts=val and a judge (its features)")
+    if mauve:
+        check_mauve()
+
+
+def protocol_inputs(
+    module: DiffusionLM, n: int, length: int, prompts: str | None, prompt_tokens: int, infill_span: int | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, Prompt | None]:
+    """``(given, canvas)`` from the reference row's ``n`` validation windows: the conditional protocol's (prompts
+    ``[n, k]``, true continuations ``[n, length - k]``) and the infilling canvas, each None when not asked for."""
+    if prompts is None and infill_span is None:
+        return None, None
+    windows = reference_texts(module, n, length)[1]
+    given = None if prompts is None else split_windows(windows, prompt_tokens)
+    return given, None if infill_span is None else span_canvas(windows, infill_span)
+
+
+def seed_statistics(rows: list[dict]) -> dict[str, float]:
+    """``<key>_mean`` and ``<key>_std`` over the per-seed ``rows`` of every figure they report (a figure a seed
+    could not compute, None, is left out), and the first seed's ``nfe``."""
+    stats: dict[str, float] = {}
+    for key in rows[0]:
+        values = [float(r[key]) for r in rows if r[key] is not None]
+        if key != "seed" and values:
+            stats[f"{key}_mean"], stats[f"{key}_std"] = mean_std(values)
+    return stats | {"nfe": rows[0]["nfe"]}
 
 
 def prompt_positions(n: int, length: int, prompts: torch.Tensor) -> torch.Tensor:
