@@ -128,6 +128,8 @@ def masked_oracle(objective: AbsorbingObjective, law: Law) -> None:
         return log_floor(torch.where(visible[..., None], onehot, probs)).float()
 
     objective.denoise = lambda z, t, padding=None: posterior(z)
+    # a block cache's span pass: the oracle's rows of the span (an oracle has no stale keys: the cache is exact)
+    objective.denoise_span = lambda z, t, cache, span: posterior(z)[:, span]
 
 
 def autoregressive_oracle(objective: AutoregressiveObjective, law: Law) -> None:

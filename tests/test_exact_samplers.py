@@ -37,6 +37,7 @@ OUTSIDE_MAX = 0.01  # the largest fraction of draws outside the support an exact
 APPROXIMATE: dict[str, tuple[float, str]] = {
     "preset:threshold": (0.35, "commits every candidate above tau at once, each from its own marginal"),
     "preset:prophet": (0.45, "greedy early commit: once confident, fills the rest by argmax"),
+    "preset:dual_cache": (0.35, "threshold commits with the dual cache (exact scores here: an oracle has no keys)"),
     "preset:rcr": (0.7, "mode-seeking: at every step it redraws the masked tokens and keeps the surest draws"),
 }
 

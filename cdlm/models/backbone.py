@@ -22,6 +22,7 @@ from cdlm.models.activations import GeluTanh
 from cdlm.models.attend import ATTENTION_KERNELS, AttentionKernel, attend
 from cdlm.models.kv_cache import KVCache
 from cdlm.models.rotary import Rotary, apply_rotary
+from cdlm.models.span_cache import SpanCache
 
 MaskMode = Literal["bidirectional", "causal", "block_causal"]
 MASK_MODES = ("bidirectional", "causal", "block_causal")
@@ -145,7 +146,7 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         is_causal: bool,
-        cache: KVCache | None = None,
+        cache: KVCache | SpanCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
@@ -172,7 +173,7 @@ class Block(nn.Module):
         self.ada = nn.Linear(cond_width, 6 * width)
 
     def forward(
-        self, x, c, rotary, mask, is_causal: bool, cache: KVCache | None = None, layer: int = 0
+        self, x, c, rotary, mask, is_causal: bool, cache: KVCache | SpanCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)  # 6 x [B, (L,) D]
         a = self.attn(modulate(self.norm1(x), shift1, scale1), rotary, mask, is_causal, cache, layer)
@@ -277,7 +278,7 @@ class Backbone(nn.Module):
         h: torch.Tensor,
         c: torch.Tensor | None = None,
         padding: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SpanCache | None = None,
         two_stream: bool = False,
     ) -> torch.Tensor:
         """``h`` ``[B, L, D]``; ``c`` conditioning ``[B, C]`` or per position ``[B, L, C]`` (None = unconditioned);
@@ -289,7 +290,9 @@ class Backbone(nn.Module):
         With a ``cache`` (no ``padding``), ``h`` holds only the ``L`` new positions after the ``cache.offset`` cached
         ones: rotary angles start at the offset and the cache is extended by ``L``. In ``causal`` mode the new
         queries attend to every cached key and causally among themselves; in ``block_causal`` mode the new
-        positions are (the start of) one block and attend to every cached key and to each other.
+        positions are (the start of) one block and attend to every cached key and to each other. With a
+        ``SpanCache`` (``bidirectional`` mode), ``h`` holds the ``L`` positions from ``cache.offset`` on, which attend
+        to every position of the sequence: their fresh keys and the cached ones elsewhere.
         """
         B, L, _ = h.shape
         if c is None:
@@ -310,7 +313,7 @@ class Backbone(nn.Module):
             mask = None if is_causal else attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
         else:
             rotary = self.rotary(L, h.device, cache.offset)
-            mask, is_causal = self.cached_mask(cache.offset, L, padding, h.device), False
+            mask, is_causal = self.cached_mask(cache, L, padding, h.device), False
         for i, block in enumerate(self.blocks):
             h = self.run_block(block, i, h, c, rotary, mask, is_causal, cache)
         if cache is not None:
@@ -318,7 +321,7 @@ class Backbone(nn.Module):
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
         return modulate(self.norm(h), shift, scale)  # [B, L, D]
 
-    def run_block(self, block: Block, i: int, h, c, rotary, mask, is_causal: bool, cache: KVCache | None):
+    def run_block(self, block: Block, i: int, h, c, rotary, mask, is_causal: bool, cache: KVCache | SpanCache | None):
         """Block ``i`` on ``h`` ``[B, L, D]``: recomputed in the backward pass under activation checkpointing, compiled
         in training when ``compile`` is on; eager in evaluation and sampling, whose many batch sizes, lengths and cache
         offsets would each compile anew."""
@@ -329,9 +332,17 @@ class Backbone(nn.Module):
         return block(h, c, rotary, mask, is_causal)
 
     def cached_mask(
-        self, offset: int, length: int, padding: torch.Tensor | None, device: torch.device
+        self, cache: KVCache | SpanCache, length: int, padding: torch.Tensor | None, device: torch.device
     ) -> torch.Tensor | None:
-        """The mask of ``length`` new queries after ``offset`` cached positions; an error where a cache cannot work."""
+        """The mask of ``length`` new queries after ``cache.offset`` cached positions (``KVCache``) or over a whole
+        sequence (``SpanCache``); an error where a cache cannot work."""
+        if isinstance(cache, SpanCache):
+            if padding is not None or self.mask_mode != "bidirectional":
+                raise ValueError(
+                    f"a SpanCache needs mask_mode 'bidirectional' and no padding (mask_mode={self.mask_mode!r})"
+                )
+            return None  # every query sees every position
+        offset = cache.offset
         if padding is not None or self.mask_mode == "bidirectional":
             raise ValueError(
                 f"a KV cache needs mask_mode 'causal' or 'block_causal' and no padding (mask_mode={self.mask_mode!r})"

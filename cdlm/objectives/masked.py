@@ -16,6 +16,7 @@ from cdlm import checks, draws
 from cdlm.device import host_resident
 from cdlm.models.backbone import Backbone
 from cdlm.models.embeddings import TimeEmbedding
+from cdlm.models.span_cache import SpanCache
 from cdlm.objectives.chunked_ce import chunked_cross_entropy
 from cdlm.objectives.schedules import build_schedule
 from cdlm.objectives.training_time import training_u
@@ -75,11 +76,26 @@ class MaskedDiffusion(nn.Module):
         return self.head(self.hidden(z, t, padding))
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """SUBS ``log p_theta(x0 | z_t)`` ``[B, L, V]`` in float32: visible positions are one-hot on their token.
+        """SUBS ``log p_theta(x0 | z_t)`` ``[B, L, V]`` in float32: visible positions are one-hot on their token."""
+        return self.subs(self.logits(z, t, padding), z)
 
-        The log one-hot is written into the output by a scatter: no ``[B, L, V]`` one-hot is built.
+    def denoise_span(self, z: torch.Tensor, t: torch.Tensor, cache: SpanCache, span: slice) -> torch.Tensor:
+        """``denoise``'s rows ``[B, n, V]`` for the positions ``span`` of ``z`` ``[B, L]``, fed alone through the
+        backbone over ``cache``'s keys and values of the other positions (Fast-dLLM's block caches,
+        ``cdlm.models.span_cache``; approximate: those keys are as of the cache's last full pass).
+
+        An empty ``cache`` needs the whole sequence (``span = slice(0, L)``): that pass equals ``denoise`` and
+        fills the cache.
         """
-        logp = self.logits(z, t, padding).float().log_softmax(-1)  # [B, L, V]
+        c = self.time_embed(t) if self.time_embed is not None else None
+        h = self.backbone(self.embed(z[:, span]), c, cache=cache.feed(span.start or 0))  # [B, n, D]
+        return self.subs(self.head(h), z[:, span])
+
+    def subs(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """SUBS: ``log_softmax(logits)`` ``[B, L, V]`` in float32 where ``z`` ``[B, L]`` is masked, the log one-hot
+        of the visible token elsewhere. The log one-hot is written by a scatter: no ``[B, L, V]`` one-hot is built.
+        """
+        logp = logits.float().log_softmax(-1)  # [B, L, V]
         visible = (z != self.mask_id)[..., None]  # [B, L, 1]
         token = z.clamp_max(self.vocab_size - 1)[..., None]  # [B, L, 1]
         carried = torch.where(visible, 0.0, logp.gather(-1, token))  # [B, L, 1]: log 1 on a visible token

@@ -52,6 +52,7 @@ from cdlm import draws
 from cdlm.checks import is_real
 from cdlm.config import ConfigError
 from cdlm.models.backbone import Backbone
+from cdlm.models.span_cache import SpanCache
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.objectives.schedules import Schedule
 from cdlm.objectives.teacher import FrozenTeacher, state_differences
@@ -157,6 +158,10 @@ class MaskedDistill(nn.Module):
     def denoise(self, z: torch.Tensor, t: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """The student's SUBS ``log p_theta(x0 | z_t)`` ``[B, L, V]`` (float32)."""
         return self.student.denoise(z, t, padding)
+
+    def denoise_span(self, z: torch.Tensor, t: torch.Tensor, cache: SpanCache, span: slice) -> torch.Tensor:
+        """The student's ``denoise_span`` (``MaskedDiffusion.denoise_span``): rows ``[B, n, V]`` of ``span``."""
+        return self.student.denoise_span(z, t, cache, span)
 
     def prior(
         self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cdlm.models.span_cache import SpanCache
 from cdlm.samplers.categorical import row_chunks, sample_categorical, top_p_filter
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.registry import Choice, Range, register_sampler
@@ -42,6 +43,7 @@ from cdlm.samplers.selectors import (
 from cdlm.types import AbsorbingObjective, SamplerStep
 
 SELECTORS = ("topk", "threshold", "prophet", "rcr")
+KV_CACHES = ("none", "prefix", "dual")  # Fast-dLLM's block caches (cdlm.models.span_cache); approximate
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ def rcr_step(
         "remask_eta": Range(0, 1, note="0 = no remasking"),
         "temperature": Range(0, note="0 = argmax"),
         "top_p": Range(0, 1, low_open=True, note="1 = off"),
+        "kv_cache": Choice(*KV_CACHES),
     },
 )
 @torch.no_grad()
@@ -198,6 +201,7 @@ def sample_parallel(
     temperature: float = 1.0,
     top_p: float = 1.0,
     cache: bool = True,
+    kv_cache: str = "none",
 ) -> torch.Tensor:
     """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
 
@@ -222,13 +226,21 @@ def sample_parallel(
         top_p: nucleus filtering of the draw (after temperature); 1 = off.
         cache: reuse ``p_theta`` when nothing changed (only without time conditioning); False calls the network
             at every step.
+        kv_cache: Fast-dLLM's approximate block caches (``cdlm.models.span_cache``, docs/sampling.md "Block
+            caches"): each block's first step is a full pass that stores every position's keys and values; its
+            later steps feed only the block and everything after it (``prefix``) or the block alone (``dual``),
+            reading the stored keys elsewhere. ``none``: every step is a full pass. Every pass counts as one NFE.
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p)
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
+    if kv_cache != "none" and not hasattr(objective, "denoise_span"):
+        raise ValueError(f"kv_cache={kv_cache!r} needs an objective with denoise_span (masked diffusion)")
     generated = x == objective.mask_id  # [B, L]
     length = x.shape[1]
     blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
     blocks = [block for block in blocks if (generated & block).any()]  # [L] each
-    decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback)
+    decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback, kv_cache)
     offset = 0
     for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
         x = decoder.decode(x, block, block_grid(ts, n), offset)
@@ -248,8 +260,11 @@ class BlockDecoder:
         cache: bool,
         generator: torch.Generator | None,
         callback: Callable[[SamplerStep], None] | None,
+        kv_cache: str = "none",
     ) -> None:
         self.objective, self.policy, self.generated, self.steps = objective, policy, generated, steps
+        self.kv_cache, self.keys = kv_cache, None if kv_cache == "none" else SpanCache()
+        self.rows: torch.Tensor | None = None  # kv_cache: [B, L, V], the latest scores of every position
         self.reuse = cache and not objective.time_conditioning
         self.generator, self.callback = generator, callback
         self.logp: torch.Tensor | None = None  # [B, L, V] for the current x
@@ -264,12 +279,14 @@ class BlockDecoder:
         mask_id, alpha, n = self.objective.mask_id, self.objective.schedule.alpha, len(grid) - 1
         where = block.nonzero().flatten()  # the block's positions: scores are read on the span they cover
         span = slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
+        if self.keys is not None:  # a block starts with a full pass: its keys and values are cached anew
+            self.keys.reset()
         for j in range(n):
             candidates = (x == mask_id) & block  # [B, L]
             if not candidates.any():
                 break
             if self.logp is None:
-                self.logp, self.nfe = self.objective.denoise(x, grid[j].expand(x.shape[0]).float()), self.nfe + 1
+                self.score(x, grid[j].expand(x.shape[0]).float(), span)
             a_t, a_s = alpha(grid[j]), alpha(grid[j + 1])
             rates = (float(a_t), float(a_s), remask_sigma(a_t, a_s, self.policy.remask_eta))
             remaskable = self.generated & block & (x != mask_id)  # [B, L]: tokens this sampler wrote in the block
@@ -296,3 +313,18 @@ class BlockDecoder:
             if self.callback is not None:
                 self.callback(SamplerStep(offset + j, float(grid[j + 1]), x, x0, self.nfe))
         return x
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, block: slice) -> None:
+        """``self.logp`` ``[B, L, V]`` for ``x`` at ``t`` ``[B]``: a full pass, or with a ``kv_cache`` filled by the
+        block's first pass, the rows of the block (``dual``) or of the block and everything after it (``prefix``)
+        only; rows outside those keep their earlier values (no candidate is there)."""
+        self.nfe += 1
+        if self.keys is None:
+            self.logp = self.objective.denoise(x, t)
+            return
+        if self.keys.empty:
+            self.rows = self.objective.denoise_span(x, t, self.keys, slice(0, x.shape[1]))  # [B, L, V]
+        else:
+            span = slice(block.start, block.stop if self.kv_cache == "dual" else x.shape[1])
+            self.rows[:, span] = self.objective.denoise_span(x, t, self.keys, span)
+        self.logp = self.rows

@@ -1,0 +1,129 @@
+"""Fast-dLLM's block caches (``sample_parallel(kv_cache=prefix|dual)``, ``cdlm.models.span_cache``): the cached
+pass is the uncached one where nothing changed, it recovers most of a change in its span, and the sampler keeps its
+contracts (prompts, NFE, exactness where every pass is a full one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdlm.models.backbone import Backbone
+from cdlm.models.span_cache import SpanCache
+from cdlm.module import DiffusionLM
+from cdlm.objectives.masked import MaskedDiffusion
+from cdlm.prompts import prefix_prompt
+from cdlm.samplers.parallel import sample_parallel
+
+V, L = 40, 24
+
+
+@pytest.fixture(scope="module")
+def model() -> MaskedDiffusion:
+    torch.manual_seed(0)
+    objective = MaskedDiffusion(Backbone(64, 2, 4, cond_width=32), V).eval()
+    with torch.no_grad():  # away from the zero-initialised gates, so that attention matters
+        for p in objective.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return objective
+
+
+def test_a_full_pass_fills_the_cache_and_an_unchanged_span_reads_the_same(model):
+    z, t = torch.randint(0, V + 1, (2, L)), torch.rand(2)
+    with torch.no_grad():
+        full = model.denoise(z, t)
+        cache = SpanCache()
+        torch.testing.assert_close(model.denoise_span(z, t, cache, slice(0, L)), full)
+        assert not cache.empty
+        torch.testing.assert_close(model.denoise_span(z, t, cache, slice(8, 16)), full[:, 8:16])  # dual
+        torch.testing.assert_close(model.denoise_span(z, t, cache, slice(8, L)), full[:, 8:])  # prefix
+
+
+def test_a_changed_span_is_approximated_far_better_than_by_stale_scores(model):
+    z, t = torch.randint(0, V, (2, L)), torch.rand(2)
+    z[:, 8:16] = model.mask_id
+    changed = z.clone()
+    changed[:, 8:12] = torch.randint(0, V, (2, 4))  # four tokens of the block committed since the full pass
+    with torch.no_grad():
+        stale = model.denoise(z, t)[:, 12:16]  # the block's still-masked rows, never rescored
+        truth = model.denoise(changed, t)[:, 12:16]
+        for span in (slice(8, 16), slice(8, L)):
+            cache = SpanCache()
+            model.denoise_span(z, t, cache, slice(0, L))
+            cached = model.denoise_span(changed, t, cache, span)[:, 4:8]
+            error, baseline = (cached - truth).abs().max(), (stale - truth).abs().max()
+            assert error < 0.2 * baseline, (span, float(error), float(baseline))
+
+
+def sample(model, x, steps, **knobs):
+    return sample_parallel(
+        model, x, torch.linspace(1, 0, steps + 1), generator=torch.Generator().manual_seed(3), **knobs
+    )
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_exact_where_every_pass_is_a_full_one(model, kv_cache):
+    x = model.prior(3, L, torch.device("cpu"))
+    # one step per block: every pass is a block's first, a full pass
+    assert torch.equal(sample(model, x, 3, block_length=8, kv_cache=kv_cache), sample(model, x, 3, block_length=8))
+    # prefix over one block: the span is the whole sequence
+    if kv_cache == "prefix":
+        assert torch.equal(sample(model, x, 12, kv_cache="prefix"), sample(model, x, 12))
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+@pytest.mark.parametrize("selector", ["topk", "threshold", "rcr"])
+def test_cached_sampling_keeps_prompts_and_counts_passes(model, kv_cache, selector):
+    prefixes = [[1], [2, 3, 4], [], [5] * 10]
+    ids, _ = DiffusionLM(model).generate(
+        4,
+        L,
+        "parallel",
+        12,
+        seed=0,
+        dtype=None,
+        prompt=prefix_prompt(prefixes, 4, L),
+        block_length=8,
+        kv_cache=kv_cache,
+        selector=selector,
+    )
+    assert ids.shape == (4, L) and not (ids == model.mask_id).any()
+    for row, prefix in enumerate(prefixes):
+        assert ids[row, : len(prefix)].tolist() == prefix
+    nfe = {}
+    for cache in ("none", kv_cache):
+        steps = []
+        sample(
+            model,
+            model.prior(4, L, torch.device("cpu")),
+            12,
+            block_length=8,
+            selector=selector,
+            kv_cache=cache,
+            callback=steps.append,
+        )
+        nfe[cache] = steps[-1].nfe
+    assert 3 <= nfe[kv_cache] <= 12 and (selector == "threshold" or nfe[kv_cache] == nfe["none"] == 12), nfe
+
+
+def test_kv_cache_needs_a_masked_objective_and_a_known_name(model):
+    x = model.prior(1, L, torch.device("cpu"))
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        sample(model, x, 4, kv_cache="suffix")
+
+    class NoSpans:
+        mask_id, vocab_size, time_conditioning, schedule = model.mask_id, V, False, model.schedule
+
+        def denoise(self, z, t):
+            return model.denoise(z, t)
+
+    with pytest.raises(ValueError, match="needs an objective with denoise_span"):
+        sample(NoSpans(), x, 4, kv_cache="dual")
+
+
+def test_a_span_cache_refuses_a_partial_first_pass_and_a_causal_backbone():
+    cache = SpanCache().feed(4)
+    with pytest.raises(ValueError, match="first pass feeds the whole sequence"):
+        cache.update(0, torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))
+    causal = Backbone(32, 1, 2, cond_width=16, mask_mode="causal")
+    with pytest.raises(ValueError, match="SpanCache needs mask_mode 'bidirectional'"):
+        causal(torch.zeros(1, 4, 32), cache=SpanCache())
