@@ -13,8 +13,10 @@ from cdlm.samplers.selectors import (
     active_block,
     block_grid,
     block_steps,
+    explore_uncertain,
     num_blocks,
     prophet_ready,
+    rectify,
     remask,
     remask_sigma,
     running_remask,
@@ -329,4 +331,65 @@ def test_rcr_with_fixed_confidences_and_argmax_is_top_k():
     x = toy.prior(2, 20, torch.device("cpu"))
     a, _ = run(toy, 0, x=x, steps=8, selector="rcr", temperature=0)
     b, _ = run(toy, 0, x=x, steps=8, temperature=0)
+    assert torch.equal(a, b)
+
+
+# ---- ETE: explore-then-exploit; CCD: history-rectified confidence ----
+
+
+def test_explore_uncertain_adds_the_most_uncertain_candidates_up_to_the_budget():
+    entropy = torch.tensor([[0.1, 2.0, 1.5, 0.5, 3.0], [0.1, 2.0, 1.5, 0.5, 3.0]])
+    candidates = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
+    commit = torch.tensor([[True, False, False, False, False], [True, False, False, False, False]])
+    chosen = explore_uncertain(entropy, candidates, commit, budget=3.0)
+    # row 0: 0.1 committed; 2.0 brings 2.1 < 3, then 1.5 passes it (the last added may); 3.0 is not a candidate
+    assert chosen[0].tolist() == [True, True, True, False, False]
+    assert chosen[1].tolist() == [True, False, False, False, True]  # 3.0 alone reaches the budget
+    assert torch.equal(explore_uncertain(entropy, candidates, commit, budget=0.0), commit)
+    assert torch.equal(explore_uncertain(entropy, candidates, commit, budget=99.0), candidates)
+
+
+def test_rectify_averages_a_positions_laws_over_its_candidate_steps():
+    history = torch.zeros(1, 2, 3)
+    first = torch.tensor([[[0.8, 0.1, 0.1], [0.2, 0.3, 0.5]]]).log()
+    rows = torch.tensor([[True, False]])
+    out = rectify(history, first, rows, decay=0.5).exp()
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.8, 0.1, 0.1]))  # the first update takes p whole
+    assert (history[0, 1] == 0).all()  # not a candidate: untouched
+    second = torch.tensor([[[0.1, 0.8, 0.1], [0.2, 0.3, 0.5]]]).log()
+    out = rectify(history, second, torch.tensor([[True, True]]), decay=0.5).exp()
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.45, 0.45, 0.1]))  # a one-step switch is not trusted
+    torch.testing.assert_close(out[0, 1], torch.tensor([0.2, 0.3, 0.5]))
+
+
+@pytest.mark.parametrize("selector", ["ete", "ccd"])
+def test_ete_and_ccd_finish_keep_prompts_and_blocks(masked_objective, selector):
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    x[:, :4] = torch.arange(4)  # a prompt
+    out, seen = run(masked_objective, 0, x=x, steps=12, selector=selector, block_length=8)
+    mask = masked_objective.mask_id
+    assert (out != mask).all() and torch.equal(out[:, :4], x[:, :4])
+    for before, after in zip(states(x, seen), states(x, seen)[1:]):
+        changed = (before != after).any(0).nonzero().flatten()
+        assert len(changed) == 0 or int(changed.max()) // 8 == int(changed.min()) // 8  # one block per step
+        assert ((before == mask) | (before == after)).all()  # commits only: nothing is revised
+        assert ((before == mask) & (after != mask)).sum(-1).min() >= 1 or (before != mask).all()
+
+
+def test_ete_commits_more_per_round_than_threshold_and_budget_zero_is_threshold():
+    toy = GapToy(gap=1.0)  # nothing reaches tau = 0.9: threshold commits the top-1 alone
+    x = toy.prior(2, 20, torch.device("cpu"))
+    _, plain = run(toy, 0, x=x, steps=20, selector="threshold")
+    _, explored = run(toy, 0, x=x, steps=20, selector="ete", ete_budget=4.0)
+    assert explored[-1].nfe < plain[-1].nfe == 20
+    a, _ = run(toy, 0, x=x, steps=20, selector="ete", ete_budget=0.0)
+    b, _ = run(toy, 0, x=x, steps=20, selector="threshold")
+    assert torch.equal(a, b)
+
+
+def test_ccd_with_no_memory_is_threshold():
+    toy = GapToy(gap=3.0)
+    x = toy.prior(2, 20, torch.device("cpu"))
+    a, _ = run(toy, 1, x=x, steps=10, selector="ccd", ccd_decay=0.0)
+    b, _ = run(toy, 1, x=x, steps=10, selector="threshold")
     assert torch.equal(a, b)

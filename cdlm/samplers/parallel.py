@@ -30,8 +30,10 @@ from cdlm.samplers.selectors import (
     active_block,
     block_grid,
     block_steps,
+    explore_uncertain,
     num_blocks,
     prophet_ready,
+    rectify,
     remask,
     remask_sigma,
     running_remask,
@@ -42,7 +44,8 @@ from cdlm.samplers.selectors import (
 )
 from cdlm.types import AbsorbingObjective, SamplerStep
 
-SELECTORS = ("topk", "threshold", "prophet", "rcr")
+SELECTORS = ("topk", "threshold", "prophet", "rcr", "ete", "ccd")
+THRESHOLDED = ("threshold", "ete", "ccd")  # selectors that commit the top-1 plus every candidate >= tau
 KV_CACHES = ("none", "prefix", "dual")  # Fast-dLLM's block caches (cdlm.models.span_cache); approximate
 
 
@@ -55,6 +58,8 @@ class Policy:
     remask_eta: float = 0.0
     temperature: float = 1.0
     top_p: float = 1.0
+    ete_budget: float = 2.0
+    ccd_decay: float = 0.5
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
@@ -67,6 +72,10 @@ class Policy:
             raise ValueError(f"temperature must be >= 0 (0 = argmax), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.ete_budget >= 0:
+            raise ValueError(f"ete_budget must be >= 0 nats (0 = threshold alone), got {self.ete_budget}")
+        if not 0.0 <= self.ccd_decay < 1.0:
+            raise ValueError(f"ccd_decay must be in [0, 1) (0 = this step alone), got {self.ccd_decay}")
 
 
 def draw_tokens(
@@ -100,8 +109,13 @@ def choose(
     top = torch.full(candidates.shape, -math.inf, dtype=logp.dtype, device=logp.device)  # [B, L]
     top[:, span] = logp[:, span].amax(-1)  # max_v log p_theta
     conf = top.double().exp_().masked_fill_(~candidates, -math.inf)  # [B, L] float64, -inf off candidates
-    if policy.selector == "threshold":
+    if policy.selector in THRESHOLDED:
         commit = select_threshold(conf, policy.tau)
+        if policy.selector == "ete" and policy.ete_budget > 0:
+            rows = logp[:, span].float()  # [B, n, V]
+            entropy = torch.zeros(candidates.shape, dtype=torch.float32, device=logp.device)  # [B, L]
+            entropy[:, span] = -(rows.exp() * rows.clamp_min(-1e4)).sum(-1)
+            commit = explore_uncertain(entropy, candidates, commit, policy.ete_budget)
     else:
         commit = select_topk(conf, topk_count(candidates.sum(-1), *rates))
     ready = torch.zeros_like(candidates[:, 0])  # [B]
@@ -184,6 +198,8 @@ def rcr_step(
         "temperature": Range(0, note="0 = argmax"),
         "top_p": Range(0, 1, low_open=True, note="1 = off"),
         "kv_cache": Choice(*KV_CACHES),
+        "ete_budget": Range(0, note="nats; 0 = threshold alone"),
+        "ccd_decay": Range(0, 1, high_open=True, note="0 = this step alone"),
     },
 )
 @torch.no_grad()
@@ -202,6 +218,8 @@ def sample_parallel(
     top_p: float = 1.0,
     cache: bool = True,
     kv_cache: str = "none",
+    ete_budget: float = 2.0,
+    ccd_decay: float = 0.5,
 ) -> torch.Tensor:
     """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
 
@@ -216,7 +234,12 @@ def sample_parallel(
             MDPO's running-confidence remasking: every step draws all of the block's masked positions, records
             each token's probability when drawn, and remasks the top-k schedule's count of the block's generated
             tokens with the lowest such confidence, so an early, unsure token can be revised
-            (``selectors.running_remask``; ``remask_eta`` does not apply).
+            (``selectors.running_remask``; ``remask_eta`` does not apply). ``ete``: ``threshold`` plus ETE's
+            exploration: while a step's commits carry less than ``ete_budget`` nats of predictive entropy, the most
+            uncertain other candidates are committed too, drawn from their law (``selectors.explore_uncertain``).
+            ``ccd``: ``threshold`` on CCD's rectified law, the moving average (weight ``ccd_decay`` on the past) of
+            each position's ``p_theta`` over the steps it was a candidate; tokens are drawn from that law
+            (``selectors.rectify``). Both commit as many positions as their rule admits: ``steps`` is a cap.
         tau: the ``threshold`` selector's confidence level, in (0, 1].
         block_length: semi-autoregressive blocks of this many positions, decoded left to right; None = the whole
             sequence is one block. Steps are split among the blocks (module docstring).
@@ -231,7 +254,7 @@ def sample_parallel(
             later steps feed only the block and everything after it (``prefix``) or the block alone (``dual``),
             reading the stored keys elsewhere. ``none``: every step is a full pass. Every pass counts as one NFE.
     """
-    policy = Policy(selector, tau, remask_eta, temperature, top_p)
+    policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay)
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     if kv_cache != "none" and not hasattr(objective, "denoise_span"):
@@ -270,6 +293,7 @@ class BlockDecoder:
         self.logp: torch.Tensor | None = None  # [B, L, V] for the current x
         self.nfe = 0
         self.running = torch.zeros(generated.shape, dtype=torch.float64, device=generated.device)  # rcr: [B, L]
+        self.history: torch.Tensor | None = None  # ccd: [B, L, V], each position's moving-average law
 
     def decode(self, x: torch.Tensor, block: torch.Tensor, grid: torch.Tensor, offset: int) -> torch.Tensor:
         """Unmask the ``block`` ``[L]`` of ``x`` ``[B, L]`` over its ``grid`` ``[n + 1]``; ``offset``: steps so far.
@@ -294,7 +318,7 @@ class BlockDecoder:
             new = parallel_step(
                 self.policy,
                 x,
-                self.logp,
+                self.scores(candidates),
                 candidates,
                 remaskable,
                 rates,
@@ -313,6 +337,15 @@ class BlockDecoder:
             if self.callback is not None:
                 self.callback(SamplerStep(offset + j, float(grid[j + 1]), x, x0, self.nfe))
         return x
+
+    def scores(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The log-law a step selects and draws from ``[B, L, V]``: ``p_theta``, or for ``ccd`` its rectified moving
+        average over the steps each of the ``candidates`` ``[B, L]`` has been one (``selectors.rectify``)."""
+        if self.policy.selector != "ccd":
+            return self.logp
+        if self.history is None:
+            self.history = torch.zeros(self.logp.shape, dtype=torch.float32, device=self.logp.device)
+        return rectify(self.history, self.logp, candidates, self.policy.ccd_decay)
 
     def score(self, x: torch.Tensor, t: torch.Tensor, block: slice) -> None:
         """``self.logp`` ``[B, L, V]`` for ``x`` at ``t`` ``[B]``: a full pass, or with a ``kv_cache`` filled by the

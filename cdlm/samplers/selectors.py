@@ -10,6 +10,10 @@ write: masked, and inside the active block when decoding block by block.
   Decoding", arXiv:2508.19982).
 - ``remask_sigma`` / ``remask``: ReMDM's remasking with the "cap" schedule (Wang et al., 2025, "Remasking Discrete
   Diffusion Models with Inference-Time Scaling", arXiv:2503.00307).
+- ``explore_uncertain``: ETE's exploration (Huang et al., 2025, "From Bits to Rounds: Parallel Decoding with
+  Exploration for Diffusion Language Models", arXiv:2511.21103).
+- ``rectify``: CCD's history-rectified scores (Chen et al., 2025, "Beyond Confidence: Adaptive and Coherent Decoding
+  for Diffusion Language Models").
 - ``running_remask``: MDPO's running-confidence remasking, RCR (He et al., 2025, "MDPO: Overcoming the
   Training-Inference Divide of Masked Diffusion Language Models", arXiv:2508.13148).
 - ``num_blocks`` / ``active_block`` / ``block_steps`` / ``block_grid``: semi-autoregressive blocks (Nie et al., 2025,
@@ -89,6 +93,45 @@ def select_threshold(conf: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
     candidates = conf > -math.inf  # [B, L]
     top1 = torch.zeros_like(candidates).scatter_(-1, conf.argmax(-1, keepdim=True), True)
     return (top1 | (conf >= tau)) & candidates
+
+
+def explore_uncertain(
+    entropy: torch.Tensor, candidates: torch.Tensor, commit: torch.Tensor, budget: float
+) -> torch.Tensor:
+    """ETE's exploration: ``commit`` ``[B, L]`` plus, in each row whose committed positions carry less than
+    ``budget`` nats of predictive entropy, the most uncertain other candidates, highest entropy first, until the
+    row's committed entropy reaches the budget (the last one added may pass it).
+
+    ``entropy`` ``[B, L]``: ``H(p_theta)`` per position (read on candidates only). A confident commit carries almost
+    no information; committing an uncertain token (drawn from its law) conditions the rest on it, which can turn
+    other positions confident in the next round (ETE's "bits-to-rounds" argument). ``budget = 0``: ``commit``.
+    """
+    free = candidates & ~commit  # [B, L]
+    h = torch.where(free, entropy, -math.inf)  # [B, L]
+    order = h.argsort(-1, descending=True)  # [B, L]: free positions first, most uncertain first
+    ranked = h.gather(-1, order)  # [B, L]
+    valid = ranked > -math.inf
+    ranked = torch.where(valid, ranked, 0.0)
+    need = (budget - torch.where(commit, entropy, 0.0).sum(-1)).clamp_min(0)  # [B] nats still to commit
+    take = valid & (ranked.cumsum(-1) - ranked < need[:, None])  # [B, L] in rank order
+    return commit | torch.zeros_like(commit).scatter_(-1, order, take)
+
+
+def rectify(history: torch.Tensor, logp: torch.Tensor, rows: torch.Tensor, decay: float) -> torch.Tensor:
+    """CCD's trajectory rectification: ``history`` ``[B, L, V]`` float32, the exponential moving average of the
+    predictive laws ``p_theta`` a position has had over the steps it was a candidate, updated in place on ``rows``
+    ``[B, L]`` with this step's ``logp`` ``[B, L, V]`` (a position's first update takes ``p_theta`` whole); returns
+    the log of the rectified law ``[B, L, V]`` (``-inf`` where ``history`` is zero).
+
+    A token that the network has preferred over several steps keeps a high rectified probability; one that a single
+    step favours does not, so confidence in the rectified law is confidence consistent across the trajectory.
+    ``decay`` in [0, 1): the weight of the past (0: this step alone, i.e. plain confidence).
+    """
+    p = logp.float().exp()  # [B, L, V]
+    fresh = history.sum(-1, keepdim=True) == 0  # [B, L, 1]: never a candidate before
+    mixed = torch.where(fresh, p, decay * history + (1 - decay) * p)
+    history.copy_(torch.where(rows[..., None], mixed, history))
+    return history.log()
 
 
 def prophet_threshold(progress: float, thresholds: tuple[float, float, float] = PROPHET_THRESHOLDS) -> float:
