@@ -1,6 +1,7 @@
 """Parallel-decoding selectors (docs/math.md §7) and the `parallel` sampler built on them."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -15,10 +16,12 @@ from cdlm.samplers.selectors import (
     block_steps,
     explore_uncertain,
     num_blocks,
+    prompt_groups,
     prophet_ready,
     rectify,
     remask,
     remask_sigma,
+    repel,
     running_remask,
     select_threshold,
     select_topk,
@@ -393,3 +396,37 @@ def test_ccd_with_no_memory_is_threshold():
     a, _ = run(toy, 1, x=x, steps=10, selector="ccd", ccd_decay=0.0)
     b, _ = run(toy, 1, x=x, steps=10, selector="threshold")
     assert torch.equal(a, b)
+
+
+# ---- batch repulsion between the samples of one prompt ----
+
+
+def test_repel_lowers_tokens_the_rest_of_the_group_holds():
+    x = torch.tensor([[1, 7], [1, 7], [2, 7], [0, 7]])  # mask_id 7; rows 0-2 one group, row 3 another
+    groups = torch.tensor([0, 0, 0, 1])
+    logp = torch.full((4, 2, 3), 1 / 3).log()
+    rows = torch.ones(4, 2, dtype=torch.bool)
+    out = repel(logp, x, groups, rows, strength=2.0, mask_id=7).exp()
+    # row 2 sees token 1 at position 0 in both others: weight exp(-2) on it; row 0 sees one of two others
+    expected = torch.tensor([1.0, math.exp(-2.0), 1.0])
+    torch.testing.assert_close(out[2, 0], expected / expected.sum())
+    expected = torch.tensor([1.0, math.exp(-1.0), math.exp(-1.0)])
+    torch.testing.assert_close(out[0, 0], expected / expected.sum())
+    torch.testing.assert_close(out[3], logp[3].exp())  # alone in its group
+    torch.testing.assert_close(out[:, 1], logp[:, 1].exp())  # nobody holds position 1 yet
+    assert prompt_groups(torch.tensor([[7, 3], [7, 7], [7, 3]])).tolist() in ([0, 1, 0], [1, 0, 1])
+
+
+def test_repulsion_reduces_duplicate_samples_of_one_prompt():
+    toy = GapToy(gap=2.0, vocab_size=3)  # confident but not certain: plain draws repeat the top token
+    x = toy.prior(16, 6, torch.device("cpu"))
+    x[8:, 0] = 1  # two prompts: 8 rows unprompted, 8 rows starting with token 1
+
+    def duplicates(out):
+        rows = [tuple(r.tolist()) for r in out]
+        return sum(len(g) - len(set(g)) for g in (rows[:8], rows[8:]))
+
+    plain = sum(duplicates(run(toy, s, x=x, steps=6)[0]) for s in range(4))
+    repelled_out = [run(toy, s, x=x, steps=6, repulsion=4.0)[0] for s in range(4)]
+    assert sum(duplicates(o) for o in repelled_out) < 0.5 * plain, plain
+    assert all(torch.equal(o[8:, 0], x[8:, 0]) for o in repelled_out)

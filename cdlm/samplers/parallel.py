@@ -31,11 +31,14 @@ from cdlm.samplers.selectors import (
     block_grid,
     block_steps,
     explore_uncertain,
+    group_ranks,
     num_blocks,
+    prompt_groups,
     prophet_ready,
     rectify,
     remask,
     remask_sigma,
+    repel,
     running_remask,
     select_threshold,
     select_topk,
@@ -60,6 +63,7 @@ class Policy:
     top_p: float = 1.0
     ete_budget: float = 2.0
     ccd_decay: float = 0.5
+    repulsion: float = 0.0
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
@@ -74,6 +78,10 @@ class Policy:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.ete_budget >= 0:
             raise ValueError(f"ete_budget must be >= 0 nats (0 = threshold alone), got {self.ete_budget}")
+        if not self.repulsion >= 0:
+            raise ValueError(f"repulsion must be >= 0 (0 = off), got {self.repulsion}")
+        if self.repulsion > 0 and self.selector == "rcr":
+            raise ValueError("repulsion does not apply to selector=rcr (it redraws every step); use another selector")
         if not 0.0 <= self.ccd_decay < 1.0:
             raise ValueError(f"ccd_decay must be in [0, 1) (0 = this step alone), got {self.ccd_decay}")
 
@@ -139,12 +147,14 @@ def parallel_step(
     generator: torch.Generator | None,
     span: slice = slice(None),
     running: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One step on ``x`` ``[B, L]``: commit the chosen ``candidates``, then remask some ``remaskable`` tokens.
 
     ``last``: the block's final step commits every candidate and remasks nothing. ``span``: positions holding
     every candidate (a block's), the only ones whose ``log p_theta`` rows are read. ``running`` ``[B, L]`` float64:
-    the ``rcr`` selector's running confidences, updated in place (``rcr_step``).
+    the ``rcr`` selector's running confidences, updated in place (``rcr_step``). ``groups`` ``[B]``: prompt groups
+    for batch repulsion (``fill``; None = off).
     """
     x = x.clone()
     if policy.selector == "rcr":
@@ -153,7 +163,7 @@ def parallel_step(
         step = {"policy": policy, "mask_id": mask_id, "generator": generator, "running": running}
         return rcr_step(x, logp, candidates, candidates | remaskable, k, **step)
     if last:
-        x[candidates] = draw_tokens(logp[candidates], policy.temperature, policy.top_p, generator)
+        fill(x, logp, candidates, policy, generator, mask_id, groups)
         return x
     commit, ready = choose(policy, logp, candidates, rates, progress, span)
     greedy = ready[:, None] & candidates  # [B, L]: Prophet's all-in rows take the argmax
@@ -162,8 +172,31 @@ def parallel_step(
         best = torch.zeros(candidates.shape, dtype=torch.long, device=logp.device)  # [B, L]
         best[:, span] = logp[:, span].argmax(-1)
         x[greedy] = best[greedy]  # no [N, V] copy of the greedy rows
-    x[sampled] = draw_tokens(logp[sampled], policy.temperature, policy.top_p, generator)
+    fill(x, logp, sampled, policy, generator, mask_id, groups)
     return remask(x, remaskable & ~ready[:, None], rates[2], mask_id, generator)
+
+
+def fill(
+    x: torch.Tensor,
+    logp: torch.Tensor,
+    where: torch.Tensor,
+    policy: Policy,
+    generator: torch.Generator | None,
+    mask_id: int,
+    groups: torch.Tensor | None = None,
+) -> None:
+    """Draw ``x[where]`` in place from ``logp`` ``[B, L, V]``. With prompt ``groups`` ``[B]`` (batch repulsion), the
+    rows draw rank by rank within their group, each from ``logp`` repelled from the tokens the group's other rows
+    hold, including those drawn by lower ranks in this step (``selectors.repel``): samples of one prompt that reach a
+    position together do not all take its most probable token."""
+    if groups is None:
+        x[where] = draw_tokens(logp[where], policy.temperature, policy.top_p, generator)
+        return
+    for rank in group_ranks(groups):  # [B] each
+        part = where & rank[:, None]  # [B, L]
+        if part.any():
+            repelled = repel(logp, x, groups, part, policy.repulsion, mask_id)
+            x[part] = draw_tokens(repelled[part], policy.temperature, policy.top_p, generator)
 
 
 def rcr_step(
@@ -200,6 +233,7 @@ def rcr_step(
         "kv_cache": Choice(*KV_CACHES),
         "ete_budget": Range(0, note="nats; 0 = threshold alone"),
         "ccd_decay": Range(0, 1, high_open=True, note="0 = this step alone"),
+        "repulsion": Range(0, note="0 = off"),
     },
 )
 @torch.no_grad()
@@ -220,6 +254,7 @@ def sample_parallel(
     kv_cache: str = "none",
     ete_budget: float = 2.0,
     ccd_decay: float = 0.5,
+    repulsion: float = 0.0,
 ) -> torch.Tensor:
     """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
 
@@ -240,6 +275,10 @@ def sample_parallel(
             ``ccd``: ``threshold`` on CCD's rectified law, the moving average (weight ``ccd_decay`` on the past) of
             each position's ``p_theta`` over the steps it was a candidate; tokens are drawn from that law
             (``selectors.rectify``). Both commit as many positions as their rule admits: ``steps`` is a cap.
+        repulsion: batch repulsion between the samples of one prompt (rows with the same starting canvas): a token
+            that the group's other samples hold at a position (including those drawn earlier in the same step) is
+            ``exp(-repulsion)`` times less likely there when all of them hold it (``fill``, ``selectors.repel``);
+            it changes the draws, not which positions commit; not with ``rcr``; 0 = off.
         tau: the ``threshold`` selector's confidence level, in (0, 1].
         block_length: semi-autoregressive blocks of this many positions, decoded left to right; None = the whole
             sequence is one block. Steps are split among the blocks (module docstring).
@@ -254,7 +293,7 @@ def sample_parallel(
             later steps feed only the block and everything after it (``prefix``) or the block alone (``dual``),
             reading the stored keys elsewhere. ``none``: every step is a full pass. Every pass counts as one NFE.
     """
-    policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay)
+    policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay, repulsion)
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     if kv_cache != "none" and not hasattr(objective, "denoise_span"):
@@ -264,6 +303,7 @@ def sample_parallel(
     blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
     blocks = [block for block in blocks if (generated & block).any()]  # [L] each
     decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback, kv_cache)
+    decoder.groups = prompt_groups(x) if repulsion > 0 else None
     offset = 0
     for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
         x = decoder.decode(x, block, block_grid(ts, n), offset)
@@ -294,6 +334,7 @@ class BlockDecoder:
         self.nfe = 0
         self.running = torch.zeros(generated.shape, dtype=torch.float64, device=generated.device)  # rcr: [B, L]
         self.history: torch.Tensor | None = None  # ccd: [B, L, V], each position's moving-average law
+        self.groups: torch.Tensor | None = None  # repulsion: [B] prompt group of each row
 
     def decode(self, x: torch.Tensor, block: torch.Tensor, grid: torch.Tensor, offset: int) -> torch.Tensor:
         """Unmask the ``block`` ``[L]`` of ``x`` ``[B, L]`` over its ``grid`` ``[n + 1]``; ``offset``: steps so far.
@@ -328,6 +369,7 @@ class BlockDecoder:
                 self.generator,
                 span,
                 self.running,
+                self.groups,
             )
             if self.callback is not None:  # the clean estimate this step used [B, L], for the callback only
                 x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)

@@ -14,6 +14,8 @@ write: masked, and inside the active block when decoding block by block.
   Exploration for Diffusion Language Models", arXiv:2511.21103).
 - ``rectify``: CCD's history-rectified scores (Chen et al., 2025, "Beyond Confidence: Adaptive and Coherent Decoding
   for Diffusion Language Models").
+- ``prompt_groups`` / ``group_ranks`` / ``repel``: batch repulsion between samples of one prompt (after "Free Lunch
+  for Pass@k"'s repulsive batch sampling, simplified to tokens at the same position).
 - ``running_remask``: MDPO's running-confidence remasking, RCR (He et al., 2025, "MDPO: Overcoming the
   Training-Inference Divide of Masked Diffusion Language Models", arXiv:2508.13148).
 - ``num_blocks`` / ``active_block`` / ``block_steps`` / ``block_grid``: semi-autoregressive blocks (Nie et al., 2025,
@@ -132,6 +134,41 @@ def rectify(history: torch.Tensor, logp: torch.Tensor, rows: torch.Tensor, decay
     mixed = torch.where(fresh, p, decay * history + (1 - decay) * p)
     history.copy_(torch.where(rows[..., None], mixed, history))
     return history.log()
+
+
+def prompt_groups(x: torch.Tensor) -> torch.Tensor:
+    """Group ids ``[B]``: rows of ``x`` ``[B, L]`` (the sampler's starting canvas) that are equal share a group, so
+    the samples of one prompt (or every unprompted sample) repel each other and no one else."""
+    return torch.unique(x, dim=0, return_inverse=True)[1]
+
+
+def group_ranks(groups: torch.Tensor) -> list[torch.Tensor]:
+    """Rows by rank within their group: the ``r``-th bool ``[B]`` marks each group's ``r``-th row (in batch order)."""
+    onehot = torch.nn.functional.one_hot(groups)  # [B, G]
+    rank = (onehot.cumsum(0) - 1).gather(1, groups[:, None]).squeeze(1)  # [B]
+    return [rank == r for r in range(int(rank.max()) + 1)]
+
+
+def repel(
+    logp: torch.Tensor, x: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor, strength: float, mask_id: int
+) -> torch.Tensor:
+    """Batch repulsion: ``log p_theta`` ``[B, L, V]`` minus ``strength`` times the share of the other samples of the
+    row's group (``groups`` ``[B]``) that already hold token ``v`` at the position in ``x`` ``[B, L]``, renormalised,
+    on ``rows`` ``[B, L]`` (elsewhere ``logp`` unchanged).
+
+    A token the rest of the group has already written at a position becomes ``exp(-strength)`` times less likely
+    there (when all the others hold it), so samples of one prompt spread over the model's modes instead of repeating
+    the most probable one; ``strength = 0`` is the model's law. Positions still masked in every other sample are
+    unaffected, so the first sample of a group to commit a position draws from ``p_theta``.
+    """
+    vocab = logp.shape[-1]
+    held = (x != mask_id)[..., None] & (x.clamp_max(vocab - 1)[..., None] == torch.arange(vocab, device=x.device))
+    held = held.float()  # [B, L, V]: the token each sample holds, if any
+    totals = torch.zeros(int(groups.max()) + 1, *held.shape[1:], device=x.device).index_add_(0, groups, held)
+    others = totals[groups] - held  # [B, L, V]: how many other samples of the group hold v at the position
+    size = (torch.bincount(groups)[groups] - 1).clamp_min(1)  # [B]: the other samples of the group
+    repelled = (logp.float() - strength * others / size[:, None, None]).log_softmax(-1)
+    return torch.where(rows[..., None], repelled, logp)
 
 
 def prophet_threshold(progress: float, thresholds: tuple[float, float, float] = PROPHET_THRESHOLDS) -> float:
