@@ -36,7 +36,7 @@ def test_train_help_lists_groups_choices_and_fitting_samplers(capsys):
             assert name in text, (group, name)
     assert "resume=null" in text and "overwrite=false" in text and "run_dir=runs/default" in text
     objective_lines = {line.split()[0]: line for line in text.splitlines() if "samplers:" in line}
-    assert objective_lines["masked*"].endswith("ancestral, parallel")
+    assert objective_lines["masked*"].endswith("ancestral, edlm, parallel")
     assert "flowmap" in objective_lines["flow_map"] and "flowmap" not in objective_lines["flow"]
     assert objective_lines["autoregressive"].endswith("autoregressive")
 
