@@ -37,6 +37,7 @@ COMMANDS = ("eval", "train")
 CONFIG_EXAMPLE = Path(__file__).parent / "configs" / "sweep" / "masked_steps.yaml"
 Runner = Callable[[str, list[str]], Any]
 FLAGS = {"--print", "--skip-done"}
+CONFIG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # a grid key: a dotted config path
 # ``cdlm eval``'s reference rows (docs/math.md §8): result key, table label, plot line style
 REFERENCES = (
     ("reference", "reference", "--"),  # real validation text under the judge
@@ -83,6 +84,11 @@ def check_grids(sweep: dict) -> None:
             raise ConfigError(f"sweep {where} must map config keys to values (a list expands), got {grid!r}")
         if isinstance(grid.get(LABEL), (list, dict)):
             raise ConfigError(f"sweep {where}: {LABEL} names the whole grid and must be one scalar value")
+        if bad := [key for key in grid if not (isinstance(key, str) and CONFIG_KEY.fullmatch(key))]:
+            raise ConfigError(
+                f"sweep {where}: {bad} are not config keys (letters, digits, _ and dots); a comma inside a label of "
+                "a {...} mapping splits it: quote the label"
+            )
     names = [point_name(p) for p in grid_points(sweep)]
     if repeated := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError(f"sweep points share result names {repeated}; give each grid its own {LABEL}")

@@ -213,6 +213,7 @@ def test_print_mode_leaves_labels_out(tmp_path, capsys):
         ({"grids": [{"label": "a"}, ["sampler.steps", 8]]}, r"grids\[1\] must map config keys"),
         ({"grids": [{"label": ["a", "b"], "sampler.steps": 8}]}, "label names the whole grid"),
         ({"grids": [{"sampler.steps": [8, 16]}, {"sampler.steps": 8}]}, "share result names .*give each grid"),
+        ({"grids": [{"label": "a (b", "blocks of 32)": None}]}, r"\['blocks of 32\)'\] are not config keys"),
         ({"plot": [{"x": "nfe"}]}, "needs x and y"),
         ({"plot": [{"x": "nfe", "y": "gen_ppl_mean", "colour": "red"}]}, "unknown plot key.*'colour'"),
         ({"plot": [{"x": "nfe", "y": "gen_ppl_mean"}, {"x": "nfe", "y": "entropy_mean"}]}, "same file .*plot.png"),
