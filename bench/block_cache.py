@@ -1,13 +1,14 @@
-"""Fast-dLLM's block caches against full passes: seconds per sample, speed-up and deviation, bf16 autocast on CPU.
+"""Fast-dLLM's block caches and dKV-Cache's delayed cache against full passes: seconds per sample, speed-up and
+deviation, bf16 autocast on CPU.
 
 In one process: a masked diffusion model (``--path`` a trained run's ``final/``; without it the quickstart's
 ``MaskedDiffusion`` at random init, whose deviation means little), semi-autoregressive blocks of ``--block`` with the
-top-k selector and ``L / 2`` steps; for each length in ``--lengths``, ``n`` samples under one seed with
-``kv_cache`` none, prefix and dual, repeated ``--repeats`` times (the fastest kept), the load average before and after.
-Deviation of a cache: along its own trajectory, every cached pass is also scored by a full pass, and the KL of the
-full pass's rows from the cached ones on the block's masked positions is averaged (nats per position), with the max
-abs difference of log-probabilities; and the fraction of tokens equal to the uncached run's under the same seed.
-Writes one JSON file (docs/sampling.md, "Block caches").
+top-k selector and ``L / 2`` steps; for each length in ``--lengths``, ``n`` samples under one seed with ``kv_cache``
+none, prefix, dual and delayed (``kv_refresh`` 8), repeated ``--repeats`` times (the fastest kept), the load average
+before and after. Deviation of a cache: along its own trajectory, every cached pass is also scored by a full pass,
+and the KL of the full pass's rows from the cached ones on the masked positions fed is averaged (nats per position),
+with the max abs difference of log-probabilities; and the fraction of tokens equal to the uncached run's under the
+same seed. Writes one JSON file (docs/sampling.md, "Block caches").
 
     python bench/block_cache.py [--path runs/quickstart/final] [--lengths 256 1024] [--n 2]
         [--out bench/results/block_cache_cpu.json]
@@ -32,25 +33,39 @@ from cdlm.samplers.parallel import sample_parallel
 VOCAB = 2048  # the quickstart's BPE vocabulary
 
 
+CACHES = ("none", "prefix", "dual", "delayed")
+
+
 class Deviation:
-    """Wraps ``objective.denoise_span``: every span pass after a full one is also scored by a full pass."""
+    """Wraps ``objective.denoise_span`` and ``denoise_positions``: every cached pass after a full one is also scored
+    by a full pass."""
 
     def __init__(self, objective: torch.nn.Module) -> None:
         self.objective, self.kl, self.max_abs, self.passes = objective, 0.0, 0.0, 0
-        self.span = objective.denoise_span
+        self.span, self.positions = objective.denoise_span, objective.denoise_positions
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cache, span: slice) -> torch.Tensor:
         out = self.span(z, t, cache, span)  # [B, n, V]
         if span.start == 0 and span.stop == z.shape[1]:
             return out
-        full = self.objective.denoise(z, t)[:, span].float()  # [B, n, V]
-        masked = z[:, span] == self.objective.mask_id  # [B, n]
+        index = torch.arange(span.start, span.stop, device=z.device).expand(z.shape[0], -1)
+        self.measure(z, t, index, out)
+        return out
+
+    def at(self, z: torch.Tensor, t: torch.Tensor, cache, index: torch.Tensor) -> torch.Tensor:
+        out = self.positions(z, t, cache, index)  # [B, m, V]
+        self.measure(z, t, index, out)
+        return out
+
+    def measure(self, z: torch.Tensor, t: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+        """Accumulate the KL of the full pass's rows at ``index`` ``[B, m]`` from the cached ones ``out``."""
+        full = self.objective.denoise(z, t).gather(1, index[..., None].expand(-1, -1, out.shape[-1])).float()
+        masked = z.gather(1, index) == self.objective.mask_id  # [B, m]
         if masked.any():
             p, q = full[masked], out.float()[masked]  # [N, V] log-probabilities
             self.kl += float((p.exp() * (p - q)).sum(-1).mean())
             self.max_abs = max(self.max_abs, float((p - q).abs().max()))
             self.passes += 1
-        return out
 
 
 def timed(objective, n: int, length: int, block: int, seed: int, kv_cache: str) -> tuple[torch.Tensor, float]:
@@ -68,11 +83,11 @@ def timed(objective, n: int, length: int, block: int, seed: int, kv_cache: str) 
 def deviation(objective, n: int, length: int, block: int, seed: int, kv_cache: str) -> dict[str, float]:
     """The cache's mean KL and max abs log-probability difference from full passes along its own trajectory."""
     probe = Deviation(objective)
-    objective.denoise_span = probe
+    objective.denoise_span, objective.denoise_positions = probe, probe.at
     try:
         timed(objective, n, length, block, seed, kv_cache)
     finally:
-        del objective.denoise_span
+        del objective.denoise_span, objective.denoise_positions
     return {"kl_nats_mean": probe.kl / max(probe.passes, 1), "max_abs_logp": probe.max_abs, "passes": probe.passes}
 
 
@@ -94,11 +109,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for length in args.lengths:
         seconds, samples = {}, {}
-        for cache in ("none", "prefix", "dual"):
+        for cache in CACHES:
             runs = [timed(objective, args.n, length, args.block, args.seed, cache) for _ in range(args.repeats)]
             samples[cache], seconds[cache] = runs[0][0], min(t for _, t in runs)
         row: dict[str, Any] = {"length": length, "steps": length // 2, "seconds_per_sample": {}}
-        for cache in ("none", "prefix", "dual"):
+        for cache in CACHES:
             row["seconds_per_sample"][cache] = seconds[cache] / args.n
             if cache != "none":
                 row[cache] = {
@@ -124,7 +139,7 @@ def main() -> None:
     load_before, start = os.getloadavg(), time.perf_counter()
     result = run(args)
     result.update(
-        sampler={"name": "parallel", "selector": "topk", "block_length": args.block, "steps": "L / 2"},
+        sampler={"name": "parallel", "selector": "topk", "block_length": args.block, "steps": "L / 2", "kv_refresh": 8},
         n=args.n,
         repeats=args.repeats,
         seed=args.seed,

@@ -130,6 +130,9 @@ def masked_oracle(objective: AbsorbingObjective, law: Law) -> None:
     objective.denoise = lambda z, t, padding=None: posterior(z)
     # a block cache's span pass: the oracle's rows of the span (an oracle has no stale keys: the cache is exact)
     objective.denoise_span = lambda z, t, cache, span: posterior(z)[:, span]
+    objective.denoise_positions = lambda z, t, cache, index: posterior(z).gather(
+        1, index[..., None].expand(-1, -1, vocab)
+    )
 
 
 def autoregressive_oracle(objective: AutoregressiveObjective, law: Law) -> None:

@@ -12,7 +12,7 @@ from cdlm.models.span_cache import SpanCache
 from cdlm.module import DiffusionLM
 from cdlm.objectives.masked import MaskedDiffusion
 from cdlm.prompts import prefix_prompt
-from cdlm.samplers.parallel import sample_parallel
+from cdlm.samplers.parallel import sample_parallel, stale_positions
 
 V, L = 40, 24
 
@@ -36,6 +36,9 @@ def test_a_full_pass_fills_the_cache_and_an_unchanged_span_reads_the_same(model)
         assert not cache.empty
         torch.testing.assert_close(model.denoise_span(z, t, cache, slice(8, 16)), full[:, 8:16])  # dual
         torch.testing.assert_close(model.denoise_span(z, t, cache, slice(8, L)), full[:, 8:])  # prefix
+        index = torch.tensor([[3, 0, 17], [22, 5, 6]])  # per-row positions (delayed)
+        rows = full.gather(1, index[..., None].expand(-1, -1, V))
+        torch.testing.assert_close(model.denoise_positions(z, t, cache, index), rows)
 
 
 def test_a_changed_span_is_approximated_far_better_than_by_stale_scores(model):
@@ -52,6 +55,11 @@ def test_a_changed_span_is_approximated_far_better_than_by_stale_scores(model):
             cached = model.denoise_span(changed, t, cache, span)[:, 4:8]
             error, baseline = (cached - truth).abs().max(), (stale - truth).abs().max()
             assert error < 0.2 * baseline, (span, float(error), float(baseline))
+        cache = SpanCache()
+        model.denoise_span(z, t, cache, slice(0, L))
+        index = torch.arange(8, 16).expand(2, 8)  # the block's positions, fed per row (delayed)
+        cached = model.denoise_positions(changed, t, cache, index)[:, 4:8]
+        assert (cached - truth).abs().max() < 0.2 * (stale - truth).abs().max()
 
 
 def sample(model, x, steps, **knobs):
@@ -60,9 +68,12 @@ def sample(model, x, steps, **knobs):
     )
 
 
-@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual", "delayed"])
 def test_exact_where_every_pass_is_a_full_one(model, kv_cache):
     x = model.prior(3, L, torch.device("cpu"))
+    if kv_cache == "delayed":  # a full pass every pass
+        assert torch.equal(sample(model, x, 12, kv_cache="delayed", kv_refresh=1), sample(model, x, 12))
+        return
     # one step per block: every pass is a block's first, a full pass
     assert torch.equal(sample(model, x, 3, block_length=8, kv_cache=kv_cache), sample(model, x, 3, block_length=8))
     # prefix over one block: the span is the whole sequence
@@ -70,7 +81,7 @@ def test_exact_where_every_pass_is_a_full_one(model, kv_cache):
         assert torch.equal(sample(model, x, 12, kv_cache="prefix"), sample(model, x, 12))
 
 
-@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual", "delayed"])
 @pytest.mark.parametrize("selector", ["topk", "threshold", "rcr"])
 def test_cached_sampling_keeps_prompts_and_counts_passes(model, kv_cache, selector):
     prefixes = [[1], [2, 3, 4], [], [5] * 10]
@@ -127,3 +138,27 @@ def test_a_span_cache_refuses_a_partial_first_pass_and_a_causal_backbone():
     causal = Backbone(32, 1, 2, cond_width=16, mask_mode="causal")
     with pytest.raises(ValueError, match="SpanCache needs mask_mode 'bidirectional'"):
         causal(torch.zeros(1, 4, 32), cache=SpanCache())
+
+
+def test_stale_positions_are_the_masked_and_the_newly_decoded_first():
+    mask = 9
+    x = torch.tensor([[mask, 1, 2, mask], [4, 5, 6, 7]])
+    keyed = torch.tensor([[mask, mask, 2, mask], [4, 5, 6, 7]])
+    index = stale_positions(x, keyed, mask)
+    assert index.tolist() == [[0, 1, 3], [0, 1, 2]]  # row 1 needs nothing: padded with its first positions
+
+
+def test_delayed_cache_feeds_fewer_positions_as_decoding_proceeds(model):
+    fed = []
+    original = model.denoise_positions
+
+    def record(z, t, cache, index):
+        fed.append(index.shape[1])
+        return original(z, t, cache, index)
+
+    model.denoise_positions = record
+    try:
+        sample(model, model.prior(2, L, torch.device("cpu")), 12, kv_cache="delayed", kv_refresh=4)
+    finally:
+        del model.denoise_positions
+    assert len(fed) == 9 and fed[-1] < fed[0] <= L and min(fed) < L // 2  # 12 passes: 3 full, 9 partial

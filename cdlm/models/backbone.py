@@ -21,7 +21,7 @@ from cdlm import checks
 from cdlm.models.activations import GeluTanh
 from cdlm.models.attend import ATTENTION_KERNELS, AttentionKernel, attend
 from cdlm.models.kv_cache import KVCache
-from cdlm.models.rotary import Rotary, apply_rotary
+from cdlm.models.rotary import Rotary, apply_rotary, rotary_at
 from cdlm.models.span_cache import SpanCache
 
 MaskMode = Literal["bidirectional", "causal", "block_causal"]
@@ -291,8 +291,9 @@ class Backbone(nn.Module):
         ones: rotary angles start at the offset and the cache is extended by ``L``. In ``causal`` mode the new
         queries attend to every cached key and causally among themselves; in ``block_causal`` mode the new
         positions are (the start of) one block and attend to every cached key and to each other. With a
-        ``SpanCache`` (``bidirectional`` mode), ``h`` holds the ``L`` positions from ``cache.offset`` on, which attend
-        to every position of the sequence: their fresh keys and the cached ones elsewhere.
+        ``SpanCache`` (``bidirectional`` mode), ``h`` holds the ``L`` positions from ``cache.offset`` on (or each row's
+        ``cache.index`` ``[B, L]``), which attend to every position of the sequence: their fresh keys and the cached
+        ones elsewhere.
         """
         B, L, _ = h.shape
         if c is None:
@@ -312,7 +313,8 @@ class Backbone(nn.Module):
             is_causal = self.mask_mode == "causal" and all_real(padding)
             mask = None if is_causal else attention_mask(self.mask_mode, L, padding, self.block_size, h.device)
         else:
-            rotary = self.rotary(L, h.device, cache.offset)
+            chosen = isinstance(cache, SpanCache) and cache.index is not None  # per-row positions, not a span
+            rotary = rotary_at(self.rotary, cache.index) if chosen else self.rotary(L, h.device, cache.offset)
             mask, is_causal = self.cached_mask(cache, L, padding, h.device), False
         for i, block in enumerate(self.blocks):
             h = self.run_block(block, i, h, c, rotary, mask, is_causal, cache)

@@ -48,6 +48,12 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
+def rotary_at(rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[B, 1, m, Dh]`` at per-row ``positions`` ``[B, m]`` (broadcast over heads)."""
+    cos, sin = rotary(int(positions.max()) + 1, positions.device)  # [P, Dh]
+    return cos[positions][:, None], sin[positions][:, None]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``[B, H, L, Dh]`` by position; the tables are cast to ``x``'s dtype."""
     x1, x2 = x.chunk(2, dim=-1)

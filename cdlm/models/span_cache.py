@@ -1,11 +1,13 @@
-"""Approximate key/value cache for a bidirectional backbone: Fast-dLLM's prefix and dual caches (docs/sampling.md,
-"Block caches").
+"""Approximate key/value cache for a bidirectional backbone: Fast-dLLM's prefix and dual caches and dKV-Cache's
+delayed cache (docs/sampling.md, "Block caches").
 
 A bidirectional transformer's keys and values at a position depend on every token, so no cache is exact once any
 token changes. Fast-dLLM (Wu et al., 2025) observes that in semi-autoregressive decoding they change little within
 a block: one full pass at the start of a block stores every position's keys and values, and the block's steps
 then feed only a span of positions (the block and what follows it: the *prefix* cache; the block alone: the *dual*
-cache), whose queries attend to the stored keys elsewhere and to their own fresh ones.
+cache), whose queries attend to the stored keys elsewhere and to their own fresh ones. dKV-Cache (Ma et al., 2025)
+feeds, per row, any set of positions instead (``feed_positions``): the masked ones and those decoded since their
+keys were stored.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class SpanCache:
 
     def __init__(self) -> None:
         self.offset = 0
+        self.index: torch.Tensor | None = None  # [B, m]: per-row positions fed (feed_positions), or a span
         self.keys: dict[int, torch.Tensor] = {}  # layer -> [B, H, L, Dh]
         self.values: dict[int, torch.Tensor] = {}
 
@@ -41,6 +44,11 @@ class SpanCache:
                 raise ValueError(f"a SpanCache's first pass feeds the whole sequence, not positions from {self.offset}")
             self.keys[layer], self.values[layer] = k.clone(), v.clone()
             return k, v
+        if self.index is not None:  # per-row positions: scatter along the sequence
+            where = self.index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, H, m, Dh]
+            self.keys[layer].scatter_(2, where, k)
+            self.values[layer].scatter_(2, where, v)
+            return self.keys[layer], self.values[layer]
         end = self.offset + k.shape[2]
         if end > self.keys[layer].shape[2]:
             raise ValueError(f"span {self.offset}..{end} is past the cached sequence of {self.keys[layer].shape[2]}")
@@ -55,9 +63,16 @@ class SpanCache:
         """Set the first position of the next span; returns the cache."""
         if offset < 0:
             raise ValueError(f"a span starts at a position >= 0, got {offset}")
-        self.offset = offset
+        self.offset, self.index = offset, None
+        return self
+
+    def feed_positions(self, index: torch.Tensor) -> SpanCache:
+        """Feed the positions ``index`` ``[B, m]`` of each row next (after a full pass); returns the cache."""
+        if self.empty:
+            raise ValueError("a SpanCache's first pass feeds the whole sequence, not chosen positions")
+        self.index = index
         return self
 
     def reset(self) -> None:
         """Forget everything: the next pass is a full one (a new block starts)."""
-        self.keys, self.values, self.offset = {}, {}, 0
+        self.keys, self.values, self.offset, self.index = {}, {}, 0, None

@@ -91,6 +91,16 @@ class MaskedDiffusion(nn.Module):
         h = self.backbone(self.embed(z[:, span]), c, cache=cache.feed(span.start or 0))  # [B, n, D]
         return self.subs(self.head(h), z[:, span])
 
+    def denoise_positions(
+        self, z: torch.Tensor, t: torch.Tensor, cache: SpanCache, index: torch.Tensor
+    ) -> torch.Tensor:
+        """``denoise``'s rows ``[B, m, V]`` at each row's positions ``index`` ``[B, m]`` of ``z`` ``[B, L]``, fed alone
+        over ``cache``'s keys and values of the other positions (dKV-Cache; the cache must be filled)."""
+        c = self.time_embed(t) if self.time_embed is not None else None
+        chosen = z.gather(1, index)  # [B, m]
+        h = self.backbone(self.embed(chosen), c, cache=cache.feed_positions(index))  # [B, m, D]
+        return self.subs(self.head(h), chosen)
+
     def subs(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """SUBS: ``log_softmax(logits)`` ``[B, L, V]`` in float32 where ``z`` ``[B, L]`` is masked, the log one-hot
         of the visible token elsewhere. The log one-hot is written by a scatter: no ``[B, L, V]`` one-hot is built.

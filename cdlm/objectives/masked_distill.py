@@ -163,6 +163,12 @@ class MaskedDistill(nn.Module):
         """The student's ``denoise_span`` (``MaskedDiffusion.denoise_span``): rows ``[B, n, V]`` of ``span``."""
         return self.student.denoise_span(z, t, cache, span)
 
+    def denoise_positions(
+        self, z: torch.Tensor, t: torch.Tensor, cache: SpanCache, index: torch.Tensor
+    ) -> torch.Tensor:
+        """The student's ``denoise_positions``: rows ``[B, m, V]`` at ``index`` ``[B, m]``."""
+        return self.student.denoise_positions(z, t, cache, index)
+
     def prior(
         self, n: int, length: int, device: torch.device, generator: torch.Generator | None = None
     ) -> torch.Tensor:

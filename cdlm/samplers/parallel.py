@@ -49,7 +49,7 @@ from cdlm.types import AbsorbingObjective, SamplerStep
 
 SELECTORS = ("topk", "threshold", "prophet", "rcr", "ete", "ccd")
 THRESHOLDED = ("threshold", "ete", "ccd")  # selectors that commit the top-1 plus every candidate >= tau
-KV_CACHES = ("none", "prefix", "dual")  # Fast-dLLM's block caches (cdlm.models.span_cache); approximate
+KV_CACHES = ("none", "prefix", "dual", "delayed")  # Fast-dLLM's block caches, dKV-Cache; approximate
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,15 @@ def fill(
             x[part] = draw_tokens(repelled[part], policy.temperature, policy.top_p, generator)
 
 
+def stale_positions(x: torch.Tensor, keyed: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """dKV-Cache's positions to feed ``[B, m]``: in each row, the masked positions of ``x`` ``[B, L]`` and those whose
+    token differs from ``keyed`` ``[B, L]`` (decoded since their keys were stored), first and in order; rows with
+    fewer are padded with their other positions (recomputing one is harmless), so that every row feeds ``m``."""
+    need = (x == mask_id) | (x != keyed)  # [B, L]
+    m = max(int(need.sum(-1).max()), 1)
+    return torch.argsort((~need).int(), dim=1, stable=True)[:, :m]
+
+
 def rcr_step(
     x: torch.Tensor, logp: torch.Tensor, candidates: torch.Tensor, revisable: torch.Tensor, k: torch.Tensor, **step
 ) -> torch.Tensor:
@@ -231,6 +240,7 @@ def rcr_step(
         "temperature": Range(0, note="0 = argmax"),
         "top_p": Range(0, 1, low_open=True, note="1 = off"),
         "kv_cache": Choice(*KV_CACHES),
+        "kv_refresh": Range(1, note="delayed cache: passes between full passes; 1 = every pass full"),
         "ete_budget": Range(0, note="nats; 0 = threshold alone"),
         "ccd_decay": Range(0, 1, high_open=True, note="0 = this step alone"),
         "repulsion": Range(0, note="0 = off"),
@@ -252,6 +262,7 @@ def sample_parallel(
     top_p: float = 1.0,
     cache: bool = True,
     kv_cache: str = "none",
+    kv_refresh: int = 8,
     ete_budget: float = 2.0,
     ccd_decay: float = 0.5,
     repulsion: float = 0.0,
@@ -291,18 +302,26 @@ def sample_parallel(
         kv_cache: Fast-dLLM's approximate block caches (``cdlm.models.span_cache``, docs/sampling.md "Block
             caches"): each block's first step is a full pass that stores every position's keys and values; its
             later steps feed only the block and everything after it (``prefix``) or the block alone (``dual``),
-            reading the stored keys elsewhere. ``none``: every step is a full pass. Every pass counts as one NFE.
+            reading the stored keys elsewhere. ``delayed``: dKV-Cache-Decode: a full pass every ``kv_refresh`` passes;
+            between them each row feeds only its masked positions and those decoded since their keys were stored
+            (a decoded token's keys are cached one pass after it is drawn). ``none``: every step is a full pass.
+            Every pass counts as one NFE.
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay, repulsion)
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     if kv_cache != "none" and not hasattr(objective, "denoise_span"):
         raise ValueError(f"kv_cache={kv_cache!r} needs an objective with denoise_span (masked diffusion)")
+    if kv_cache == "delayed" and not hasattr(objective, "denoise_positions"):
+        raise ValueError("kv_cache='delayed' needs an objective with denoise_positions (masked diffusion)")
+    if not (isinstance(kv_refresh, int) and kv_refresh >= 1):
+        raise ValueError(f"kv_refresh must be an integer >= 1, got {kv_refresh!r}")
     generated = x == objective.mask_id  # [B, L]
     length = x.shape[1]
     blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
     blocks = [block for block in blocks if (generated & block).any()]  # [L] each
     decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback, kv_cache)
+    decoder.kv_refresh = kv_refresh
     decoder.groups = prompt_groups(x) if repulsion > 0 else None
     offset = 0
     for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
@@ -328,6 +347,8 @@ class BlockDecoder:
         self.objective, self.policy, self.generated, self.steps = objective, policy, generated, steps
         self.kv_cache, self.keys = kv_cache, None if kv_cache == "none" else SpanCache()
         self.rows: torch.Tensor | None = None  # kv_cache: [B, L, V], the latest scores of every position
+        self.keyed: torch.Tensor | None = None  # delayed: [B, L], each position's token when its keys were stored
+        self.kv_refresh, self.passes = 8, 0  # delayed: passes between full passes; partial passes since the last
         self.reuse = cache and not objective.time_conditioning
         self.generator, self.callback = generator, callback
         self.logp: torch.Tensor | None = None  # [B, L, V] for the current x
@@ -344,7 +365,7 @@ class BlockDecoder:
         mask_id, alpha, n = self.objective.mask_id, self.objective.schedule.alpha, len(grid) - 1
         where = block.nonzero().flatten()  # the block's positions: scores are read on the span they cover
         span = slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
-        if self.keys is not None:  # a block starts with a full pass: its keys and values are cached anew
+        if self.keys is not None and self.kv_cache != "delayed":  # a block starts with a full pass
             self.keys.reset()
         for j in range(n):
             candidates = (x == mask_id) & block  # [B, L]
@@ -397,8 +418,16 @@ class BlockDecoder:
         if self.keys is None:
             self.logp = self.objective.denoise(x, t)
             return
-        if self.keys.empty:
+        if self.keys.empty or (self.kv_cache == "delayed" and self.passes >= self.kv_refresh - 1):
+            self.keys.reset()
             self.rows = self.objective.denoise_span(x, t, self.keys, slice(0, x.shape[1]))  # [B, L, V]
+            self.keyed, self.passes = x.clone(), 0
+        elif self.kv_cache == "delayed":
+            index = stale_positions(x, self.keyed, self.objective.mask_id)  # [B, m]
+            out = self.objective.denoise_positions(x, t, self.keys, index)  # [B, m, V]
+            self.rows.scatter_(1, index[..., None].expand(-1, -1, out.shape[-1]), out)
+            self.keyed.scatter_(1, index, x.gather(1, index))
+            self.passes += 1
         else:
             span = slice(block.start, block.stop if self.kv_cache == "dual" else x.shape[1])
             self.rows[:, span] = self.objective.denoise_span(x, t, self.keys, span)
