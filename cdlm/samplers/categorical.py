@@ -59,3 +59,17 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return probs
     return renormalise(probs, nucleus(probs, top_p))
+
+
+def draw_tokens(
+    logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of ``log p_theta`` ``[N, V]``: argmax at ``temperature = 0``, else a float64 draw from
+    ``p^(1/temperature)`` (renormalised) after nucleus filtering, over chunks of rows (``row_chunks``)."""
+    if temperature == 0 or logp.shape[0] == 0:
+        return logp.argmax(-1)
+    draws = []
+    for rows in row_chunks(*logp.shape):
+        probs = (logp[rows].double() / temperature).softmax(-1)  # [n, V] float64: the draw must keep rare tokens
+        draws.append(sample_categorical(top_p_filter(probs, top_p), generator))
+    return torch.cat(draws)  # [N]

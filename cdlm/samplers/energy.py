@@ -15,28 +15,16 @@ with ``x_t``, the exact posterior when the autoregressive model is the data's la
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 
 import torch
 
-from cdlm.samplers.categorical import sample_categorical
+from cdlm.samplers.ar_model import autoregressive_run
+from cdlm.samplers.categorical import draw_tokens, sample_categorical
 from cdlm.samplers.grids import linear_grid
-from cdlm.samplers.parallel import draw_tokens
 from cdlm.samplers.registry import Range, register_sampler
-from cdlm.types import AbsorbingObjective, AutoregressiveObjective, SamplerStep
+from cdlm.types import AbsorbingObjective, SamplerStep
 
 Energy = Callable[[torch.Tensor], torch.Tensor]  # ids [N, L] -> log p(ids) [N]
-
-
-@lru_cache(maxsize=2)
-def energy_model(path: str) -> torch.nn.Module:
-    """The autoregressive objective of the saved run at ``path`` (loaded once per process; ``cdlm.load``'s checks)."""
-    from cdlm.checkpoint import load
-
-    objective = load(path).objective.eval()
-    if not isinstance(objective, AutoregressiveObjective):
-        raise ValueError(f"energy={path!r} is a {type(objective).__name__} run; EDLM's energy is an autoregressive run")
-    return objective
 
 
 def log_likelihood(model: torch.nn.Module) -> Energy:
@@ -55,10 +43,7 @@ def resolve_energy(energy: str | Energy | None, vocab_size: int) -> Energy:
         raise ValueError("sampler=edlm needs energy=PATH, an autoregressive run with the model's tokenizer")
     if callable(energy):
         return energy
-    model = energy_model(str(energy))
-    if model.vocab_size != vocab_size:
-        raise ValueError(f"energy={energy!r} has a vocabulary of {model.vocab_size}, the model {vocab_size}")
-    return log_likelihood(model)
+    return log_likelihood(autoregressive_run(str(energy), vocab_size, "energy"))
 
 
 def resample_clean(

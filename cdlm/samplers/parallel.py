@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from cdlm.models.span_cache import SpanCache
-from cdlm.samplers.categorical import row_chunks, sample_categorical, top_p_filter
+from cdlm.samplers.ar_model import autoregressive_run
+from cdlm.samplers.categorical import draw_tokens
 from cdlm.samplers.grids import linear_grid
+from cdlm.samplers.guided import guided_step
 from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import (
     active_block,
@@ -47,7 +49,7 @@ from cdlm.samplers.selectors import (
 )
 from cdlm.types import AbsorbingObjective, SamplerStep
 
-SELECTORS = ("topk", "threshold", "prophet", "rcr", "ete", "ccd")
+SELECTORS = ("topk", "threshold", "prophet", "rcr", "ete", "ccd", "guided")
 THRESHOLDED = ("threshold", "ete", "ccd")  # selectors that commit the top-1 plus every candidate >= tau
 KV_CACHES = ("none", "prefix", "dual", "delayed")  # Fast-dLLM's block caches, dKV-Cache; approximate
 
@@ -80,24 +82,10 @@ class Policy:
             raise ValueError(f"ete_budget must be >= 0 nats (0 = threshold alone), got {self.ete_budget}")
         if not self.repulsion >= 0:
             raise ValueError(f"repulsion must be >= 0 (0 = off), got {self.repulsion}")
-        if self.repulsion > 0 and self.selector == "rcr":
-            raise ValueError("repulsion does not apply to selector=rcr (it redraws every step); use another selector")
+        if self.repulsion > 0 and self.selector in ("rcr", "guided"):
+            raise ValueError(f"repulsion does not apply to selector={self.selector}; use another selector")
         if not 0.0 <= self.ccd_decay < 1.0:
             raise ValueError(f"ccd_decay must be in [0, 1) (0 = this step alone), got {self.ccd_decay}")
-
-
-def draw_tokens(
-    logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row of ``log p_theta`` ``[N, V]``: argmax at ``temperature = 0``, else a float64 draw from
-    ``p^(1/temperature)`` (renormalised) after nucleus filtering, over chunks of rows (``row_chunks``)."""
-    if temperature == 0 or logp.shape[0] == 0:
-        return logp.argmax(-1)
-    draws = []
-    for rows in row_chunks(*logp.shape):
-        probs = (logp[rows].double() / temperature).softmax(-1)  # [n, V] float64: the draw must keep rare tokens
-        draws.append(sample_categorical(top_p_filter(probs, top_p), generator))
-    return torch.cat(draws)  # [N]
 
 
 def choose(
@@ -148,14 +136,17 @@ def parallel_step(
     span: slice = slice(None),
     running: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    guide: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """One step on ``x`` ``[B, L]``: commit the chosen ``candidates``, then remask some ``remaskable`` tokens.
 
     ``last``: the block's final step commits every candidate and remasks nothing. ``span``: positions holding
     every candidate (a block's), the only ones whose ``log p_theta`` rows are read. ``running`` ``[B, L]`` float64:
     the ``rcr`` selector's running confidences, updated in place (``rcr_step``). ``groups`` ``[B]``: prompt groups
-    for batch repulsion (``fill``; None = off).
+    for batch repulsion (``fill``; None = off). ``guide``: the ``guided`` selector's autoregressive verifier.
     """
+    if policy.selector == "guided" and not last:
+        return guided_step(x, logp, candidates, guide, mask_id, policy.temperature, policy.top_p, generator)
     x = x.clone()
     if policy.selector == "rcr":
         n = candidates.sum(-1)  # [B]
@@ -266,6 +257,7 @@ def sample_parallel(
     ete_budget: float = 2.0,
     ccd_decay: float = 0.5,
     repulsion: float = 0.0,
+    guide: str | None = None,
 ) -> torch.Tensor:
     """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
 
@@ -289,7 +281,12 @@ def sample_parallel(
         repulsion: batch repulsion between the samples of one prompt (rows with the same starting canvas): a token
             that the group's other samples hold at a position (including those drawn earlier in the same step) is
             ``exp(-repulsion)`` times less likely there when all of them hold it (``fill``, ``selectors.repel``);
-            it changes the draws, not which positions commit; not with ``rcr``; 0 = off.
+            it changes the draws, not which positions commit; not with ``rcr`` or ``guided``; 0 = off.
+        guide: the ``guided`` selector's verifier (Guided Diffusion): the path of an autoregressive run with the
+            model's tokenizer (or, from Python, an autoregressive objective). Every masked position proposes a
+            token; the guide reads the proposed sequence, and a step commits each row's leftmost candidate and every
+            following candidate up to the first whose proposal is not the guide's greedy next token
+            (``cdlm.samplers.guided``). ``steps`` is a cap.
         tau: the ``threshold`` selector's confidence level, in (0, 1].
         block_length: semi-autoregressive blocks of this many positions, decoded left to right; None = the whole
             sequence is one block. Steps are split among the blocks (module docstring).
@@ -322,6 +319,12 @@ def sample_parallel(
     blocks = [block for block in blocks if (generated & block).any()]  # [L] each
     decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback, kv_cache)
     decoder.kv_refresh = kv_refresh
+    if selector == "guided":
+        if guide is None:
+            raise ValueError("selector=guided needs guide=PATH, an autoregressive run with the model's tokenizer")
+        decoder.guide = (
+            guide if isinstance(guide, torch.nn.Module) else autoregressive_run(guide, objective.vocab_size, "guide")
+        )
     decoder.groups = prompt_groups(x) if repulsion > 0 else None
     offset = 0
     for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
@@ -356,6 +359,7 @@ class BlockDecoder:
         self.running = torch.zeros(generated.shape, dtype=torch.float64, device=generated.device)  # rcr: [B, L]
         self.history: torch.Tensor | None = None  # ccd: [B, L, V], each position's moving-average law
         self.groups: torch.Tensor | None = None  # repulsion: [B] prompt group of each row
+        self.guide: torch.nn.Module | None = None  # guided: the autoregressive verifier
 
     def decode(self, x: torch.Tensor, block: torch.Tensor, grid: torch.Tensor, offset: int) -> torch.Tensor:
         """Unmask the ``block`` ``[L]`` of ``x`` ``[B, L]`` over its ``grid`` ``[n + 1]``; ``offset``: steps so far.
@@ -391,6 +395,7 @@ class BlockDecoder:
                 span,
                 self.running,
                 self.groups,
+                self.guide,
             )
             if self.callback is not None:  # the clean estimate this step used [B, L], for the callback only
                 x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)
