@@ -16,23 +16,19 @@ from cdlm.metrics import LikelihoodMetric
 from cdlm.models.rotary import Rotary
 from cdlm.nonfinite import NonFiniteGuard, NonFiniteLoss  # noqa: F401  (NonFiniteLoss: re-exported)
 from cdlm.optim import FUSED_ADAMW, adamw, warmup_cosine
+from cdlm.prompt_canvas import canvas, keepable
 from cdlm.prompts import (
     Prompt,
     after_eos,
-    canvas_prompt,
     cut_at_eos,
     given,
-    parse_template,
-    prefix_prompt,
     stops,
-    suffix_pieces,
 )
 from cdlm.samplers import check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.samplers.coordinates import initial_state
-from cdlm.samplers.registry import SamplerSpec
 from cdlm.strategies import is_sharded, shard
-from cdlm.types import AbsorbingObjective, Batch, BlockwiseObjective
+from cdlm.types import Batch, BlockwiseObjective
 
 
 class DiffusionLM(L.LightningModule):
@@ -210,7 +206,7 @@ class DiffusionLM(L.LightningModule):
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
-        prompt = self.keepable(self.canvas(prompt, template, suffix, n, length), n, length, spec)
+        prompt = keepable(self.objective, self.canvas(prompt, template, suffix, n, length), n, length, spec)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
         self.eval()
         chunks, batch_size = [], batch_size or n
@@ -267,22 +263,6 @@ class DiffusionLM(L.LightningModule):
         for rotary in rotaries:
             rotary.rescale(scale)
 
-    def keepable(self, prompt: Prompt | None, n: int, length: int, spec: SamplerSpec) -> Prompt | None:
-        """``prompt`` (of ``canvas``) checked: a ``ValueError`` if the sampler cannot keep it or it is not
-        ``[n, length]``."""
-        if prompt is None:
-            return None
-        blockwise = isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise
-        fits = spec.takes_fixed or isinstance(self.objective, AbsorbingObjective)
-        shape = getattr(self.objective, "state_shape", None)
-        per_token = shape is None or shape(n, length)[1] == length  # a latent state has L / r positions
-        if not blockwise and not (fits and per_token):  # a block-causal prior takes a prefix as its first blocks
-            hint = " (a latent prior takes a prefix with objective.prior_block set)" if not per_token else ""
-            raise ValueError(f"sampler {spec.name!r} on {type(self.objective).__name__} cannot keep a prompt{hint}")
-        if tuple(prompt.ids.shape) != (n, length):
-            raise ValueError(f"the prompt is {tuple(prompt.ids.shape)}, the samples [{n}, {length}]")
-        return prompt
-
     def canvas(
         self,
         prompt: Prompt | str | list[str] | list[list[int]] | None,
@@ -292,27 +272,8 @@ class DiffusionLM(L.LightningModule):
         length: int,
     ) -> Prompt | None:
         """``generate``'s prompt, template and suffix as one ``Prompt`` of ``[n, length]`` (texts through the run's
-        tokenizer, without EOS), or None when none is given; a ``ValueError`` for a combination that does not fit."""
-        if template is not None and (prompt is not None or suffix is not None):
-            raise ValueError("give a template, or a prompt and / or a suffix, not both")
-        if isinstance(prompt, Prompt):
-            if suffix is not None:
-                raise ValueError("a suffix goes with a text or token-id prompt, not a Prompt of fixed positions")
-            return prompt
-        if template is not None:
-            texts = [template] if isinstance(template, str) else list(template)
-            rows = [[self.tokens(p) if isinstance(p, str) else p for p in parse_template(t)] for t in texts]
-            return canvas_prompt(rows, n, length)
-        if prompt is None and suffix is None:
-            return None
-        if prompt is None:
-            prompt = [[]]
-        rows = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
-        prefixes = [self.tokens(r) for r in rows]
-        if suffix is None:
-            return prefix_prompt(prefixes, n, length)
-        end = self.tokens(suffix)
-        return canvas_prompt([suffix_pieces(prefix, end, length) for prefix in prefixes], n, length)
+        tokenizer, without EOS), or None when none is given (``cdlm.prompt_canvas.canvas``)."""
+        return canvas(self.tokens, prompt, template, suffix, n, length)
 
     def tokens(self, text: str | list[int]) -> list[int]:
         """Token ids of a text through the run's tokenizer (without EOS), or the ids given."""
