@@ -16,6 +16,7 @@ from cdlm.errors import error_message, exit_status
 from cdlm.eval_report import summary
 from cdlm.help import command_help, main_help
 from cdlm.options import EvalOptions, SampleOptions, ScheduleOptions, parse_options, sample_length
+from cdlm.prompt_canvas import canvas
 from cdlm.sweep import sweep_arguments
 from cdlm.trace import render_html, trace_recorder
 
@@ -42,7 +43,7 @@ def sample(argv: list[str]) -> list[dict]:
         if any(value is not None for value in conditioning.values()):  # the prompt shown as kept at every step
             n = opts.n if conditioning["prompt"] is None else len(conditioning["prompt"])
             try:
-                recorder.keep(module.canvas(n=n, length=length, **conditioning))
+                recorder.keep(canvas(module.tokens, n=n, length=length, **conditioning))
             except ValueError as err:
                 raise ConfigError(f"{'infill' if opts.infill is not None else 'prompt'}: {err}") from err
     samples = api.draw_samples(module, opts, node, length, callback=recorder)

@@ -206,7 +206,7 @@ class DiffusionLM(L.LightningModule):
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
-        prompt = keepable(self.objective, self.canvas(prompt, template, suffix, n, length), n, length, spec)
+        prompt = keepable(self.objective, canvas(self.tokens, prompt, template, suffix, n, length), n, length, spec)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
         self.eval()
         chunks, batch_size = [], batch_size or n
@@ -262,18 +262,6 @@ class DiffusionLM(L.LightningModule):
         rotaries = [m for m in self.modules() if isinstance(m, Rotary)]
         for rotary in rotaries:
             rotary.rescale(scale)
-
-    def canvas(
-        self,
-        prompt: Prompt | str | list[str] | list[list[int]] | None,
-        template: str | list[str] | None,
-        suffix: str | list[int] | None,
-        n: int,
-        length: int,
-    ) -> Prompt | None:
-        """``generate``'s prompt, template and suffix as one ``Prompt`` of ``[n, length]`` (texts through the run's
-        tokenizer, without EOS), or None when none is given (``cdlm.prompt_canvas.canvas``)."""
-        return canvas(self.tokens, prompt, template, suffix, n, length)
 
     def tokens(self, text: str | list[int]) -> list[int]:
         """Token ids of a text through the run's tokenizer (without EOS), or the ids given."""

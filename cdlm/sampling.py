@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cdlm.module import DiffusionLM
+from cdlm.prompt_canvas import canvas
 from cdlm.prompts import Prompt
 from cdlm.types import SamplerStep
 
@@ -72,7 +73,7 @@ def draw(
     ``suffix``: a text every sample ends with; ``template``: one infilling template per sample (``generate``)."""
     counter = NFECounter(callback)
     start = time.perf_counter()
-    kept = module.canvas(prompt, template, suffix, n, length)  # the fixed positions, or None
+    kept = canvas(module.tokens, prompt, template, suffix, n, length)  # the fixed positions, or None
     ids, texts = module.generate(
         n, length, sampler, steps, seed, batch_size=batch_size, dtype=dtype, callback=counter, prompt=kept, **knobs
     )
