@@ -10,7 +10,7 @@ and the KL of the full pass's rows from the cached ones on the masked positions 
 with the max abs difference of log-probabilities; and the fraction of tokens equal to the uncached run's under the
 same seed. Writes one JSON file (docs/sampling.md, "Block caches").
 
-    python bench/block_cache.py [--path runs/quickstart/final] [--lengths 256 1024] [--n 2]
+    python bench/block_cache.py [--path runs/quickstart/final] [--lengths 256 1024] [--n 2] [--caches prefix dual]
         [--out bench/results/block_cache_cpu.json]
 """
 
@@ -109,11 +109,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for length in args.lengths:
         seconds, samples = {}, {}
-        for cache in CACHES:
+        for cache in ("none", *args.caches):
             runs = [timed(objective, args.n, length, args.block, args.seed, cache) for _ in range(args.repeats)]
             samples[cache], seconds[cache] = runs[0][0], min(t for _, t in runs)
         row: dict[str, Any] = {"length": length, "steps": length // 2, "seconds_per_sample": {}}
-        for cache in CACHES:
+        for cache in ("none", *args.caches):
             row["seconds_per_sample"][cache] = seconds[cache] / args.n
             if cache != "none":
                 row[cache] = {
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--caches", nargs="+", default=list(CACHES[1:]), choices=CACHES[1:])
     parser.add_argument("--out", type=Path, default=Path("bench/results/block_cache_cpu.json"))
     args = parser.parse_args()
     load_before, start = os.getloadavg(), time.perf_counter()
