@@ -10,6 +10,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from cdlm import checks
+from cdlm.ar_runs import load_run_knobs
 from cdlm.checkpoint import save_pretrained, tokenizer_state
 from cdlm.draws import row_draws
 from cdlm.metrics import LikelihoodMetric
@@ -206,6 +207,7 @@ class DiffusionLM(L.LightningModule):
         checks.positive_ints(n=n, length=length, **({"batch_size": batch_size} if batch_size is not None else {}))
         spec = get_sampler(sampler, self.objective)
         steps, knobs = check_steps(spec, steps), check_knobs(spec, knobs)
+        knobs = load_run_knobs(knobs, self.objective.vocab_size)  # energy= / guide= paths -> models
         prompt = keepable(self.objective, canvas(self.tokens, prompt, template, suffix, n, length), n, length, spec)
         was_training, generator = self.training, torch.Generator(self.device).manual_seed(seed)
         self.eval()

@@ -178,7 +178,7 @@ SAMPLE = [
     (["temperature=3"], ["['temperature']", "valid:", "sampler.KEY=value"]),
     (["positional"], ["'positional'", "key=value"]),
     (["sampler=nosuch"], ["'nosuch'", "ancestral"]),
-    (["sampler=euler"], ["'euler'", "['ancestral', 'parallel']"]),
+    (["sampler=euler"], ["'euler'", "['ancestral', 'edlm', 'parallel']"]),
     (["sampler.top_p=5"], ["top_p=5", "(0, 1]"]),
     (["sampler.top_p=abc"], ["top_p='abc'", "(0, 1]"]),
     (["sampler.final=maybe"], ["final='maybe'", "argmax"]),

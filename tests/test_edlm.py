@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
+from cdlm.module import DiffusionLM
 from cdlm.objectives.masked import MaskedDiffusion
+from cdlm.prompts import Prompt
 from cdlm.samplers.energy import sample_edlm
 from tests.conftest import tiny_backbone
 from tests.exact import LAWS, compare, install_oracle
@@ -80,11 +82,16 @@ def test_energy_from_a_saved_autoregressive_run(tmp_path):
     x = masked.prior(2, 16, torch.device("cpu"))
     x[:, 0] = 3
     steps = []
-    out = sample_edlm(masked, x, torch.linspace(1, 0, 5), energy=str(folder), candidates=3, callback=steps.append)
+    prompt = Prompt(x.clamp_max(vocab - 1), x != masked.mask_id)
+    out, _ = DiffusionLM(masked).generate(
+        2, 16, "edlm", 4, dtype=None, prompt=prompt, energy=str(folder), candidates=3, callback=steps.append
+    )
     assert out.shape == (2, 16) and not (out == masked.mask_id).any() and (out[:, 0] == 3).all()
     assert 1 <= steps[-1].nfe <= 4
     other = MaskedDiffusion(tiny_backbone(), vocab + 1).eval()
     with pytest.raises(ValueError, match="has a vocabulary of"):
-        sample_edlm(other, other.prior(1, 8, torch.device("cpu")), torch.linspace(1, 0, 3), energy=str(folder))
+        DiffusionLM(other).generate(1, 8, "edlm", 2, dtype=None, energy=str(folder))
+    with pytest.raises(ValueError, match="pass it through DiffusionLM.generate"):
+        sample_edlm(masked, x, torch.linspace(1, 0, 3), energy=str(folder))
     with pytest.raises(ValueError, match="needs energy=PATH"):
         sample_edlm(masked, x, torch.linspace(1, 0, 3))

@@ -106,6 +106,7 @@ class MaskedDiffusion(nn.Module):
         of the visible token elsewhere. The log one-hot is written by a scatter: no ``[B, L, V]`` one-hot is built.
         """
         logp = logits.float().log_softmax(-1)  # [B, L, V]
+        del logits  # the caller's temporary: freed before the masked copy below (peak memory)
         visible = (z != self.mask_id)[..., None]  # [B, L, 1]
         token = z.clamp_max(self.vocab_size - 1)[..., None]  # [B, L, 1]
         carried = torch.where(visible, 0.0, logp.gather(-1, token))  # [B, L, 1]: log 1 on a visible token

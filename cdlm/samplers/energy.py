@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import torch
 
-from cdlm.samplers.ar_model import autoregressive_run
 from cdlm.samplers.categorical import draw_tokens, sample_categorical
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.registry import Range, register_sampler
@@ -41,9 +40,11 @@ def resolve_energy(energy: str | Energy | None, vocab_size: int) -> Energy:
     """The energy as a function: a run's path (an autoregressive model of the same vocabulary) or a function."""
     if energy is None:
         raise ValueError("sampler=edlm needs energy=PATH, an autoregressive run with the model's tokenizer")
+    if isinstance(energy, torch.nn.Module):  # an autoregressive objective (generate loads a path into one)
+        return log_likelihood(energy)
     if callable(energy):
         return energy
-    return log_likelihood(autoregressive_run(str(energy), vocab_size, "energy"))
+    raise ValueError(f"energy={energy!r}: pass it through DiffusionLM.generate / sample.py, which load the run")
 
 
 def resample_clean(

@@ -21,7 +21,6 @@ from collections.abc import Callable
 import torch
 
 from cdlm.models.span_cache import SpanCache
-from cdlm.samplers.ar_model import autoregressive_run
 from cdlm.samplers.grids import linear_grid
 from cdlm.samplers.parallel_step import SELECTORS, Policy, parallel_step
 from cdlm.samplers.registry import Choice, Range, register_sampler
@@ -152,9 +151,9 @@ def sample_parallel(
     if selector == "guided":
         if guide is None:
             raise ValueError("selector=guided needs guide=PATH, an autoregressive run with the model's tokenizer")
-        decoder.guide = (
-            guide if isinstance(guide, torch.nn.Module) else autoregressive_run(guide, objective.vocab_size, "guide")
-        )
+        if not isinstance(guide, torch.nn.Module):
+            raise ValueError(f"guide={guide!r}: pass it through DiffusionLM.generate / sample.py, which load the run")
+        decoder.guide = guide
     decoder.groups = prompt_groups(x) if repulsion > 0 else None
     offset = 0
     for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):

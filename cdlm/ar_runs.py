@@ -1,4 +1,6 @@
-"""An autoregressive run used inside a masked-diffusion sampler: EDLM's energy, Guided Diffusion's verifier."""
+"""Autoregressive runs named by a masked-diffusion sampler's options (EDLM's ``energy``, Guided Diffusion's
+``guide``), loaded by ``DiffusionLM.generate`` before the sampler runs: the samplers receive the model, and
+``cdlm.samplers`` never imports the checkpoint loader (which imports the config, which imports the samplers)."""
 
 from __future__ import annotations
 
@@ -6,13 +8,14 @@ from functools import lru_cache
 
 import torch
 
+from cdlm.checkpoint import load
 from cdlm.types import AutoregressiveObjective
+
+RUN_KNOBS = ("energy", "guide")  # sampler options that name an autoregressive run
 
 
 @lru_cache(maxsize=2)
 def _load(path: str) -> torch.nn.Module:
-    from cdlm.checkpoint import load
-
     return load(path).objective.eval()
 
 
@@ -26,3 +29,11 @@ def autoregressive_run(path: str, vocab_size: int, knob: str) -> torch.nn.Module
     if model.vocab_size != vocab_size:
         raise ValueError(f"{knob}={path!r} has a vocabulary of {model.vocab_size}, the model {vocab_size}")
     return model
+
+
+def load_run_knobs(knobs: dict, vocab_size: int) -> dict:
+    """``knobs`` with every ``RUN_KNOBS`` value that is a path replaced by the autoregressive model it names."""
+    return {
+        key: autoregressive_run(value, vocab_size, key) if key in RUN_KNOBS and isinstance(value, str) else value
+        for key, value in knobs.items()
+    }
