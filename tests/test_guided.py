@@ -38,7 +38,7 @@ class LawGuide(torch.nn.Module):
 def test_guided_commit_takes_the_verified_run_and_always_one():
     candidates = torch.tensor([[False, True, True, True, True], [True, True, False, True, True]])
     verified = torch.tensor([[True, True, True, False, True], [False, True, True, True, True]])
-    commit = guided_commit(candidates.long(), verified, candidates)
+    commit = guided_commit(verified, candidates)
     assert commit.tolist() == [[False, True, True, False, False], [True, False, False, False, False]]
 
 

@@ -52,6 +52,10 @@ def resample_clean(
 ) -> torch.Tensor:
     """One clean sequence per row ``[B, L]``: ``k`` draws of ``x``'s ``masked`` positions from ``logp`` ``[B, L, V]``
     (the rest kept), resampled with weights ``p_AR / p_theta`` (module docstring)."""
+    if k == 1:  # one draft: nothing to resample, so the energy is not evaluated (the ancestral step)
+        draft = x.clone()
+        draft[masked] = draw_tokens(logp[masked], 1.0, 1.0, generator)
+        return draft
     B = x.shape[0]
     drafts, log_w = x.new_empty(k, *x.shape), torch.empty(B, k, dtype=torch.float64, device=x.device)
     for j in range(k):

@@ -11,10 +11,9 @@ import torch
 from cdlm.samplers.categorical import draw_tokens
 
 
-def guided_commit(proposal: torch.Tensor, verified: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def guided_commit(verified: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Positions to commit ``[B, L]``: each row's candidates left of its first candidate the verifier rejects
-    (``verified`` ``[B, L]`` false), and always its leftmost candidate, so that every step makes progress.
-    ``proposal`` ``[B, L]`` only fixes the shapes and device."""
+    (``verified`` ``[B, L]`` false), and always its leftmost candidate, so that every step makes progress."""
     rejected = candidates & ~verified  # [B, L]
     before = rejected.long().cumsum(1) == 0  # [B, L]: left of the first rejected candidate
     first = candidates & (candidates.long().cumsum(1) == 1)
@@ -39,4 +38,4 @@ def guided_step(
     proposal = x.clone()
     proposal[masked] = draw_tokens(logp[masked], temperature, top_p, generator)
     verified = guide.logits(proposal).argmax(-1) == proposal  # [B, L]
-    return torch.where(guided_commit(proposal, verified, candidates), proposal, x)
+    return torch.where(guided_commit(verified, candidates), proposal, x)

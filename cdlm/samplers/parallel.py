@@ -90,33 +90,20 @@ def sample_parallel(
 ) -> torch.Tensor:
     """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
 
-    Positions masked in ``x`` are generated; visible ones are a prompt, kept as they are and never remasked.
+    Positions masked in ``x`` are generated; visible ones are a prompt, kept as they are and never remasked. Each
+    selector and option is described with its paper in docs/math.md §7 and docs/sampling.md "Block caches".
 
     Args:
-        selector: ``topk`` commits the ``round(n_masked (alpha_s - alpha_t) / (1 - alpha_t))`` most confident
-            candidates (the schedule's expected count); ``threshold`` commits the top-1 plus every candidate with
-            confidence ``>= tau`` (Fast-dLLM); ``prophet`` is ``topk`` plus Prophet's early commit: when the mean
-            top-2 logit gap over a row's remaining candidates reaches 7.5 / 5.0 / 2.5 (by tercile of the step
-            budget), the row fills all of them by argmax in that step. Confidence is ``max_v p_theta(v)``. ``rcr``:
-            MDPO's running-confidence remasking: every step draws all of the block's masked positions, records
-            each token's probability when drawn, and remasks the top-k schedule's count of the block's generated
-            tokens with the lowest such confidence, so an early, unsure token can be revised
-            (``selectors.running_remask``; ``remask_eta`` does not apply). ``ete``: ``threshold`` plus ETE's
-            exploration: while a step's commits carry less than ``ete_budget`` nats of predictive entropy, the most
-            uncertain other candidates are committed too, drawn from their law (``selectors.explore_uncertain``).
-            ``ccd``: ``threshold`` on CCD's rectified law, the moving average (weight ``ccd_decay`` on the past) of
-            each position's ``p_theta`` over the steps it was a candidate; tokens are drawn from that law
-            (``selectors.rectify``). Both commit as many positions as their rule admits: ``steps`` is a cap.
-        repulsion: batch repulsion between the samples of one prompt (rows with the same starting canvas): a token
-            that the group's other samples hold at a position (including those drawn earlier in the same step) is
-            ``exp(-repulsion)`` times less likely there when all of them hold it (``fill``, ``selectors.repel``);
-            it changes the draws, not which positions commit; not with ``rcr`` or ``guided``; 0 = off.
-        guide: the ``guided`` selector's verifier (Guided Diffusion): the path of an autoregressive run with the
-            model's tokenizer (or, from Python, an autoregressive objective). Every masked position proposes a
-            token; the guide reads the proposed sequence, and a step commits each row's leftmost candidate and every
-            following candidate up to the first whose proposal is not the guide's greedy next token
-            (``cdlm.samplers.guided``). ``steps`` is a cap.
-        tau: the ``threshold`` selector's confidence level, in (0, 1].
+        selector: which candidates a step commits (confidence = ``max_v p_theta(v)``): ``topk`` the schedule's
+            expected count ``round(n_masked (alpha_s - alpha_t) / (1 - alpha_t))``, most confident first;
+            ``threshold`` the top-1 plus every candidate ``>= tau`` (Fast-dLLM); ``prophet`` top-k plus an all-in
+            argmax commit once the mean top-2 logit gap reaches 7.5 / 5.0 / 2.5 by tercile of the steps; ``rcr``
+            MDPO's running-confidence remasking (``rcr_step``; ``remask_eta`` does not apply); ``ete`` threshold plus
+            the most uncertain candidates up to ``ete_budget`` nats (``selectors.explore_uncertain``); ``ccd``
+            threshold on each position's moving-average law, weight ``ccd_decay`` on the past (``selectors.rectify``);
+            ``guided`` the leftmost candidate and the run after it that the autoregressive ``guide`` verifies
+            (``cdlm.samplers.guided``). ``threshold``, ``ete``, ``ccd`` and ``guided`` treat ``steps`` as a cap.
+        tau: the confidence level of the threshold rules, in (0, 1].
         block_length: semi-autoregressive blocks of this many positions, decoded left to right; None = the whole
             sequence is one block. Steps are split among the blocks (module docstring).
         remask_eta: ReMDM-cap's ``eta``: generated, visible tokens of the active block return to ``[MASK]`` with
@@ -125,15 +112,33 @@ def sample_parallel(
         top_p: nucleus filtering of the draw (after temperature); 1 = off.
         cache: reuse ``p_theta`` when nothing changed (only without time conditioning); False calls the network
             at every step.
-        kv_cache: Fast-dLLM's approximate block caches (``cdlm.models.span_cache``, docs/sampling.md "Block
-            caches"): each block's first step is a full pass that stores every position's keys and values; its
-            later steps feed only the block and everything after it (``prefix``) or the block alone (``dual``),
-            reading the stored keys elsewhere. ``delayed``: dKV-Cache-Decode: a full pass every ``kv_refresh`` passes;
-            between them each row feeds only its masked positions and those decoded since their keys were stored
-            (a decoded token's keys are cached one pass after it is drawn). ``none``: every step is a full pass.
-            Every pass counts as one NFE.
+        kv_cache: approximate key/value caches (``cdlm.models.span_cache``): ``prefix`` / ``dual`` (Fast-dLLM: a
+            full pass at each block's first step, then the block and what follows it / the block alone);
+            ``delayed`` (dKV-Cache: a full pass every ``kv_refresh`` passes, else each row's masked and newly decoded
+            positions); ``none``. Every pass counts as one NFE.
+        repulsion: batch repulsion between the samples of one prompt (``fill``, ``selectors.repel``); 0 = off.
+        guide: the ``guided`` selector's autoregressive objective (``DiffusionLM.generate`` and ``sample.py`` load it
+            from a run's path).
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay, repulsion)
+    check_extras(objective, kv_cache, kv_refresh, selector, guide)
+    generated = x == objective.mask_id  # [B, L]
+    length = x.shape[1]
+    blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
+    blocks = [block for block in blocks if (generated & block).any()]  # [L] each
+    decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback)
+    decoder.keys = None if kv_cache == "none" else SpanCache()
+    decoder.kv_cache, decoder.kv_refresh, decoder.guide = kv_cache, kv_refresh, guide
+    decoder.groups = prompt_groups(x) if repulsion > 0 else None
+    offset = 0
+    for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
+        x = decoder.decode(x, block, block_grid(ts, n), offset)
+        offset += n
+    return x
+
+
+def check_extras(objective: AbsorbingObjective, kv_cache: str, kv_refresh: int, selector: str, guide) -> None:
+    """``sample_parallel``'s cache and guide options, checked against the objective (a ``ValueError`` naming them)."""
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     if kv_cache != "none" and not hasattr(objective, "denoise_span"):
@@ -142,24 +147,10 @@ def sample_parallel(
         raise ValueError("kv_cache='delayed' needs an objective with denoise_positions (masked diffusion)")
     if not (isinstance(kv_refresh, int) and kv_refresh >= 1):
         raise ValueError(f"kv_refresh must be an integer >= 1, got {kv_refresh!r}")
-    generated = x == objective.mask_id  # [B, L]
-    length = x.shape[1]
-    blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
-    blocks = [block for block in blocks if (generated & block).any()]  # [L] each
-    decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback, kv_cache)
-    decoder.kv_refresh = kv_refresh
-    if selector == "guided":
-        if guide is None:
-            raise ValueError("selector=guided needs guide=PATH, an autoregressive run with the model's tokenizer")
-        if not isinstance(guide, torch.nn.Module):
-            raise ValueError(f"guide={guide!r}: pass it through DiffusionLM.generate / sample.py, which load the run")
-        decoder.guide = guide
-    decoder.groups = prompt_groups(x) if repulsion > 0 else None
-    offset = 0
-    for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
-        x = decoder.decode(x, block, block_grid(ts, n), offset)
-        offset += n
-    return x
+    if selector == "guided" and guide is None:
+        raise ValueError("selector=guided needs guide=PATH, an autoregressive run with the model's tokenizer")
+    if selector == "guided" and not isinstance(guide, torch.nn.Module):
+        raise ValueError(f"guide={guide!r}: pass it through DiffusionLM.generate / sample.py, which load the run")
 
 
 class BlockDecoder:
@@ -174,10 +165,9 @@ class BlockDecoder:
         cache: bool,
         generator: torch.Generator | None,
         callback: Callable[[SamplerStep], None] | None,
-        kv_cache: str = "none",
     ) -> None:
         self.objective, self.policy, self.generated, self.steps = objective, policy, generated, steps
-        self.kv_cache, self.keys = kv_cache, None if kv_cache == "none" else SpanCache()
+        self.kv_cache, self.keys = "none", None  # kv_cache: the cache's kind and its SpanCache
         self.rows: torch.Tensor | None = None  # kv_cache: [B, L, V], the latest scores of every position
         self.keyed: torch.Tensor | None = None  # delayed: [B, L], each position's token when its keys were stored
         self.kv_refresh, self.passes = 8, 0  # delayed: passes between full passes; partial passes since the last
