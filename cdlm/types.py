@@ -164,6 +164,19 @@ class FinalPass(ContinuousObjective, Protocol):
     def decode_final(self, x: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class SelfConditionedBound(ContinuousObjective, Protocol):
+    """An objective whose ODE bound may read the self-conditioned denoiser (``objective=langflow``, ``bitstream``).
+
+    ``ode_self_condition``: False, the bound integrates the one-pass denoiser ``D(x, sigma)`` (``x0_prev = None``);
+    True, the two-pass ``D(x, sigma, D(x, sigma))`` the samplers use, still a deterministic function of
+    ``(x, sigma)``, so the ODE stays well defined and its Jacobian trace runs through both passes; the decoder term
+    is then self-conditioned on the estimate at ``sigma_min`` as well (docs/math.md §6, "Self-conditioning").
+    """
+
+    ode_self_condition: bool
+
+
 @dataclass(frozen=True)
 class StateProjection:
     """A fixed linear map ``P`` ``[D, K]`` (``K < D``) through which a network reads the VE state, and a factor ``M``

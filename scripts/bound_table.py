@@ -9,7 +9,9 @@ Every model is scored on the leading rows of its own tokenisation of the validat
 (docs/math.md section 0) compares them. Each objective reports its own bound: the NELBO (masked), the exact NLL
 (autoregressive), the ODE bound of docs/math.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
 (continuous ones; ``--ode-probes R`` >= 2 averages R Hutchinson probes on each trajectory and reports the bound's
-standard error), and for latent runs the bound of section 5 (the prior's ODE density in the same way).
+standard error; ``--self-condition`` scores LangFlow and bitstream runs by the self-conditioned two-pass denoiser
+their samplers use, docs/math.md section 6), and for latent runs the bound of section 5 (the prior's ODE density in
+the same way).
 
 For each tokenizer among the runs the table has a row "unigram (train split, <tokenizer>)": an add-0.5 unigram
 model fitted on the train split's tokens (docs/math.md section 8) scored on the same validation tokens and characters
@@ -36,12 +38,17 @@ from cdlm.evaluate import (
     unigram_validation_bound,
     validation_bound,
 )
+from cdlm.types import SelfConditionedBound
 
 UNIGRAM = "Unigram"  # the objective column of the unigram rows
 
 
-def bound_row(path: str, chars: int, ode_steps: int | None = None, ode_probes: int | None = None) -> dict:
+def bound_row(
+    path: str, chars: int, ode_steps: int | None = None, ode_probes: int | None = None, self_condition: bool = False
+) -> dict:
     module = cdlm.load(path)
+    if self_condition and isinstance(module.objective, SelfConditionedBound):
+        module.objective.ode_self_condition = True  # the two-pass denoiser the sampler uses (docs/math.md §6)
     if ode_steps is not None and hasattr(module.objective, "ode_steps"):
         module.objective.ode_steps = ode_steps  # the ODE bound's Heun steps (continuous objectives)
     if ode_probes is not None and hasattr(module.objective, "ode_probes"):
@@ -61,6 +68,7 @@ def bound_row(path: str, chars: int, ode_steps: int | None = None, ode_probes: i
         "train_steps": trained_steps(path),
         "ode_steps": getattr(objective, "ode_steps", None),
         "ode_probes": getattr(objective, "ode_probes", None),
+        "ode_self_condition": getattr(objective, "ode_self_condition", None),
         "val_tokens": tokens,
         "seconds": seconds,
         **metrics,
@@ -133,6 +141,7 @@ def markdown(rows: list[dict], chars: int) -> str:
     for r in rows:
         path = Path(r["path"])
         run = path.parent.name if path.name == "final" else str(path)  # runs/<name>/final -> <name>
+        run += " (self-conditioned bound)" if r.get("ode_self_condition") else ""
         params = "—" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M"
         lines.append(
             f"| {run} | {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {params} | "
@@ -161,11 +170,16 @@ def main() -> None:
     parser.add_argument(
         "--ode-probes", type=int, default=None, help="Hutchinson probes per sequence (>= 2: the bound's standard error)"
     )
+    parser.add_argument(
+        "--self-condition",
+        action="store_true",
+        help="LangFlow / bitstream: the bound of the self-conditioned two-pass denoiser (docs/math.md section 6)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for path in args.paths:
-        rows.append(bound_row(path, args.chars, args.ode_steps, args.ode_probes))
+        rows.append(bound_row(path, args.chars, args.ode_steps, args.ode_probes, args.self_condition))
         print(f"{path}: {rows[-1]['val_bpc']:.3f} BPC on {rows[-1]['val_tokens']} tokens ({rows[-1]['seconds']:.0f} s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

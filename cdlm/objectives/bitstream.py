@@ -76,6 +76,9 @@ class Bitstream(CleanSpans, VEObjective, nn.Module):
             exact bits the network reads at unit scale, flagged, and which are not scored, so that a prompt can be
             given clean at sampling time (``cdlm.objectives.clean_spans``; docs/math.md §3, "Conditional training").
             0: unconditional (prompts by replacement only).
+        ode_self_condition: the bound integrates the self-conditioned two-pass denoiser the samplers use and reads
+            its decoder self-conditioned too (``cdlm.types.SelfConditionedBound``; docs/math.md §6); False (the
+            default) scores the one-pass model.
 
     The self-conditioning channel is ``(x0_hat - 1/2) / sigma_d`` (unit scale), not docs/math.md's
     ``c_in (x0_hat - 1/2)``: the estimate is a clean quantity, and scaling it by ``c_in ~ 1/sigma`` would silence
@@ -100,6 +103,7 @@ class Bitstream(CleanSpans, VEObjective, nn.Module):
         ode_steps: int = 32,
         ode_probes: int = 1,
         condition_rate: float = 0.0,
+        ode_self_condition: bool = False,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
@@ -108,9 +112,10 @@ class Bitstream(CleanSpans, VEObjective, nn.Module):
         checks.positive(sigma_data=sigma_data, clip=clip)
         checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
         check_schedule_keys(schedule)
+        checks.booleans(ode_self_condition=ode_self_condition)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.sigma_data, self.self_condition, self.clip, self.ode_steps = sigma_data, self_condition, clip, ode_steps
-        self.ode_probes = ode_probes
+        self.ode_probes, self.ode_self_condition = ode_probes, ode_self_condition
         self.bits = k = bit_width(vocab_size)
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
         self.schedule = EntropyRateSchedule(**(schedule or {}))
@@ -232,11 +237,14 @@ class Bitstream(CleanSpans, VEObjective, nn.Module):
         return ids, torch.where(ids_to_bits(ids, p.shape[-1]) > 0.5, p, 1 - p).prod(-1)
 
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``-log p(ids | x)`` ``[B, L]`` under independent bits read at ``sigma_min`` (no self-conditioning).
+        """``-log p(ids | x)`` ``[B, L]`` under independent bits read at ``sigma_min`` (one pass; with
+        ``ode_self_condition`` a second pass self-conditioned on the first's estimate).
 
         Mass on invalid codes is lost, so this is an upper bound on the NLL of a renormalised decoder.
         """
         sigma = torch.full((x.shape[0],), self.sigma_min, device=x.device)
         logits = self.logits(x, sigma, None)  # [B, L, k]
+        if self.ode_self_condition:
+            logits = self.logits(x, sigma, logits.sigmoid())
         bits = self.clean_state(ids)
         return F.binary_cross_entropy_with_logits(logits, bits, reduction="none").sum(-1)

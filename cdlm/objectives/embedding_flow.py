@@ -72,6 +72,9 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
             bound's standard error ``nll_se`` (docs/math.md §6).
         analytic_skip: add the factorised posterior ``c_skip z @ E^T`` to the network's logits (LangFlow; the
             default); ``False`` leaves the whole posterior to the network (an ablation, docs/math.md §3).
+        ode_self_condition: the bound integrates the self-conditioned two-pass denoiser the sampler uses and reads
+            its decoder self-conditioned too (``cdlm.types.SelfConditionedBound``; docs/math.md §6); False (the
+            default) scores the one-pass model. Either is a valid bound; they score different models.
 
     The clean state ``x0 = E_n[ids]`` has norm ``sqrt(D)``: each coordinate has unit second moment on average
     over coordinates, so ``data_mean = 0`` and ``data_scale = 1`` describe it for the Gaussian at ``sigma_max``
@@ -95,6 +98,7 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         ode_probes: int = 1,
         analytic_skip: bool = True,
         condition_rate: float = 0.0,
+        ode_self_condition: bool = False,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
@@ -102,14 +106,14 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         checks.at_least(2, vocab_size=vocab_size)  # log V is the schedule's initial amplitude
         checks.positive(scale=scale)
         checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
-        checks.booleans(analytic_skip=analytic_skip)
+        checks.booleans(analytic_skip=analytic_skip, ode_self_condition=ode_self_condition)
         if loc is not None:
             checks.finite(loc=loc)
         if embed_dim is not None:
             checks.positive_ints(embed_dim=embed_dim)
         self.backbone, self.vocab_size = backbone, vocab_size
         self.self_condition, self.ode_steps, self.ode_probes = self_condition, ode_steps, ode_probes
-        self.analytic_skip = analytic_skip
+        self.analytic_skip, self.ode_self_condition = analytic_skip, ode_self_condition
         width = backbone.width
         self.dim = dim = embed_dim or width
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
@@ -248,5 +252,9 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         return self.decoder_logits(x, x0_prev).argmax(-1)
 
     def decoder_nll(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``-log p(ids | x)`` ``[B, L]`` from the logits at ``sigma_min`` (the ODE bound's decoder term)."""
-        return F.cross_entropy(self.decoder_logits(x).transpose(1, 2), ids, reduction="none")
+        """``-log p(ids | x)`` ``[B, L]`` from the logits at ``sigma_min`` (the ODE bound's decoder term); with
+        ``ode_self_condition`` the second pass, self-conditioned on the first pass's estimate (as ``decode_final``)."""
+        logits = self.decoder_logits(x)  # [B, L, V]
+        if self.ode_self_condition:
+            logits = self.decoder_logits(x, self.estimate(logits))
+        return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")

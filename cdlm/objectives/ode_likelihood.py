@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from cdlm import checks
-from cdlm.types import Batch, ContinuousObjective, LossOutput
+from cdlm.types import Batch, ContinuousObjective, LossOutput, SelfConditionedBound
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -68,6 +68,17 @@ def rademacher_probes(
     return out
 
 
+def bound_denoise(objective: ContinuousObjective, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The denoiser the bound integrates, ``[B, L, D]`` from the state ``x`` ``[B, L, D]`` at ``sigma`` ``[B]``: the
+    one-pass ``D(x, sigma)`` (``x0_prev = None``), or, for an objective whose ``ode_self_condition`` is set
+    (``cdlm.types.SelfConditionedBound``), the self-conditioned ``D(x, sigma, D(x, sigma))`` the samplers use. The
+    inner pass stays in the autograd graph: the Jacobian trace is that of the composed map (docs/math.md §6)."""
+    x0 = objective.denoise(x, sigma, None)
+    if isinstance(objective, SelfConditionedBound) and objective.ode_self_condition:
+        x0 = objective.denoise(x, sigma, x0)
+    return x0
+
+
 def denoise_and_trace(
     objective: ContinuousObjective, x32: torch.Tensor, sigma: torch.Tensor, probes: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,15 +93,14 @@ def denoise_and_trace(
     kept (``retain_graph``) for all but the last probe, so ``R`` probes cost one forward and ``R`` backwards and hold
     one backward's buffers at a time. A batched vjp (``is_grads_batched``) holds ``R`` of them, was no faster on CPU
     (an MLP: equal at R = 2, 4, 20% slower at R = 8) and fails through ``OneHotFlow``'s float64 row scaling, whose
-    backward writes in place, which vmap refuses. The denoiser is called without self-conditioning
-    (``x0_prev = None``): the bound scores the one-pass model, a deterministic function of ``(x, sigma)``, so that the
-    ODE is well defined.
+    backward writes in place, which vmap refuses. The denoiser is ``bound_denoise``'s: either way a deterministic
+    function of ``(x, sigma)``, so that the ODE is well defined.
     """
     n_probes = probes.shape[0]
     with torch.inference_mode(False), torch.enable_grad():
         u_j_u = torch.empty((n_probes, x32.shape[0]), dtype=torch.float64, device=x32.device)  # [R, B], a normal tensor
         x32.requires_grad_(True)
-        x0 = objective.denoise(x32, sigma.float().expand(x32.shape[0]), None)  # [B, L, D]
+        x0 = bound_denoise(objective, x32, sigma.float().expand(x32.shape[0]))  # [B, L, D]
         for r in range(n_probes):
             probe = probes[r].to(x0.dtype)  # u_r [B, L, D] (the stored tensor itself for one float32 probe)
             last = r == n_probes - 1
