@@ -10,8 +10,9 @@ Every model is scored on the leading rows of its own tokenisation of the validat
 (autoregressive), the ODE bound of docs/math.md section 6 with the objective's ``ode_steps`` or ``--ode-steps``
 (continuous ones; ``--ode-probes R`` >= 2 averages R Hutchinson probes on each trajectory and reports the bound's
 standard error; ``--self-condition`` scores LangFlow and bitstream runs by the self-conditioned two-pass denoiser
-their samplers use, docs/math.md section 6), and for latent runs the bound of section 5 (the prior's ODE density in
-the same way).
+their samplers use, docs/math.md section 6; ``--objective NAME=VALUE`` sets a numeric attribute of each objective at
+evaluation time, e.g. FLM's ``t_min``, which moves ``sigma_min`` and so the bound's decoder), and for latent runs
+the bound of section 5 (the prior's ODE density in the same way).
 
 For each tokenizer among the runs the table has a row "unigram (train split, <tokenizer>)": an add-0.5 unigram
 model fitted on the train split's tokens (docs/math.md section 8) scored on the same validation tokens and characters
@@ -33,6 +34,7 @@ import cdlm
 from cdlm.checkpoint import trained_steps
 from cdlm.device import device_name
 from cdlm.evaluate import (
+    set_objective_options,
     tokens_for_chars,
     train_unigram,
     unigram_validation_bound,
@@ -44,9 +46,15 @@ UNIGRAM = "Unigram"  # the objective column of the unigram rows
 
 
 def bound_row(
-    path: str, chars: int, ode_steps: int | None = None, ode_probes: int | None = None, self_condition: bool = False
+    path: str,
+    chars: int,
+    ode_steps: int | None = None,
+    ode_probes: int | None = None,
+    self_condition: bool = False,
+    options: tuple[str, ...] = (),
 ) -> dict:
     module = cdlm.load(path)
+    settings = set_objective_options(module, list(options))  # evaluation-time numeric attributes (``--objective``)
     if self_condition and isinstance(module.objective, SelfConditionedBound):
         module.objective.ode_self_condition = True  # the two-pass denoiser the sampler uses (docs/math.md §6)
     if ode_steps is not None and hasattr(module.objective, "ode_steps"):
@@ -69,6 +77,7 @@ def bound_row(
         "ode_steps": getattr(objective, "ode_steps", None),
         "ode_probes": getattr(objective, "ode_probes", None),
         "ode_self_condition": getattr(objective, "ode_self_condition", None),
+        "settings": settings,
         "val_tokens": tokens,
         "seconds": seconds,
         **metrics,
@@ -142,6 +151,7 @@ def markdown(rows: list[dict], chars: int) -> str:
         path = Path(r["path"])
         run = path.parent.name if path.name == "final" else str(path)  # runs/<name>/final -> <name>
         run += " (self-conditioned bound)" if r.get("ode_self_condition") else ""
+        run += "".join(f" ({name}={value:g})" for name, value in (r.get("settings") or {}).items())
         params = "—" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M"
         lines.append(
             f"| {run} | {r['objective']} | {r['tokenizer']} ({r['vocab_size']}) | {params} | "
@@ -160,6 +170,12 @@ def table_rows(rows: list[dict]) -> list[dict]:
     return models + [r for r in rows if r["objective"] == UNIGRAM and r["path"] not in fresh] + new
 
 
+def row_key(row: dict) -> tuple[str, str, bool]:
+    """What makes a row: its run, its evaluation-time settings and the self-conditioned bound (``--merge`` replaces
+    a row of the same key)."""
+    return row["path"], json.dumps(row.get("settings") or {}, sort_keys=True), bool(row.get("ode_self_condition"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="save_pretrained folders or .ckpt files")
@@ -175,11 +191,18 @@ def main() -> None:
         action="store_true",
         help="LangFlow / bitstream: the bound of the self-conditioned two-pass denoiser (docs/math.md section 6)",
     )
+    parser.add_argument(
+        "--objective",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a numeric attribute of each run's objective before scoring (e.g. t_min=0.01); repeatable",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for path in args.paths:
-        rows.append(bound_row(path, args.chars, args.ode_steps, args.ode_probes, args.self_condition))
+        rows.append(bound_row(path, args.chars, args.ode_steps, args.ode_probes, args.self_condition, args.objective))
         print(f"{path}: {rows[-1]['val_bpc']:.3f} BPC on {rows[-1]['val_tokens']} tokens ({rows[-1]['seconds']:.0f} s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +210,8 @@ def main() -> None:
         old = json.loads(out.with_suffix(".json").read_text())
         if old["chars"] != args.chars:
             raise SystemExit(f"--merge: the existing table is on {old['chars']} characters, not {args.chars}")
-        rows = [r for r in old["rows"] if r["path"] not in args.paths] + rows
+        replaced = {row_key(r) for r in rows}
+        rows = [r for r in old["rows"] if row_key(r) not in replaced] + rows
     rows = table_rows(rows)
     payload = {"device": device_name(torch.device("cpu")), "chars": args.chars, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))

@@ -190,3 +190,22 @@ def test_sweep_tables_carry_the_unigram_rows(tmp_path):
     run_sweep(tmp_path / "sweep.yaml", runner=fake_eval)
     header = (tmp_path / "sweep" / "results.md").read_text().splitlines()[2]
     assert "unigram" not in header and "reference" not in header
+
+
+def test_bound_table_keeps_one_row_per_evaluation_setting(tiny_run, tmp_path, monkeypatch, capsys):
+    run_dir, _ = tiny_run
+    spec = importlib.util.spec_from_file_location("bound_table", ROOT / "scripts" / "bound_table.py")
+    bound_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bound_table)
+    out, path = tmp_path / "table", str(run_dir / "final")
+    for extra in ([], ["--objective", "t_min=0.2", "--merge"], ["--objective", "t_min=0.2", "--merge"]):
+        monkeypatch.setattr(sys, "argv", ["bound_table.py", path, "--chars", "300", "--out", str(out), *extra])
+        bound_table.main()
+    capsys.readouterr()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    models = [r for r in rows if r["objective"] != "Unigram"]
+    assert [r["settings"] for r in models] == [{}, {"t_min": 0.2}]  # the rerun replaced its own row only
+    assert f"| {run_dir.name} (t_min=0.2) |" in out.with_suffix(".md").read_text()
+    monkeypatch.setattr(sys, "argv", ["bound_table.py", path, "--out", str(out), "--objective", "schedule=1"])
+    with pytest.raises(ValueError, match="numeric attribute"):
+        bound_table.main()
