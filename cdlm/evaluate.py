@@ -33,7 +33,7 @@ from cdlm.metrics.unigram import ALPHA, TokenStream
 from cdlm.module import DiffusionLM
 from cdlm.options import DEFAULT_EVAL_N, DEFAULT_PROMPT_TOKENS, DEFAULT_SEEDS, sample_length
 from cdlm.prompts import Prompt, after_eos
-from cdlm.sampling import draw
+from cdlm.sampling import Samples, draw
 from cdlm.types import AbsorbingObjective
 
 
@@ -222,17 +222,8 @@ def evaluate(
         knobs["prompt"] = [row.tolist() for row in given[0]]
     if canvas is not None:
         knobs["prompt"] = canvas
-    fixed = canvas.fixed if canvas is not None else None if given is None else prompt_positions(n, length, given[0])
     for seed in range(seeds):
-        order = decoding_order(module, fixed)
-        samples = draw(
-            module, n, length, sampler["name"], sampler["steps"], seed, order, batch_size=batch_size, **knobs
-        )
-        row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
-        if order is not None:
-            row["left_to_right"], row["arness"] = order.value(), order.arness()
-        if canvas is not None:
-            row["infill_accuracy"] = span_accuracy(samples.ids, canvas)
+        samples, row = seed_samples(module, sampler, knobs, n, length, seed, batch_size, given, canvas)
         if scorer is not None:
             row |= sample_scores(scorer, module, samples.ids, samples.texts, given, mauve)
         result["per_seed"].append(row)
@@ -249,6 +240,31 @@ def evaluate(
         metrics["infill_unigram_accuracy"] = result["infill"]["unigram_accuracy"]
         metrics["infill_span_nll"] = result["infill"]["span_nll"]
     return result
+
+
+def seed_samples(
+    module: DiffusionLM,
+    sampler: dict,
+    knobs: dict,
+    n: int,
+    length: int,
+    seed: int,
+    batch_size: int | None,
+    given: tuple | None,
+    canvas: Prompt | None,
+) -> tuple[Samples, dict]:
+    """One seed's samples and its row before the judge: NFE, seconds per sample, the decoding order's
+    left-to-right-ness and ARness (masked diffusion; the prompt's positions left out) and the infilling accuracy
+    (``canvas``: the infilling protocol's kept positions)."""
+    fixed = canvas.fixed if canvas is not None else None if given is None else prompt_positions(n, length, given[0])
+    order = decoding_order(module, fixed)
+    samples = draw(module, n, length, sampler["name"], sampler["steps"], seed, order, batch_size=batch_size, **knobs)
+    row = {"seed": seed, "nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample}
+    if order is not None:
+        row["left_to_right"], row["arness"] = order.value(), order.arness()
+    if canvas is not None:
+        row["infill_accuracy"] = span_accuracy(samples.ids, canvas)
+    return samples, row
 
 
 def check_protocols(

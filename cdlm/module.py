@@ -25,7 +25,7 @@ from cdlm.prompts import (
     given,
     stops,
 )
-from cdlm.samplers import check_knobs, check_steps, get_sampler
+from cdlm.samplers import SamplerSpec, check_knobs, check_steps, get_sampler
 from cdlm.samplers.blocks import BlockRunner
 from cdlm.samplers.coordinates import initial_state
 from cdlm.strategies import is_sharded, shard
@@ -213,24 +213,13 @@ class DiffusionLM(L.LightningModule):
         self.eval()
         chunks, batch_size = [], batch_size or n
         ts = spec.grid(steps, self.device)
+        stop_id = self.tokenizer.eos_id if stop_at_eos and self.tokenizer is not None else None
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for start in range(0, n, batch_size):
                 rows = min(batch_size, n - start)
                 x = initial_state(self.objective, spec.space, rows, length, self.device, generator)
                 fixed = None if prompt is None else prompt.rows(start, start + rows, self.device)
-                if isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise:  # block by block
-                    runner = BlockRunner(spec, ts, generator, callback, knobs)
-                    chunks.append(self.objective.sample_blocks(runner, x, fixed))
-                else:
-                    extra = dict(knobs)
-                    if fixed is not None and spec.takes_fixed:
-                        extra["fixed"] = fixed
-                    elif fixed is not None:  # masked samplers keep the visible tokens of their starting state
-                        x = fixed.apply(x)
-                    if stop_at_eos and spec.takes_stop and self.tokenizer is not None:
-                        extra["stop_id"] = self.tokenizer.eos_id  # the rows after their EOS are padded below
-                    with given(fixed):  # an objective trained with clean spans reads the prompt clean
-                        chunks.append(spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra))
+                chunks.append(self.draw_rows(spec, x, ts, generator, callback, knobs, fixed, stop_id))
         self.train(was_training)
         ids = torch.cat(chunks)
         if stop_at_eos:
@@ -239,6 +228,35 @@ class DiffusionLM(L.LightningModule):
             fixed = None if prompt is None else prompt.fixed.to(ids.device)
             ids = cut_at_eos(ids, self.tokenizer.eos_id, self.tokenizer.pad_id, fixed)
         return ids, self.decode(ids, stop_at_eos, None if prompt is None else prompt.fixed)
+
+    def draw_rows(
+        self,
+        spec: SamplerSpec,
+        x: torch.Tensor,
+        ts: torch.Tensor,
+        generator: torch.Generator,
+        callback,
+        knobs: dict,
+        fixed: Prompt | None,
+        stop_id: int | None,
+    ) -> torch.Tensor:
+        """One chunk of ``generate``: ids ``[rows, L]`` from the starting state ``x`` on the sampler grid ``ts``.
+
+        A blockwise objective samples block by block (``BlockRunner``); otherwise the sampler gets the prompt as
+        ``fixed`` where it takes one, else the masked state keeps the prompt's tokens visible; ``stop_id``: the EOS
+        id for samplers that stop a row there (the rows after it are padded by ``generate``).
+        """
+        if isinstance(self.objective, BlockwiseObjective) and self.objective.blockwise:
+            return self.objective.sample_blocks(BlockRunner(spec, ts, generator, callback, knobs), x, fixed)
+        extra = dict(knobs)
+        if fixed is not None and spec.takes_fixed:
+            extra["fixed"] = fixed
+        elif fixed is not None:  # masked samplers keep the visible tokens of their starting state
+            x = fixed.apply(x)
+        if stop_id is not None and spec.takes_stop:
+            extra["stop_id"] = stop_id
+        with given(fixed):  # an objective trained with clean spans reads the prompt clean
+            return spec.fn(self.objective, x, ts, generator=generator, callback=callback, **extra)
 
     def decode(self, ids: torch.Tensor, stop_at_eos: bool = False, fixed: torch.Tensor | None = None) -> list[str]:
         """Texts of ``ids`` ``[n, L]`` (none without a tokenizer); with ``stop_at_eos`` each ends at its first
