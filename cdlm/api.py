@@ -114,6 +114,7 @@ def sample(
     n: int = SAMPLE_N,
     length: int | str | None = None,
     *,
+    max_length: int | None = None,
     sampler: str | None = None,
     sampler_options: Mapping[str, Any] | None = None,
     seed: int = 0,
@@ -133,13 +134,15 @@ def sample(
     ``prompt``: a text every sample starts with, or ``prompt_file``: ``n`` samples for each of its prompts;
     ``suffix``: a text every sample ends with; ``infill``: a template of kept text and ``[MASK:k]`` spans
     (docs/sampling.md, "Prompts"); ``stop_at_eos``: each sample ends at its first generated EOS (padding after
-    it); ``length="auto"``: up to the run's ``data.seq_len``, each sample ending at its EOS; ``rope_scale``:
+    it); ``length="auto"``: up to ``max_length`` (default: the run's ``data.seq_len``), each sample ending at its
+    EOS; ``rope_scale``:
     NTK-aware rotary scaling, to sample that many times the trained length (docs/sampling.md)."""
     opts = checked(
         SampleOptions,
         path=str(path),
         n=n,
         length=length,
+        max_length=max_length,
         seed=seed,
         batch_size=batch_size,
         device=device,
@@ -153,7 +156,7 @@ def sample(
     )
     module = load_model(opts.path, opts.device)
     node = sampler_config(module, sampler, sampler_options)
-    return draw_samples(module, opts, node, sample_length(module.config, opts.length), callback)
+    return draw_samples(module, opts, node, sample_length(module.config, opts.length, opts.max_length), callback)
 
 
 def draw_samples(

@@ -33,7 +33,7 @@ def sample(argv: list[str]) -> list[dict]:
     opts, chosen, overrides = parse_options(argv, SampleOptions, "sample")
     module = api.load_model(opts.path, opts.device)
     node = api.sampler_config(module, chosen, overrides)
-    length = sample_length(module.config, opts.length)
+    length = sample_length(module.config, opts.length, opts.max_length)
     recorder = None
     if opts.trace is not None:  # the first sample's steps, shown as the objective's display decode (cdlm.trace)
         if opts.devices > 1:

@@ -62,7 +62,7 @@ def positive(name: str, value: int | None) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
 
 
-AUTO_LENGTH = "auto"  # cdlm sample length=auto: up to the run's data.seq_len, each sample ending at its EOS
+AUTO_LENGTH = "auto"  # cdlm sample length=auto: up to max_length (the run's data.seq_len), each ending at its EOS
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class SampleOptions:
     path: str | None = option(None, "a save_pretrained folder (RUN_DIR/final) or a .ckpt file (required)")
     n: int = option(SAMPLE_N, "number of samples")
     length: int | str | None = option(
-        None, "tokens per sample (default: the run's data.seq_len); auto: up to data.seq_len, each ending at its EOS"
+        None, "tokens per sample (default: the run's data.seq_len); auto: up to max_length, each ending at its EOS"
     )
+    max_length: int | None = option(None, "with length=auto: the longest a sample may be (default: data.seq_len)")
     seed: int = option(0, "random seed of the draws")
     batch_size: int | None = option(None, "samples per sampler call (default: all n at once)")
     out: str | None = option(None, "write the samples as JSONL to this file")
@@ -96,7 +97,9 @@ class SampleOptions:
             raise ConfigError(f"rope_scale must be >= 1 (1 = as trained), got {self.rope_scale}")
         if self.length == AUTO_LENGTH and not self.stop_at_eos:
             raise ConfigError("length=auto ends each sample at its EOS: it needs stop_at_eos=true")
-        for name in ("n", "length", "batch_size", "devices"):
+        if self.max_length is not None and self.length != AUTO_LENGTH:
+            raise ConfigError("max_length= bounds length=auto; for a fixed length give length=N alone")
+        for name in ("n", "length", "max_length", "batch_size", "devices"):
             positive(name, None if getattr(self, name) == AUTO_LENGTH else getattr(self, name))
         check_device(self.device)
         for name in ("out", "trace"):
@@ -216,13 +219,13 @@ class ScheduleOptions:
         require_path(self.path)
 
 
-def sample_length(config: Mapping[str, Any], length: int | str | None) -> int:
+def sample_length(config: Mapping[str, Any], length: int | str | None, max_length: int | None = None) -> int:
     """Tokens per sample for a run's stored ``config``: ``length``, by default the run's ``data.seq_len``, within the
     positions the model covers (``model.max_len``); the one rule of ``cdlm sample``, ``cdlm eval`` and the API.
-    ``auto`` (``cdlm sample``): the canvas is the run's ``data.seq_len``, the longest a sample may be, and each
-    sample ends at its first generated EOS (``stop_at_eos``)."""
+    ``auto`` (``cdlm sample``): the canvas is ``max_length`` (default: the run's ``data.seq_len``), the longest a
+    sample may be, and each sample ends at its first generated EOS (``stop_at_eos``)."""
     if length == AUTO_LENGTH:
-        length = None
+        length = max_length
     length = length or int(config["data"].get("seq_len", SAMPLE_LENGTH))
     max_len = config["model"].get("max_len")
     if max_len is not None and length > max_len:

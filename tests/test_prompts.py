@@ -301,3 +301,10 @@ def test_sample_length_auto_draws_up_to_the_run_length_and_ends_each_sample_at_i
     assert "is not a length; give a positive integer or auto" in refused(
         ["sample", f"path={run_dir}", "length=x"], capsys
     )
+    short = tmp_path / "short.jsonl"
+    main(
+        ["sample", f"path={run_dir / 'final'}", "length=auto", "max_length=7", "n=2", "sampler.steps=4", f"out={short}"]
+    )
+    assert [len(json.loads(line)["ids"]) for line in short.read_text().splitlines()] == [7, 7]
+    err = refused(["sample", f"path={run_dir / 'final'}", "length=8", "max_length=7"], capsys)
+    assert "max_length= bounds length=auto" in err
