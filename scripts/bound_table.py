@@ -27,11 +27,14 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 
 import cdlm
 from cdlm.checkpoint import trained_steps
+from cdlm.config import compose, instantiate
 from cdlm.device import device_name
 from cdlm.evaluate import (
     set_objective_options,
@@ -161,13 +164,40 @@ def markdown(rows: list[dict], chars: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_rows(rows: list[dict]) -> list[dict]:
-    """The model rows, then the unigram rows: new ones for the runs just scored (``unigram_fit``), the old ones of
-    other tokenizers kept."""
+def table_rows(rows: list[dict], fits: list[dict] = ()) -> list[dict]:
+    """The model rows, then the unigram rows: new ones for the runs just scored and for ``fits`` (``data_fit``;
+    each carries a ``unigram_fit``), the old ones of other tokenizers kept. A model row scored before the table had
+    a unigram row (no ``vs_unigram``) gets its gap to the unigram row of its tokenizer and validation tokens."""
     models = [r for r in rows if r["objective"] != UNIGRAM]
-    new = unigram_rows(models)
+    new = unigram_rows(models + list(fits))
     fresh = {r["path"] for r in new}
-    return models + [r for r in rows if r["objective"] == UNIGRAM and r["path"] not in fresh] + new
+    unigrams = [r for r in rows if r["objective"] == UNIGRAM and r["path"] not in fresh] + new
+    by_tokens = {(f"{u['tokenizer']} {u['vocab_size']}", u["val_tokens"]): u for u in unigrams}
+    for r in models:
+        match = by_tokens.get((f"{r['tokenizer']} {r['vocab_size']}", r["val_tokens"]))
+        if r.get("vs_unigram") is None and match is not None:
+            r["vs_unigram"] = r["val_nll"] - match["val_nll"]  # nats/token on the same tokens
+    return models + unigrams
+
+
+def data_fit(overrides: str, chars: int) -> dict:
+    """The unigram row's inputs for a data config without a run (``--unigram-data "data=shakespeare_char"``): the
+    config's tokenizer (built as a run builds it, or read from its cache) and the unigram model of its train split,
+    scored on the validation tokens that cover ``chars`` characters."""
+    config = compose(overrides.split())
+    datamodule = instantiate(config.data)
+    stand_in = SimpleNamespace(  # what the unigram helpers read of a run
+        config={"data": OmegaConf.to_container(config.data)}, tokenizer=datamodule.prepare_tokenizer()
+    )
+    tokens = tokens_for_chars(stand_in, chars)
+    fit = unigram_validation_bound(stand_in, train_unigram(stand_in), data={"max_val_tokens": tokens})
+    return {
+        "tokenizer": config.data.get("tokenizer"),
+        "vocab_size": stand_in.tokenizer.vocab_size,
+        "val_tokens": tokens,
+        "unigram_tokenizer": tokenizer_label(stand_in),
+        "unigram_fit": fit,
+    }
 
 
 def row_key(row: dict) -> tuple[str, str, bool]:
@@ -178,7 +208,7 @@ def row_key(row: dict) -> tuple[str, str, bool]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="save_pretrained folders or .ckpt files")
+    parser.add_argument("paths", nargs="*", help="save_pretrained folders or .ckpt files")
     parser.add_argument("--chars", type=int, default=22000)
     parser.add_argument("--out", default="bench/results/bound_table")
     parser.add_argument("--merge", action="store_true", help="keep the other runs' rows of an existing table")
@@ -198,7 +228,16 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="set a numeric attribute of each run's objective before scoring (e.g. t_min=0.01); repeatable",
     )
+    parser.add_argument(
+        "--unigram-data",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help='a unigram row for a data config without a run, e.g. "data=shakespeare_bpe data.vocab_size=4096"',
+    )
     args = parser.parse_args()
+    if not args.paths and not args.unigram_data:
+        parser.error("give runs to score or --unigram-data")
     torch.manual_seed(0)
     rows = []
     for path in args.paths:
@@ -212,7 +251,7 @@ def main() -> None:
             raise SystemExit(f"--merge: the existing table is on {old['chars']} characters, not {args.chars}")
         replaced = {row_key(r) for r in rows}
         rows = [r for r in old["rows"] if row_key(r) not in replaced] + rows
-    rows = table_rows(rows)
+    rows = table_rows(rows, [data_fit(overrides, args.chars) for overrides in args.unigram_data])
     payload = {"device": device_name(torch.device("cpu")), "chars": args.chars, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, args.chars))

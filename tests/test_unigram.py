@@ -209,3 +209,23 @@ def test_bound_table_keeps_one_row_per_evaluation_setting(tiny_run, tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["bound_table.py", path, "--out", str(out), "--objective", "schedule=1"])
     with pytest.raises(ValueError, match="numeric attribute"):
         bound_table.main()
+
+
+def test_bound_table_unigram_row_for_a_data_config_without_a_run(tiny_run, tmp_path, monkeypatch, capsys):
+    run_dir, module = tiny_run
+    spec = importlib.util.spec_from_file_location("bound_table", ROOT / "scripts" / "bound_table.py")
+    bound_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bound_table)
+    data = {k: v for k, v in module.config["data"].items() if k != "_target_" and not isinstance(v, (list, dict))}
+    overrides = " ".join(f"data.{k}={'null' if v is None else v}" for k, v in data.items())
+    scored, alone = tmp_path / "scored", tmp_path / "alone"
+    for out, args in ((scored, [str(run_dir / "final")]), (alone, ["--unigram-data", overrides])):
+        monkeypatch.setattr(sys, "argv", ["bound_table.py", *args, "--chars", "300", "--out", str(out)])
+        bound_table.main()
+    capsys.readouterr()
+    by_run = json.loads(scored.with_suffix(".json").read_text())["rows"][-1]
+    (by_data,) = json.loads(alone.with_suffix(".json").read_text())["rows"]
+    assert by_data["objective"] == "Unigram" and by_data["path"] == by_run["path"]
+    assert by_data["val_tokens"] == by_run["val_tokens"] and by_data["val_nll"] == by_run["val_nll"]
+    old = {**json.loads(scored.with_suffix(".json").read_text())["rows"][0], "vs_unigram": None}  # scored before
+    assert bound_table.table_rows([old, by_data])[0]["vs_unigram"] == pytest.approx(old["val_nll"] - by_data["val_nll"])
