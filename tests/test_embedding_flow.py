@@ -121,6 +121,22 @@ def test_loss_shape_padding_and_schedule_gradients_only_through_the_fit() -> Non
     assert objective.embed.weight.grad.abs().sum() > 0 and objective.head.weight.grad.abs().sum() > 0
 
 
+def test_a_frozen_schedule_gets_no_gradient_and_keeps_its_values() -> None:
+    objective = langflow(learn_schedule=False)
+    before = [p.detach().clone() for p in objective.schedule.parameters()]
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(11, (4, 8))
+    out = objective.loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "u": torch.rand(4)})
+    assert out.logs["fit_loss"] == 0
+    out.loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in objective.schedule.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, objective.schedule.parameters()))
+    assert objective.head.weight.grad.abs().sum() > 0  # the network still learns
+    with pytest.raises(ValueError, match="learn_schedule"):
+        langflow(learn_schedule="no")
+
+
 def test_denoise_prior_and_decoding_shapes() -> None:
     objective = langflow().eval()
     x = objective.prior(2, 7, torch.device("cpu"), generator=torch.Generator().manual_seed(0))

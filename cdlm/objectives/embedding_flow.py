@@ -72,6 +72,8 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
             bound's standard error ``nll_se`` (docs/math.md §6).
         analytic_skip: add the factorised posterior ``c_skip z @ E^T`` to the network's logits (LangFlow; the
             default); ``False`` leaves the whole posterior to the network (an ablation, docs/math.md §3).
+        learn_schedule: fit the Gumbel schedule to the CE curve during training (CDCD's rule, LangFlow; the default);
+            False keeps ``loc, scale, A`` at their initial values (an ablation of the learned time sampling).
         ode_self_condition: the bound integrates the self-conditioned two-pass denoiser the sampler uses and reads
             its decoder self-conditioned too (``cdlm.types.SelfConditionedBound``; docs/math.md §6); False (the
             default) scores the one-pass model. Either is a valid bound; they score different models.
@@ -99,6 +101,7 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         analytic_skip: bool = True,
         condition_rate: float = 0.0,
         ode_self_condition: bool = False,
+        learn_schedule: bool = True,
     ) -> None:
         super().__init__()
         if not (checks.is_real(self_condition) and 0.0 <= self_condition <= 1.0):
@@ -106,7 +109,9 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         checks.at_least(2, vocab_size=vocab_size)  # log V is the schedule's initial amplitude
         checks.positive(scale=scale)
         checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
-        checks.booleans(analytic_skip=analytic_skip, ode_self_condition=ode_self_condition)
+        checks.booleans(
+            analytic_skip=analytic_skip, ode_self_condition=ode_self_condition, learn_schedule=learn_schedule
+        )
         if loc is not None:
             checks.finite(loc=loc)
         if embed_dim is not None:
@@ -118,6 +123,8 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         self.dim = dim = embed_dim or width
         # the noise schedule (a NoiseSchedule: sigma(t) reads it); named ``schedule`` for its checkpoint keys
         self.schedule = GumbelSchedule(default_loc(dim) if loc is None else loc, scale, math.log(vocab_size))
+        self.learn_schedule = learn_schedule
+        self.schedule.requires_grad_(learn_schedule)  # frozen: no gradient, no optimizer update
         self.embed = nn.Embedding(vocab_size, dim)  # rows are normalised to norm sqrt(D) in every use
         nn.init.normal_(self.embed.weight)
         self.self_cond = nn.Linear(2 * dim, dim)  # W_sc [z ; x_sc], zero at init: the input is unchanged
@@ -208,7 +215,7 @@ class EmbeddingFlow(CleanSpans, SigmaRange, VEObjective, nn.Module):
         mean_ce = ce.sum() / tokens.sum().clamp_min(1)
         seq_ce = ce.sum(1) / tokens.clamp_min(1)  # [B]
         valid = tokens > 0 if clean is None else (tokens > 0) & ~clean.fixed.any(1)  # the fit reads unconditioned rows
-        fit = self.schedule.fit_loss(gamma, seq_ce, valid=valid)
+        fit = self.schedule.fit_loss(gamma, seq_ce, valid=valid) if self.learn_schedule else mean_ce.new_zeros(())
         logs = {**self.schedule.logs(), "ce": mean_ce.detach(), "fit_loss": fit.detach()}
         return LossOutput(mean_ce + fit, ce, scored, logs)
 
