@@ -390,6 +390,74 @@ def test_ete_commits_more_per_round_than_threshold_and_budget_zero_is_threshold(
     assert torch.equal(a, b)
 
 
+class SplitToy(GapToy):
+    """A ``GapToy`` that is unsure (gap 1: confidence 0.31 at V = 7) before position ``sure_from`` and, from there on,
+    sure (gap 8: confidence > 0.99) at the positions ``sure`` selects (every one by default)."""
+
+    def __init__(self, sure_from: int, sure=lambda pos: pos >= 0) -> None:
+        super().__init__(gap=1.0)
+        self.sure_from, self.sure = sure_from, sure
+
+    def denoise(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(z.shape[1])
+        gap = torch.where((pos >= self.sure_from) & self.sure(pos), 8.0, 1.0)  # [L]
+        logits = torch.zeros(*z.shape, self.vocab_size)
+        logits[:, pos, pos % self.vocab_size] = gap
+        return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("selector", ["threshold", "ete", "ccd"])
+def test_lookahead_commits_only_sure_positions_right_after_the_block(selector):
+    toy = SplitToy(sure_from=8, sure=lambda pos: pos % 2 == 0)  # block 1: even positions sure, odd ones not
+    x = toy.prior(2, 24, torch.device("cpu"))
+    x[:, 10] = 3  # a prompt token inside the lookahead
+    knobs = {"selector": selector, "block_length": 8, "ete_budget": 0.0}
+    out, seen = run(toy, 0, x=x, steps=24, lookahead=8, **knobs)
+    first = seen[0].x  # after block 0's first step
+    committed = (x == toy.mask_id) & (first != toy.mask_id)  # [B, L]
+    sure_ahead = torch.tensor([p % 2 == 0 and p != 10 for p in range(8, 16)])
+    assert torch.equal(committed[:, 8:16], sure_ahead.expand(2, -1))  # the sure ones of block 1, at once
+    assert not committed[:, 16:].any()  # nothing beyond the lookahead
+    assert (first[:, 10] == 3).all() and (out[:, 10] == 3).all() and (out != toy.mask_id).all()
+    _, plain = run(toy, 0, x=x, steps=24, **knobs)
+    assert not ((x == toy.mask_id) & (plain[0].x != toy.mask_id))[:, 8:].any()  # without it: block 0 alone
+
+
+def test_lookahead_saves_rounds_and_zero_is_off():
+    toy = SplitToy(sure_from=8)  # blocks 1 and 2 sure: the lookahead finishes block 1 during block 0
+    x = toy.prior(2, 24, torch.device("cpu"))
+    _, plain = run(toy, 0, x=x, steps=24, selector="threshold", block_length=8)
+    _, ahead = run(toy, 0, x=x, steps=24, selector="threshold", block_length=8, lookahead=8)
+    assert ahead[-1].nfe == plain[-1].nfe - 1 == 9  # block 0: 8 rounds; block 1 done early; block 2: 1 round
+    a, _ = run(toy, 3, x=x, steps=24, selector="ete", block_length=8, lookahead=0)
+    b, _ = run(toy, 3, x=x, steps=24, selector="ete", block_length=8)
+    assert torch.equal(a, b)
+
+
+def test_lookahead_on_a_network_keeps_prompts_and_only_commits(masked_objective):
+    x = masked_objective.prior(3, 24, torch.device("cpu"))
+    x[:, :4] = torch.arange(4)  # a prompt
+    mask = masked_objective.mask_id
+    for kv_cache in ("none", "prefix", "delayed"):
+        out, seen = run(
+            masked_objective, 0, x=x, steps=12, selector="ete", block_length=8, lookahead=8, tau=0.05, kv_cache=kv_cache
+        )
+        assert (out != mask).all() and torch.equal(out[:, :4], x[:, :4])
+        for before, after in zip(states(x, seen), states(x, seen)[1:]):
+            assert ((before == mask) | (before == after)).all()  # commits only: nothing is revised
+
+
+def test_lookahead_is_refused_where_it_cannot_apply(masked_objective):
+    x = masked_objective.prior(1, 16, torch.device("cpu"))
+    for knobs, needle in (
+        ({"selector": "topk", "lookahead": 4}, "threshold rule"),
+        ({"selector": "ete", "lookahead": 4, "kv_cache": "dual", "block_length": 8}, "dual"),
+        ({"selector": "ete", "lookahead": -1}, "integer >= 0"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            run(masked_objective, 0, x=x, steps=4, **knobs)
+
+
 def test_ccd_with_no_memory_is_threshold():
     toy = GapToy(gap=3.0)
     x = toy.prior(2, 20, torch.device("cpu"))

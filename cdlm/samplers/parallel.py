@@ -22,7 +22,7 @@ import torch
 
 from cdlm.models.span_cache import SpanCache
 from cdlm.samplers.grids import linear_grid
-from cdlm.samplers.parallel_step import SELECTORS, Policy, parallel_step
+from cdlm.samplers.parallel_step import SELECTORS, THRESHOLDED, Policy, commit_ahead, parallel_step
 from cdlm.samplers.registry import Choice, Range, register_sampler
 from cdlm.samplers.selectors import (
     active_block,
@@ -64,6 +64,7 @@ def stale_positions(x: torch.Tensor, keyed: torch.Tensor, mask_id: int) -> torch
         "ete_budget": Range(0, note="nats; 0 = threshold alone"),
         "ccd_decay": Range(0, 1, high_open=True, note="0 = this step alone"),
         "repulsion": Range(0, note="0 = off"),
+        "lookahead": Range(0, note="positions after the active block; threshold, ete, ccd; 0 = off"),
     },
 )
 @torch.no_grad()
@@ -86,6 +87,7 @@ def sample_parallel(
     ete_budget: float = 2.0,
     ccd_decay: float = 0.5,
     repulsion: float = 0.0,
+    lookahead: int = 0,
     guide: str | None = None,
 ) -> torch.Tensor:
     """Decode ``x`` ``[B, L]`` over the grid ``ts`` ``[T + 1]`` (1 -> ~0) with a parallel-decoding policy.
@@ -117,16 +119,21 @@ def sample_parallel(
             ``delayed`` (dKV-Cache: a full pass every ``kv_refresh`` passes, else each row's masked and newly decoded
             positions); ``none``. Every pass counts as one NFE.
         repulsion: batch repulsion between the samples of one prompt (``fill``, ``selectors.repel``); 0 = off.
+        lookahead: ETE's cross-block decoding: at every step, masked positions among the first ``lookahead`` after
+            the active block whose confidence reaches ``tau`` are committed too, from the same network pass
+            (``parallel_step.commit_ahead``); the threshold selectors only (``threshold``, ``ete``, ``ccd``); 0 = off.
         guide: the ``guided`` selector's autoregressive objective (``DiffusionLM.generate`` and ``sample.py`` load it
             from a run's path).
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay, repulsion)
     check_extras(objective, kv_cache, kv_refresh, selector, guide)
+    check_lookahead(lookahead, selector, kv_cache)
     generated = x == objective.mask_id  # [B, L]
     length = x.shape[1]
     blocks = [active_block(length, block_length, b, x.device) for b in range(num_blocks(length, block_length))]
     blocks = [block for block in blocks if (generated & block).any()]  # [L] each
     decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback)
+    decoder.lookahead = lookahead
     decoder.keys = None if kv_cache == "none" else SpanCache()
     decoder.kv_cache, decoder.kv_refresh, decoder.guide = kv_cache, kv_refresh, guide
     decoder.groups = prompt_groups(x) if repulsion > 0 else None
@@ -151,6 +158,31 @@ def check_extras(objective: AbsorbingObjective, kv_cache: str, kv_refresh: int, 
         raise ValueError("selector=guided needs guide=PATH, an autoregressive run with the model's tokenizer")
     if selector == "guided" and not isinstance(guide, torch.nn.Module):
         raise ValueError(f"guide={guide!r}: pass it through DiffusionLM.generate / sample.py, which load the run")
+
+
+def check_lookahead(lookahead: int, selector: str, kv_cache: str) -> None:
+    """``sample_parallel``'s ``lookahead``, checked against the selector and the cache (a ``ValueError``)."""
+    if not (isinstance(lookahead, int) and lookahead >= 0):
+        raise ValueError(f"lookahead must be an integer >= 0 (0 = off), got {lookahead!r}")
+    if lookahead and selector not in THRESHOLDED:
+        raise ValueError(
+            f"lookahead commits by the threshold rule: use selector in {list(THRESHOLDED)}, not {selector!r}"
+        )
+    if lookahead and kv_cache == "dual":
+        raise ValueError(
+            "lookahead needs scores after the active block, which kv_cache='dual' does not compute; "
+            "use kv_cache=prefix, delayed or none"
+        )
+
+
+def ahead_of(block: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """The ``lookahead`` positions ``[L]`` (bool) right after the last position of ``block`` ``[L]`` (fewer at the
+    end of the sequence; none for an empty block)."""
+    ahead = torch.zeros_like(block)
+    where = block.nonzero().flatten()
+    if lookahead and len(where):
+        ahead[int(where[-1]) + 1 : int(where[-1]) + 1 + lookahead] = True
+    return ahead
 
 
 class BlockDecoder:
@@ -179,6 +211,7 @@ class BlockDecoder:
         self.history: torch.Tensor | None = None  # ccd: [B, L, V], each position's moving-average law
         self.groups: torch.Tensor | None = None  # repulsion: [B] prompt group of each row
         self.guide: torch.nn.Module | None = None  # guided: the autoregressive verifier
+        self.lookahead = 0  # ETE's cross-block decoding: positions after the block committed at tau
 
     def decode(self, x: torch.Tensor, block: torch.Tensor, grid: torch.Tensor, offset: int) -> torch.Tensor:
         """Unmask the ``block`` ``[L]`` of ``x`` ``[B, L]`` over its ``grid`` ``[n + 1]``; ``offset``: steps so far.
@@ -186,7 +219,8 @@ class BlockDecoder:
         The block's last step commits every remaining candidate; a block that empties early drops its other steps.
         """
         mask_id, alpha, n = self.objective.mask_id, self.objective.schedule.alpha, len(grid) - 1
-        where = block.nonzero().flatten()  # the block's positions: scores are read on the span they cover
+        ahead = ahead_of(block, self.lookahead)  # [L]
+        where = (block | ahead).nonzero().flatten()  # scores are read on the span the block and lookahead cover
         span = slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
         if self.keys is not None and self.kv_cache != "delayed":  # a block starts with a full pass
             self.keys.reset()
@@ -216,6 +250,9 @@ class BlockDecoder:
                 self.groups,
                 self.guide,
             )
+            if ahead.any():
+                early = (x == mask_id) & ahead & self.generated  # [B, L]
+                new = commit_ahead(self.policy, new, self.logp, early, self.generator, mask_id, self.groups)
             if self.callback is not None:  # the clean estimate this step used [B, L], for the callback only
                 x0 = torch.where(x == mask_id, self.logp.argmax(-1), x)
             if not (self.reuse and torch.equal(new, x)):

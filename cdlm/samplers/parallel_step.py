@@ -1,7 +1,7 @@
 """One step of parallel decoding for masked diffusion (docs/math.md §7): the ``Policy`` (the sampler's knobs),
 which candidates a step commits (``choose``), and the step itself (``parallel_step``: commit, draw, remask; RCR's
-``rcr_step``; batch repulsion's ``fill``; Guided Diffusion's ``guided_step``). ``cdlm.samplers.parallel`` runs
-these steps block by block.
+``rcr_step``; batch repulsion's ``fill``; Guided Diffusion's ``guided_step``; ETE's cross-block ``commit_ahead``).
+``cdlm.samplers.parallel`` runs these steps block by block.
 """
 
 from __future__ import annotations
@@ -141,6 +141,30 @@ def parallel_step(
         x[greedy] = best[greedy]  # no [N, V] copy of the greedy rows
     fill(x, logp, sampled, policy, generator, mask_id, groups)
     return remask(x, remaskable & ~ready[:, None], rates[2], mask_id, generator)
+
+
+def commit_ahead(
+    policy: Policy,
+    x: torch.Tensor,
+    logp: torch.Tensor,
+    early: torch.Tensor,
+    generator: torch.Generator | None,
+    mask_id: int,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ETE's cross-block decoding on ``x`` ``[B, L]`` (a new tensor when anything is committed): the ``early``
+    positions ``[B, L]`` (masked, after the active block) whose confidence ``max_v p_theta`` reaches ``policy.tau``
+    are drawn from ``logp`` ``[B, L, V]``, the pass the block's step used; no top-1 is forced and nothing there is
+    explored, so a position ahead is committed only when the network is already sure of it."""
+    if not bool(early.any()):
+        return x
+    sure = torch.zeros_like(early)  # [B, L]
+    sure[early] = logp[early].amax(-1).double().exp() >= policy.tau
+    if not bool(sure.any()):
+        return x
+    x = x.clone()
+    fill(x, logp, sure, policy, generator, mask_id, groups)
+    return x
 
 
 def fill(
