@@ -1,14 +1,14 @@
-"""Fast-dLLM's block caches and dKV-Cache's delayed cache against full passes: seconds per sample, speed-up and
-deviation, bf16 autocast on CPU.
+"""Fast-dLLM's block caches, dKV-Cache's delayed cache and FreeCache's window against full passes: seconds per
+sample, speed-up and deviation, bf16 autocast on CPU.
 
 In one process: a masked diffusion model (``--path`` a trained run's ``final/``; without it the quickstart's
 ``MaskedDiffusion`` at random init, whose deviation means little), semi-autoregressive blocks of ``--block`` with the
 top-k selector and ``L / 2`` steps; for each length in ``--lengths``, ``n`` samples under one seed with ``kv_cache``
-none, prefix, dual and delayed (``kv_refresh`` 8), repeated ``--repeats`` times (the fastest kept), the load average
-before and after. Deviation of a cache: along its own trajectory, every cached pass is also scored by a full pass,
-and the KL of the full pass's rows from the cached ones on the masked positions fed is averaged (nats per position),
-with the max abs difference of log-probabilities; and the fraction of tokens equal to the uncached run's under the
-same seed. Writes one JSON file (docs/sampling.md, "Block caches").
+none, prefix, dual, delayed (``kv_refresh`` 8) and window (``kv_window`` 32), repeated ``--repeats`` times (the
+fastest kept), the load average before and after. Deviation of a cache: along its own trajectory, every cached pass
+is also scored by a full pass, and the KL of the full pass's rows from the cached ones on the masked positions fed
+is averaged (nats per position), with the max abs difference of log-probabilities; and the fraction of tokens equal
+to the uncached run's under the same seed. Writes one JSON file (docs/sampling.md, "Block caches").
 
     python bench/block_cache.py [--path runs/quickstart/final] [--lengths 256 1024] [--n 2] [--caches prefix dual]
         [--out bench/results/block_cache_cpu.json]
@@ -33,7 +33,7 @@ from cdlm.samplers.parallel import sample_parallel
 VOCAB = 2048  # the quickstart's BPE vocabulary
 
 
-CACHES = ("none", "prefix", "dual", "delayed")
+CACHES = ("none", "prefix", "dual", "delayed", "window")
 
 
 class Deviation:

@@ -1,6 +1,6 @@
-"""Fast-dLLM's block caches (``sample_parallel(kv_cache=prefix|dual)``, ``cdlm.models.span_cache``): the cached
-pass is the uncached one where nothing changed, it recovers most of a change in its span, and the sampler keeps its
-contracts (prompts, NFE, exactness where every pass is a full one)."""
+"""Fast-dLLM's block caches, dKV-Cache and FreeCache's window (``sample_parallel(kv_cache=prefix|dual|delayed|
+window)``, ``cdlm.models.span_cache``): the cached pass is the uncached one where nothing changed, it recovers most of
+a change in its span, and the sampler keeps its contracts (prompts, NFE, exactness where every pass is a full one)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,39 @@ def test_a_changed_span_is_approximated_far_better_than_by_stale_scores(model):
         assert (cached - truth).abs().max() < 0.2 * (stale - truth).abs().max()
 
 
+def test_a_window_pass_is_the_network_on_the_cut_sequence(model):
+    z, t = torch.randint(0, V + 1, (2, L)), torch.rand(2)
+    z[:, 8:16] = model.mask_id  # the fed block is masked: its rows are the network's, not SUBS's one-hots
+    with torch.no_grad():
+        cache = SpanCache()
+        model.denoise_span(z, t, cache, slice(0, L))  # the full pass that fills the cache
+        cache.limit = 16  # positions 16.. left out of attention
+        torch.testing.assert_close(model.denoise_span(z, t, cache, slice(0, 16)), model.denoise(z[:, :16], t))
+        with pytest.raises(ValueError, match="past the attention limit"):
+            model.denoise_span(z, t, cache, slice(8, 20))
+        cut = model.denoise_span(z, t, cache, slice(8, 16))  # keys 0..8 stored with the whole sequence in view
+        assert not torch.allclose(cut, model.denoise(z, t)[:, 8:16], atol=1e-4)  # the window changes the scores
+    assert SpanCache().limit is None
+
+
+def test_window_cache_feeds_the_block_its_window_and_the_finished_block_once_more(model):
+    spans = []
+    original = model.denoise_span
+
+    def record(z, t, cache, span):
+        spans.append((span.start, span.stop, cache.limit))
+        return original(z, t, cache, span)
+
+    model.denoise_span = record
+    try:
+        x = sample(model, model.prior(2, L, torch.device("cpu")), 12, block_length=8, kv_cache="window", kv_window=4)
+    finally:
+        del model.denoise_span
+    assert not (x == model.mask_id).any()
+    full, b0, b1, b2 = (0, L, None), (0, 12, 12), (8, 20, 20), (16, 24, 24)
+    assert spans == [full, b0, b0, b0, (0, 20, 20), b1, b1, b1, (8, 24, 24), b2, b2, b2]
+
+
 def sample(model, x, steps, **knobs):
     return sample_parallel(
         model, x, torch.linspace(1, 0, steps + 1), generator=torch.Generator().manual_seed(3), **knobs
@@ -81,7 +114,7 @@ def test_exact_where_every_pass_is_a_full_one(model, kv_cache):
         assert torch.equal(sample(model, x, 12, kv_cache="prefix"), sample(model, x, 12))
 
 
-@pytest.mark.parametrize("kv_cache", ["prefix", "dual", "delayed"])
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual", "delayed", "window"])
 @pytest.mark.parametrize("selector", ["topk", "threshold", "rcr"])
 def test_cached_sampling_keeps_prompts_and_counts_passes(model, kv_cache, selector):
     prefixes = [[1], [2, 3, 4], [], [5] * 10]

@@ -7,7 +7,9 @@ a block: one full pass at the start of a block stores every position's keys and 
 then feed only a span of positions (the block and what follows it: the *prefix* cache; the block alone: the *dual*
 cache), whose queries attend to the stored keys elsewhere and to their own fresh ones. dKV-Cache (Ma et al., 2025)
 feeds, per row, any set of positions instead (``feed_positions``): the masked ones and those decoded since their
-keys were stored.
+keys were stored. FreeCache (Hu et al., 2025, "Accelerating Diffusion Language Model Inference via Efficient KV
+Caching and Guided Diffusion") also drops the positions after a window from attention (``limit``): the fed span's
+queries see the stored keys before it, their own, and nothing after ``limit``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ class SpanCache:
     all ``L``. The first pass must feed the whole sequence (``offset = 0``, ``n = L``): that pass is the uncached
     forward, and it fills the cache.
 
-    ``empty`` tells whether the next pass must be a full one.
+    ``empty`` tells whether the next pass must be a full one. ``limit`` (None = the whole sequence): attention sees
+    only the positions before it, so a span that ends there runs as on the sequence cut at ``limit``.
     """
 
     def __init__(self) -> None:
         self.offset = 0
+        self.limit: int | None = None  # positions >= limit are left out of attention (FreeCache's window)
         self.index: torch.Tensor | None = None  # [B, m]: per-row positions fed (feed_positions), or a span
         self.keys: dict[int, torch.Tensor] = {}  # layer -> [B, H, L, Dh]
         self.values: dict[int, torch.Tensor] = {}
@@ -38,9 +42,10 @@ class SpanCache:
         return not self.keys
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the span's ``k, v`` ``[B, H, n, Dh]`` at ``offset``; return the whole sequence's ``[B, H, L, Dh]``."""
+        """Write the span's ``k, v`` ``[B, H, n, Dh]`` at ``offset``; return the whole sequence's ``[B, H, L, Dh]``
+        (the positions before ``limit`` only, when it is set)."""
         if layer not in self.keys:
-            if self.offset != 0:
+            if self.offset != 0 or self.limit is not None:
                 raise ValueError(f"a SpanCache's first pass feeds the whole sequence, not positions from {self.offset}")
             self.keys[layer], self.values[layer] = k.clone(), v.clone()
             return k, v
@@ -54,6 +59,10 @@ class SpanCache:
             raise ValueError(f"span {self.offset}..{end} is past the cached sequence of {self.keys[layer].shape[2]}")
         self.keys[layer][:, :, self.offset : end] = k
         self.values[layer][:, :, self.offset : end] = v
+        if self.limit is not None:
+            if not end <= self.limit:
+                raise ValueError(f"span {self.offset}..{end} reaches past the attention limit {self.limit}")
+            return self.keys[layer][:, :, : self.limit], self.values[layer][:, :, : self.limit]
         return self.keys[layer], self.values[layer]
 
     def advance(self, n: int) -> None:
@@ -75,4 +84,4 @@ class SpanCache:
 
     def reset(self) -> None:
         """Forget everything: the next pass is a full one (a new block starts)."""
-        self.keys, self.values, self.offset, self.index = {}, {}, 0, None
+        self.keys, self.values, self.offset, self.index, self.limit = {}, {}, 0, None, None

@@ -35,7 +35,7 @@ from cdlm.samplers.selectors import (
 )
 from cdlm.types import AbsorbingObjective, SamplerStep
 
-KV_CACHES = ("none", "prefix", "dual", "delayed")  # Fast-dLLM's block caches, dKV-Cache; approximate
+KV_CACHES = ("none", "prefix", "dual", "delayed", "window")  # Fast-dLLM, dKV-Cache, FreeCache; approximate
 
 
 def stale_positions(x: torch.Tensor, keyed: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -61,6 +61,7 @@ def stale_positions(x: torch.Tensor, keyed: torch.Tensor, mask_id: int) -> torch
         "top_p": Range(0, 1, low_open=True, note="1 = off"),
         "kv_cache": Choice(*KV_CACHES),
         "kv_refresh": Range(1, note="delayed cache: passes between full passes; 1 = every pass full"),
+        "kv_window": Range(1, note="window cache: positions after the active block kept in attention"),
         "ete_budget": Range(0, note="nats; 0 = threshold alone"),
         "ccd_decay": Range(0, 1, high_open=True, note="0 = this step alone"),
         "repulsion": Range(0, note="0 = off"),
@@ -84,6 +85,7 @@ def sample_parallel(
     cache: bool = True,
     kv_cache: str = "none",
     kv_refresh: int = 8,
+    kv_window: int = 32,
     ete_budget: float = 2.0,
     ccd_decay: float = 0.5,
     repulsion: float = 0.0,
@@ -117,7 +119,10 @@ def sample_parallel(
         kv_cache: approximate key/value caches (``cdlm.models.span_cache``): ``prefix`` / ``dual`` (Fast-dLLM: a
             full pass at each block's first step, then the block and what follows it / the block alone);
             ``delayed`` (dKV-Cache: a full pass every ``kv_refresh`` passes, else each row's masked and newly decoded
-            positions); ``none``. Every pass counts as one NFE.
+            positions); ``window`` (FreeCache: one full pass, then each step feeds the active block and the
+            ``kv_window`` positions after it, attending over the stored keys before the block and to nothing after
+            the window; a new block's first pass feeds the finished block again, so its final tokens' keys are
+            stored); ``none``. Every pass counts as one NFE.
         repulsion: batch repulsion between the samples of one prompt (``fill``, ``selectors.repel``); 0 = off.
         lookahead: ETE's cross-block decoding: at every step, masked positions among the first ``lookahead`` after
             the active block whose confidence reaches ``tau`` are committed too, from the same network pass
@@ -127,6 +132,8 @@ def sample_parallel(
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay, repulsion)
     check_extras(objective, kv_cache, kv_refresh, selector, guide)
+    if not (isinstance(kv_window, int) and kv_window >= 1):
+        raise ValueError(f"kv_window must be an integer >= 1, got {kv_window!r}")
     check_lookahead(lookahead, selector, kv_cache)
     generated = x == objective.mask_id  # [B, L]
     length = x.shape[1]
@@ -135,7 +142,7 @@ def sample_parallel(
     decoder = BlockDecoder(objective, policy, generated, len(ts) - 1, cache, generator, callback)
     decoder.lookahead = lookahead
     decoder.keys = None if kv_cache == "none" else SpanCache()
-    decoder.kv_cache, decoder.kv_refresh, decoder.guide = kv_cache, kv_refresh, guide
+    decoder.kv_cache, decoder.kv_refresh, decoder.kv_window, decoder.guide = kv_cache, kv_refresh, kv_window, guide
     decoder.groups = prompt_groups(x) if repulsion > 0 else None
     offset = 0
     for block, n in zip(blocks, block_steps(decoder.steps, len(blocks))):
@@ -203,6 +210,9 @@ class BlockDecoder:
         self.rows: torch.Tensor | None = None  # kv_cache: [B, L, V], the latest scores of every position
         self.keyed: torch.Tensor | None = None  # delayed: [B, L], each position's token when its keys were stored
         self.kv_refresh, self.passes = 8, 0  # delayed: passes between full passes; partial passes since the last
+        self.kv_window = 32  # window: positions after the active block (and its lookahead) kept in attention
+        self.refeed: int | None = None  # window: the finished block's first position, fed again at the next pass
+        self.block_start: int | None = None  # window: the active block's first position
         self.reuse = cache and not objective.time_conditioning
         self.generator, self.callback = generator, callback
         self.logp: torch.Tensor | None = None  # [B, L, V] for the current x
@@ -222,8 +232,10 @@ class BlockDecoder:
         ahead = ahead_of(block, self.lookahead)  # [L]
         where = (block | ahead).nonzero().flatten()  # scores are read on the span the block and lookahead cover
         span = slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
-        if self.keys is not None and self.kv_cache != "delayed":  # a block starts with a full pass
+        if self.keys is not None and self.kv_cache in ("prefix", "dual"):  # a block starts with a full pass
             self.keys.reset()
+        if self.kv_cache == "window":  # the finished block is fed once more: its last commits get their keys
+            self.refeed, self.block_start = self.block_start, span.start
         for j in range(n):
             candidates = (x == mask_id) & block  # [B, L]
             if not candidates.any():
@@ -274,7 +286,8 @@ class BlockDecoder:
     def score(self, x: torch.Tensor, t: torch.Tensor, block: slice) -> None:
         """``self.logp`` ``[B, L, V]`` for ``x`` at ``t`` ``[B]``: a full pass, or with a ``kv_cache`` filled by the
         block's first pass, the rows of the block (``dual``) or of the block and everything after it (``prefix``)
-        only; rows outside those keep their earlier values (no candidate is there)."""
+        only, or (``window``) of the block and the ``kv_window`` after it; rows outside those keep their earlier
+        values (no candidate is there)."""
         self.nfe += 1
         if self.keys is None:
             self.logp = self.objective.denoise(x, t)
@@ -289,6 +302,12 @@ class BlockDecoder:
             self.rows.scatter_(1, index[..., None].expand(-1, -1, out.shape[-1]), out)
             self.keyed.scatter_(1, index, x.gather(1, index))
             self.passes += 1
+        elif self.kv_cache == "window":
+            start = block.start if self.refeed is None else min(self.refeed, block.start)
+            self.keys.limit = min(x.shape[1], block.stop + self.kv_window)
+            span = slice(start, self.keys.limit)
+            self.rows[:, span] = self.objective.denoise_span(x, t, self.keys, span)
+            self.refeed = None
         else:
             span = slice(block.start, block.stop if self.kv_cache == "dual" else x.shape[1])
             self.rows[:, span] = self.objective.denoise_span(x, t, self.keys, span)
