@@ -228,8 +228,11 @@ def stored_sampler(path: Path) -> str:
 
 def check_sampler_options(name: str, knobs: dict) -> None:
     """``sampler.KEY=value`` options of one point, against the sampler they will reach."""
-    from cdlm.samplers import check_knobs, check_steps, get_sampler
+    from cdlm.config import load_group
+    from cdlm.samplers import SAMPLERS, check_knobs, check_steps, get_sampler
 
+    if name not in SAMPLERS:  # a preset (sampler=remdm, threshold, ...): the sampler its config names
+        name = str(load_group("sampler", name).name)
     spec = get_sampler(name)
     if "steps" in knobs:
         check_steps(spec, knobs["steps"])

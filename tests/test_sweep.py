@@ -271,3 +271,12 @@ def test_eval_sweep_through_the_api(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("validation bound:") == 2 and out.count("cdlm: wrote") == 2
     assert (tmp_path / "sweep" / "results.md").is_file()
+
+
+def test_a_sampler_preset_is_checked_as_the_sampler_it_names():
+    from cdlm.sweep import check_sampler_options
+
+    check_sampler_options("remdm", {"steps": 64})  # presets of `ancestral` and `parallel`, as `cdlm eval` takes them
+    check_sampler_options("semiar", {"kv_cache": "window", "steps": 64})
+    with pytest.raises(ValueError, match="kv_cache"):
+        check_sampler_options("semiar", {"kv_cache": "nonesuch"})
