@@ -131,9 +131,7 @@ def sample_parallel(
             from a run's path).
     """
     policy = Policy(selector, tau, remask_eta, temperature, top_p, ete_budget, ccd_decay, repulsion)
-    check_extras(objective, kv_cache, kv_refresh, selector, guide)
-    if not (isinstance(kv_window, int) and kv_window >= 1):
-        raise ValueError(f"kv_window must be an integer >= 1, got {kv_window!r}")
+    check_extras(objective, kv_cache, (kv_refresh, kv_window), selector, guide)
     check_lookahead(lookahead, selector, kv_cache)
     generated = x == objective.mask_id  # [B, L]
     length = x.shape[1]
@@ -151,8 +149,10 @@ def sample_parallel(
     return x
 
 
-def check_extras(objective: AbsorbingObjective, kv_cache: str, kv_refresh: int, selector: str, guide) -> None:
-    """``sample_parallel``'s cache and guide options, checked against the objective (a ``ValueError`` naming them)."""
+def check_extras(objective: AbsorbingObjective, kv_cache: str, sizes: tuple[int, int], selector: str, guide) -> None:
+    """``sample_parallel``'s cache and guide options, checked against the objective (a ``ValueError`` naming them);
+    ``sizes``: ``(kv_refresh, kv_window)``."""
+    kv_refresh, kv_window = sizes
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     if kv_cache != "none" and not hasattr(objective, "denoise_span"):
@@ -161,6 +161,8 @@ def check_extras(objective: AbsorbingObjective, kv_cache: str, kv_refresh: int, 
         raise ValueError("kv_cache='delayed' needs an objective with denoise_positions (masked diffusion)")
     if not (isinstance(kv_refresh, int) and kv_refresh >= 1):
         raise ValueError(f"kv_refresh must be an integer >= 1, got {kv_refresh!r}")
+    if not (isinstance(kv_window, int) and kv_window >= 1):
+        raise ValueError(f"kv_window must be an integer >= 1, got {kv_window!r}")
     if selector == "guided" and guide is None:
         raise ValueError("selector=guided needs guide=PATH, an autoregressive run with the model's tokenizer")
     if selector == "guided" and not isinstance(guide, torch.nn.Module):
@@ -230,6 +232,7 @@ class BlockDecoder:
         """
         mask_id, alpha, n = self.objective.mask_id, self.objective.schedule.alpha, len(grid) - 1
         ahead = ahead_of(block, self.lookahead)  # [L]
+        looks_ahead = bool(ahead.any())  # once per block, not a device sync per step
         where = (block | ahead).nonzero().flatten()  # scores are read on the span the block and lookahead cover
         span = slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
         if self.keys is not None and self.kv_cache in ("prefix", "dual"):  # a block starts with a full pass
@@ -262,7 +265,7 @@ class BlockDecoder:
                 self.groups,
                 self.guide,
             )
-            if ahead.any():
+            if looks_ahead:
                 early = (x == mask_id) & ahead & self.generated  # [B, L]
                 new = commit_ahead(self.policy, new, self.logp, early, self.generator, mask_id, self.groups)
             if self.callback is not None:  # the clean estimate this step used [B, L], for the callback only
