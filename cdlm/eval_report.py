@@ -95,6 +95,7 @@ def summary(result: dict) -> str:
     if "infill_accuracy_mean" in m:
         fill = result["infill"]
         bound = "" if fill["span_nll"] is None else f", span bound {fill['span_nll']:.4f} nats/token"
+        bound += f" (unigram {fill['unigram_span_nll']:.4f})"
         lines.append(
             f"infilling {fill['span']} tokens: accuracy {m['infill_accuracy_mean']:.4f} +- "
             f"{m['infill_accuracy_std']:.4f} (unigram draws {fill['unigram_accuracy']:.4f}){bound}"

@@ -239,6 +239,7 @@ def evaluate(
         result["infill"] = infill_row(canvas, train_unigram(module), span_bound(module, canvas))
         metrics["infill_unigram_accuracy"] = result["infill"]["unigram_accuracy"]
         metrics["infill_span_nll"] = result["infill"]["span_nll"]
+        metrics["infill_unigram_span_nll"] = result["infill"]["unigram_span_nll"]
     return result
 
 

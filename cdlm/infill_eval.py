@@ -3,7 +3,8 @@
 The canvas is ``n`` windows of real validation text (the reference row's windows), each with the ``K`` tokens in its
 middle left free and every other position kept (a ``cdlm.prompts.Prompt``). The model fills the span under each seed;
 the accuracy is the fraction of span tokens equal to the true ones. Beside it: the expected accuracy of independent
-unigram draws in the span (``sum p_unigram(x_true)`` over the span tokens, exact, no draws), and, for an objective
+unigram draws in the span (``sum p_unigram(x_true)`` over the span tokens, exact, no draws) and the unigram's NLL of
+the span's true tokens, and, for an objective
 with a conditional bound (masked diffusion; a continuous objective trained with clean spans), that bound of the span
 given the rest, nats/token -- the likelihood side of the same task.
 """
@@ -42,6 +43,12 @@ def unigram_accuracy(unigram: UnigramModel, canvas: Prompt) -> float:
     return float(unigram.probs[canvas.ids[~canvas.fixed]].mean())
 
 
+def unigram_nll(unigram: UnigramModel, canvas: Prompt) -> float:
+    """The unigram's NLL of the true tokens at the free positions, nats/token: the span bound of a model that knows
+    token frequencies and no context (the row the span bound is read against, issue 17's unigram row)."""
+    return float(-unigram.log_probs[canvas.ids[~canvas.fixed]].mean())
+
+
 def span_bound(module, canvas: Prompt, draws: int = MC_DRAWS) -> float | None:
     """The objective's bound of the free tokens given the fixed ones (``conditional_nll``), nats/token over the span
     (fixed noise, the evaluation's seed): the mean of ``draws`` one-sample NELBOs at stratified times per window for
@@ -70,11 +77,13 @@ def infill_row(canvas: Prompt, unigram: UnigramModel, bound: float | None) -> di
     return {
         "span": span,
         "unigram_accuracy": unigram_accuracy(unigram, canvas),
+        "unigram_span_nll": unigram_nll(unigram, canvas),
         "span_nll": bound,
         "protocol": (
             f"{n} validation windows of {length} tokens (the reference row's), the middle {span} tokens free and the "
             "rest kept; infill_accuracy: the fraction of span tokens sampled equal to the true ones, per seed; "
             "unigram_accuracy: the expected accuracy of independent unigram draws (train split); span_nll: the "
-            "objective's conditional bound of the span given the rest, nats/token (null: the objective has none)"
+            "objective's conditional bound of the span given the rest, nats/token (null: the objective has none); "
+            "unigram_span_nll: the train split's unigram NLL of the span's true tokens, nats/token"
         ),
     }

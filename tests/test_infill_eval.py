@@ -4,11 +4,13 @@ expected accuracy of unigram draws; the span bound is the objective's conditiona
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from cdlm.evaluate import evaluate, reference_texts
-from cdlm.infill_eval import span_accuracy, span_canvas, unigram_accuracy
+from cdlm.evaluate import evaluate, reference_texts, train_unigram
+from cdlm.infill_eval import span_accuracy, span_canvas, unigram_accuracy, unigram_nll
 from cdlm.metrics.unigram import UnigramModel
 
 SAMPLER = {"name": "ancestral", "steps": 4}
@@ -27,6 +29,7 @@ def test_the_canvas_frees_the_middle_span_and_the_accuracy_counts_it_only():
     unigram = UnigramModel(torch.tensor([3.0, 1.0, 0.0, 0.0]), alpha=0.5)  # probs 3.5/6, 1.5/6, 0.5/6, 0.5/6
     tokens = span_canvas(torch.tensor([[0, 0, 1, 0, 0]]), 1)  # the span holds token 1
     assert unigram_accuracy(unigram, tokens) == pytest.approx(1.5 / 6)
+    assert unigram_nll(unigram, tokens) == pytest.approx(-math.log(1.5 / 6))
 
 
 def test_eval_fills_the_span_keeps_the_rest_and_reports_accuracy_and_the_span_bound(tiny_run, monkeypatch):
@@ -51,6 +54,10 @@ def test_eval_fills_the_span_keeps_the_rest_and_reports_accuracy_and_the_span_bo
     assert result["metrics"]["infill_accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
     fill = result["infill"]
     assert fill["span"] == 8 and 0 < fill["unigram_accuracy"] < 1
+    unigram = train_unigram(module)
+    expected = -unigram.log_probs[canvas.ids[~canvas.fixed]].mean()
+    assert fill["unigram_span_nll"] == pytest.approx(float(expected))
+    assert result["metrics"]["infill_unigram_span_nll"] == fill["unigram_span_nll"]
     assert fill["span_nll"] is not None and 0 < fill["span_nll"] < 2 * torch.log(torch.tensor(4096.0))
 
 
