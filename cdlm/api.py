@@ -279,10 +279,13 @@ def schedule(path: str | Path, out: str | Path | None = None) -> Path:
     return plot_entropy_rate(table, opts.out or str(Path(opts.path).parent / "schedule.png"))
 
 
-def sweep(path: str | Path, *, execute: bool = True, skip_done: bool = False) -> list[dict[str, Any]]:
+def sweep(
+    path: str | Path, *, execute: bool = True, skip_done: bool = False, settings: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Run the sweep file at ``path`` (``cdlm sweep``): every point's arguments checked first, then each point
-    through ``run_point``; returns the result rows (``execute=False``: prints one command per point instead)."""
-    return run_sweep(path, execute=execute, runner=run_point, skip_done=skip_done, check=True)
+    through ``run_point``; returns the result rows (``execute=False``: prints one command per point instead).
+    ``settings``: ``key=value`` overrides of the file's ``base`` arguments and ``out`` folder."""
+    return run_sweep(path, execute=execute, runner=run_point, skip_done=skip_done, check=True, settings=settings)
 
 
 def run_point(command: str, args: list[str]) -> None:

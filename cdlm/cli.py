@@ -102,9 +102,10 @@ def evaluate_cmd(argv: list[str]) -> dict:
 
 
 def sweep(argv: list[str]) -> list[dict]:
-    """``cdlm sweep configs/sweep/NAME.yaml [--print] [--skip-done]``: run a grid of train or eval points."""
-    path, execute, skip_done = sweep_arguments(argv)
-    return api.sweep(path, execute=execute, skip_done=skip_done)
+    """``cdlm sweep configs/sweep/NAME.yaml [key=value ...] [--print] [--skip-done]``: run a grid of train or eval
+    points (``key=value``: override the file's base arguments or ``out``)."""
+    path, execute, skip_done, settings = sweep_arguments(argv)
+    return api.sweep(path, execute=execute, skip_done=skip_done, settings=settings)
 
 
 def schedule_cmd(argv: list[str]) -> Path:

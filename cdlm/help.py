@@ -114,9 +114,11 @@ def command_help(command: str) -> str:
         )
     if command == "sweep":
         return (
-            "usage: cdlm sweep FILE.yaml [--print] [--skip-done]\n\n"
+            "usage: cdlm sweep FILE.yaml [key=value ...] [--print] [--skip-done]\n\n"
             "Run cdlm eval or cdlm train at every point of the sweep file's grid, then write results.csv,\n"
             "results.md and plots into its out folder (example files: cdlm/configs/sweep/).\n\n"
+            "  key=value     for this run only: out=DIR moves the results; any other key replaces that key of\n"
+            "                the file's base arguments for every point, e.g. judge=runs/ar_judge/final\n"
             "  --print       print one command per point (for a cluster scheduler) instead of running them\n"
             "  --skip-done   keep points whose result file exists; run only the others\n"
             f"\nsweep files shipped: {', '.join(group_options('sweep'))}"

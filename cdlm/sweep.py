@@ -7,7 +7,9 @@ each expanded on its own and the points concatenated in order, so that different
 sweep; a grid's reserved key ``label`` is stored in its rows (a column, and a ``plot.lines`` key) but is not passed
 on the command line; see ``cdlm/configs/sweep/frontier.yaml``. ``plot`` is one spec or a list of specs, each
 written to its ``file`` in ``out`` (default ``plot.png``). ``cdlm sweep FILE --print`` prints one command per
-point for a cluster scheduler instead of running them.
+point for a cluster scheduler instead of running them. ``key=value`` arguments after the file override the sweep
+for one invocation: ``out=DIR`` moves its results, any other key replaces that key in ``base`` for every point, e.g.
+``cdlm sweep configs/sweep/frontier.yaml judge=runs/ar_judge/final out=bench/results/sweeps/frontier_ar_judge``.
 """
 
 from __future__ import annotations
@@ -245,16 +247,18 @@ def run_sweep(
     runner: Runner | None = None,
     skip_done: bool = False,
     check: bool = False,
+    settings: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or with ``execute=False`` print) every point of the sweep at ``path``; write and return the rows.
 
     ``runner(command, args)`` runs one point (``cdlm.api.run_point``: through the typed API; ``cdlm.api.sweep``
     passes it). ``check``: check every point's arguments before the first point runs. ``skip_done``: keep the points
     whose result file already exists (a sweep cut short, or points run elsewhere from the printed commands) and run
-    only the others. A point whose runner raises a user error or a failed run is reported as ``cdlm: error: ...``
-    and stops the sweep with a ``SweepError``.
+    only the others. ``settings``: ``key=value`` overrides of ``base`` and ``out`` (``apply_settings``). A point
+    whose runner raises a user error or a failed run is reported as ``cdlm: error: ...`` and stops the sweep with a
+    ``SweepError``.
     """
-    sweep = load_sweep(path)
+    sweep = apply_settings(load_sweep(path), settings or [])
     points, argvs = grid_points(sweep), expand(sweep)
     if not execute:
         for args in argvs:
@@ -440,12 +444,33 @@ def draw_reference(ax: Any, rows: list[dict[str, Any]], y: str, annotate: str | 
         ax.axhline(reference, color="grey", linestyle=style, linewidth=1, label=label)
 
 
-def sweep_arguments(argv: list[str]) -> tuple[str, bool, bool]:
-    """``cdlm sweep <sweep.yaml> [--print] [--skip-done]`` as ``(file, execute, skip_done)``."""
+def sweep_arguments(argv: list[str]) -> tuple[str, bool, bool, list[str]]:
+    """``cdlm sweep <sweep.yaml> [key=value ...] [--print] [--skip-done]`` as ``(file, execute, skip_done,
+    settings)``; ``settings`` are the ``key=value`` overrides (``apply_settings``)."""
     flags = {a for a in argv if a.startswith("-")}
-    files = [a for a in argv if not a.startswith("-")]
+    settings = [a for a in argv if not a.startswith("-") and "=" in a]
+    files = [a for a in argv if not a.startswith("-") and "=" not in a]
     if unknown := sorted(flags - FLAGS):
         raise ConfigError(f"cdlm sweep: unknown flag(s) {unknown}; valid: {sorted(FLAGS)} (see cdlm sweep --help)")
     if len(files) != 1:
         raise ConfigError(f"cdlm sweep takes one sweep file (e.g. {CONFIG_EXAMPLE.name}), got {files or 'none'}")
-    return files[0], "--print" not in flags, "--skip-done" in flags
+    return files[0], "--print" not in flags, "--skip-done" in flags, settings
+
+
+def apply_settings(sweep: dict, settings: list[str]) -> dict:
+    """The sweep with command-line ``key=value`` settings: ``out=DIR`` replaces its output folder; any other key
+    replaces that key's ``base`` argument (or is added to ``base``) for every point. A key that a grid sets is
+    refused: the grid's values are the sweep."""
+    sweep = {**sweep, "base": base_args(sweep)}
+    grid_keys = {key for grid in grids(sweep) for key in grid}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if not CONFIG_KEY.fullmatch(key) or not value:
+            raise ConfigError(f"cdlm sweep: {setting!r} is not key=value with a config key (e.g. judge=runs/x/final)")
+        if key in grid_keys:
+            raise ConfigError(f"cdlm sweep: {key} is set by the sweep's grid ({sorted(grid_keys)}); edit the file")
+        if key == "out":
+            sweep["out"] = value
+            continue
+        sweep["base"] = [a for a in sweep["base"] if a.partition("=")[0] != key] + [setting]
+    return sweep

@@ -226,12 +226,37 @@ def test_bad_grids_and_plots_are_refused(tmp_path, fields, message):
 
 
 def test_sweep_arguments():
-    assert sweep_arguments(["s.yaml"]) == ("s.yaml", True, False)
-    assert sweep_arguments(["--print", "s.yaml", "--skip-done"]) == ("s.yaml", False, True)
+    assert sweep_arguments(["s.yaml"]) == ("s.yaml", True, False, [])
+    assert sweep_arguments(["--print", "s.yaml", "--skip-done"]) == ("s.yaml", False, True, [])
+    assert sweep_arguments(["s.yaml", "judge=j", "out=o"]) == ("s.yaml", True, False, ["judge=j", "out=o"])
     with pytest.raises(ConfigError, match="unknown flag"):
         sweep_arguments(["s.yaml", "--dry-run"])
     with pytest.raises(ConfigError, match="takes one sweep file"):
         sweep_arguments(["a.yaml", "b.yaml"])
+
+
+def test_settings_override_base_and_out_for_every_point(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    moved = tmp_path / "moved"
+    rows = run_sweep(path, runner=fake_eval, settings=["path=runs/y/final", "judge=runs/j/final", f"out={moved}"])
+    assert len(rows) == 4 and (moved / "results.csv").is_file() and not (tmp_path / "sweep").exists()
+    api.sweep(path, execute=False, settings=["n=8", "judge=runs/j/final"])
+    lines = capsys.readouterr().out.strip().splitlines()[-4:]
+    assert all(line.startswith("cdlm eval path=runs/x/final n=8 judge=runs/j/final sampler.steps=") for line in lines)
+    assert all(line.count(" n=") == 1 for line in lines)
+    assert yaml.safe_load(path.read_text())["out"] == str(tmp_path / "sweep")  # the file is not changed
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("sampler.steps=4", "set by the sweep's grid"), ("judge=", "is not key=value"), ("a b=1", "is not key=value")],
+)
+def test_bad_settings_are_refused_before_any_point(tmp_path, setting, message):
+    def never(command: str, args: list[str]) -> None:
+        raise AssertionError("a point ran")
+
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(write_sweep(tmp_path), runner=never, settings=[setting])
 
 
 def test_running_needs_a_runner(tmp_path):
