@@ -169,6 +169,34 @@ def test_statistics_are_the_aggregate_posterior_moments_and_the_bound_waits_for_
     assert bool(prior.stats_ready) and math.isfinite(prior.nll(data).loss.item())
 
 
+@pytest.mark.parametrize("prior_block", [None, 2])
+def test_prior_bound_reports_its_hutchinson_standard_error(prior_block) -> None:
+    """``ode_probes`` >= 2 (``scripts/bound_table.py --ode-probes``): the bound averages the probes' ODE densities on
+    the same posterior draw and logs ``nll_se``; one probe logs none. Eight probes land within a few single-probe
+    standard deviations of the one-probe bound (a sum over probes instead of a mean would not)."""
+    torch.manual_seed(0)
+    vae = TextVAEObjective(tiny_backbone(), V, **VAE_SETTINGS)
+    prior = LatentFlowPrior(tiny_backbone(), V, vae_model=vae, prior_block=prior_block, ode_steps=4, **VAE_SETTINGS)
+    prior.eval()
+    with torch.no_grad():  # a network whose Jacobian is not the zero-initialised output's (trace 0 for every probe)
+        for weight in prior.network.parameters():
+            weight.add_(0.1 * torch.randn_like(weight))
+    data = batch(4)
+    prior.fit_statistics(data)
+    torch.manual_seed(1)
+    one = prior.nll(data)
+    assert "nll_se" not in one.logs
+    prior.ode_probes = 8
+    torch.manual_seed(1)
+    eight = prior.nll(data)
+    se = eight.logs["nll_se"].item()
+    assert 0 < se < 1 and math.isfinite(eight.loss.item())
+    assert eight.logs["decoder_nll"] == one.logs["decoder_nll"]  # the same posterior draw
+    assert abs(eight.loss.item() - one.loss.item()) < 5 * se * math.sqrt(8)
+    with pytest.raises(ValueError, match="ode_probes must be an integer >= 1"):
+        LatentFlowPrior(tiny_backbone(), V, ode_probes=0, **VAE_SETTINGS)
+
+
 def as_legacy(folder, dest, stage: str):
     """A copy of the ``save_pretrained`` folder ``folder`` as the former ``LatentDiffusion`` objective wrote it: one
     class with a ``stage`` key and every setting, a VAE run with an idle prior, a prior's network on the objective."""

@@ -22,19 +22,20 @@ run it came from.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from cdlm import draws
+from cdlm import checks, draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.vae import TextVAE
 from cdlm.objectives.latent_blocks import given_clean, sample_blocks, x0_from_velocity
 from cdlm.objectives.latent_checks import check_prior, check_times, check_vae
 from cdlm.objectives.latent_network import BlockCausalNetwork, PriorNetwork
-from cdlm.objectives.ode_likelihood import ode_log_density
+from cdlm.objectives.ode_likelihood import ode_log_densities
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.teacher import state_differences
 from cdlm.objectives.text_vae import LatentState, TextVAEObjective, bound_per_token, posterior
@@ -60,6 +61,8 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
         time_mean, time_std: logit-normal training time, ``t = sigmoid(time_mean + time_std n)``.
         t_min, t_max: the time range; ``sigma = t / (1 - t)`` spans ``[sigma(t_min), sigma(t_max)]``.
         ode_steps: Heun steps of the ODE log-density in the bound.
+        ode_probes: Hutchinson probes per sequence in the bound, all on one ODE trajectory; ``>= 2`` also reports the
+            bound's standard error ``nll_se`` (docs/math.md §6).
         prior_block: latents per block of a block-causal prior (Cola DLM); None: one bidirectional prior.
         vae_model: the loaded VAE objective (injected): its VAE weights are copied in and frozen. None inside
             ``cdlm.load`` (the checkpoint holds them) or for an untrained prior built in code.
@@ -93,14 +96,16 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
         ode_steps: int = 32,
         prior_block: int | None = None,
         vae_model: TextVAEObjective | None = None,
+        ode_probes: int = 1,
     ) -> None:
         super().__init__()
         check_vae(vocab_size, compression, latent_dim, vae_width, vae_depth, vae_heads)
         check_times(t_min, t_max)
         check_prior(time_mean, time_std, ode_steps, prior_block)
+        checks.positive_ints(ode_probes=ode_probes)
         self.vae_path, self.vocab_size, self.prior_block = vae, vocab_size, prior_block
         self.time_mean, self.time_std, self.t_min, self.t_max = time_mean, time_std, t_min, t_max
-        self.ode_steps = ode_steps
+        self.ode_steps, self.ode_probes = ode_steps, ode_probes
         self.vae = TextVAE(
             vocab_size, vae_width, vae_depth, vae_heads, compression, latent_dim, backbone.rotary.max_len
         ).requires_grad_(False)
@@ -217,7 +222,9 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
 
         One posterior draw ``z ~ q(z | x)`` per sequence: ``-log p(x | z) + log q(z | x) - log p(z)`` with the flow
         prior's ODE density. ``logs``: the reconstruction accuracy of the posterior mean, the decoder term and the
-        latent term per token. A clear error before the statistics are fitted.
+        latent term per token, and with ``ode_probes >= 2`` the bound's Hutchinson standard error ``nll_se`` (the
+        spread of the ``R`` per-probe bounds over the same draws, as ``ode_likelihood.ode_nll``). A clear error before
+        the statistics are fitted.
         """
         self.check_statistics()
         ids = batch["input_ids"]
@@ -228,10 +235,16 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
             log_q = (TextVAE.log_posterior(z, mean, logvar) * latent_padding).double().sum(-1)
             z_n = self.normalise(z)
             view = self if self.prior_block is None else given_clean(self.network, self, z_n, latent_padding)
-            log_p = ode_log_density(view, z_n.double(), self.ode_steps, padding=latent_padding)
-            log_p = log_p - latent_padding.double().sum(-1) * self.latent_scale.double().log().sum()
+            log_ps = ode_log_densities(
+                view, z_n.double(), self.ode_steps, padding=latent_padding, probes=self.ode_probes
+            )
+            log_ps = log_ps - latent_padding.double().sum(-1) * self.latent_scale.double().log().sum()  # [R, B]
             accuracy = ((self.vae.decode(mean, padding).argmax(-1) == ids) & padding).sum()
-        return bound_per_token(decoder, log_q - log_p, padding, accuracy)
+        out = bound_per_token(decoder, log_q - log_ps.mean(0), padding, accuracy)
+        if self.ode_probes >= 2:
+            per_probe = (decoder + log_q - log_ps).sum(-1) / padding.sum().clamp_min(1)  # [R] each probe's bound
+            out.logs["nll_se"] = per_probe.std(0) / math.sqrt(self.ode_probes)  # float64, nats/token
+        return out
 
     # ---- sampling view (cdlm.types.ContinuousObjective, BlockwiseObjective) -------------------------------------
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
