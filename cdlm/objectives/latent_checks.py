@@ -37,10 +37,12 @@ def check_align(align_weight: float, align_dim: int) -> None:
     checks.non_negative(align_weight=align_weight)
 
 
-def check_prior(time_mean: float, time_std: float, ode_steps: int, prior_block: int | None) -> None:
-    """The prior's logit-normal time law, the Heun steps of its bound and its block size."""
+def check_prior(
+    time_mean: float, time_std: float, ode_steps: int, prior_block: int | None, ode_probes: int = 1
+) -> None:
+    """The prior's logit-normal time law, the Heun steps and Hutchinson probes of its bound and its block size."""
     checks.finite(time_mean=time_mean)
     checks.positive(time_std=time_std)
-    checks.positive_ints(ode_steps=ode_steps)
+    checks.positive_ints(ode_steps=ode_steps, ode_probes=ode_probes)
     if prior_block is not None and not (checks.is_int(prior_block) and prior_block >= 1):
         raise checks.ArgumentError(f"prior_block must be a positive number of latents or null, got {prior_block!r}")

@@ -22,20 +22,19 @@ run it came from.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from cdlm import checks, draws
+from cdlm import draws
 from cdlm.models.backbone import Backbone
 from cdlm.models.vae import TextVAE
 from cdlm.objectives.latent_blocks import given_clean, sample_blocks, x0_from_velocity
 from cdlm.objectives.latent_checks import check_prior, check_times, check_vae
 from cdlm.objectives.latent_network import BlockCausalNetwork, PriorNetwork
-from cdlm.objectives.ode_likelihood import ode_log_densities
+from cdlm.objectives.ode_likelihood import ode_log_densities, probe_standard_error
 from cdlm.objectives.sigma_range import SigmaRange
 from cdlm.objectives.teacher import state_differences
 from cdlm.objectives.text_vae import LatentState, TextVAEObjective, bound_per_token, posterior
@@ -101,8 +100,7 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
         super().__init__()
         check_vae(vocab_size, compression, latent_dim, vae_width, vae_depth, vae_heads)
         check_times(t_min, t_max)
-        check_prior(time_mean, time_std, ode_steps, prior_block)
-        checks.positive_ints(ode_probes=ode_probes)
+        check_prior(time_mean, time_std, ode_steps, prior_block, ode_probes)
         self.vae_path, self.vocab_size, self.prior_block = vae, vocab_size, prior_block
         self.time_mean, self.time_std, self.t_min, self.t_max = time_mean, time_std, t_min, t_max
         self.ode_steps, self.ode_probes = ode_steps, ode_probes
@@ -242,8 +240,7 @@ class LatentFlowPrior(SigmaRange, LatentState, nn.Module):
             accuracy = ((self.vae.decode(mean, padding).argmax(-1) == ids) & padding).sum()
         out = bound_per_token(decoder, log_q - log_ps.mean(0), padding, accuracy)
         if self.ode_probes >= 2:
-            per_probe = (decoder + log_q - log_ps).sum(-1) / padding.sum().clamp_min(1)  # [R] each probe's bound
-            out.logs["nll_se"] = per_probe.std(0) / math.sqrt(self.ode_probes)  # float64, nats/token
+            out.logs["nll_se"] = probe_standard_error(decoder + log_q - log_ps, padding.sum().clamp_min(1))
         return out
 
     # ---- sampling view (cdlm.types.ContinuousObjective, BlockwiseObjective) -------------------------------------

@@ -214,6 +214,13 @@ def sequence_terms(
     return decoder, log_p, log_q
 
 
+def probe_standard_error(bounds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The Hutchinson standard error of a bound, 0-d float64 nats/token: ``std_r(bound_r) / sqrt(R)`` over the ``R``
+    per-probe bounds, each the sum of ``bounds`` ``[R, B]`` (nats per sequence) over ``tokens`` (docs/math.md §6)."""
+    per_probe = bounds.sum(-1) / tokens  # [R] each probe's bound, nats/token
+    return per_probe.std(0) / math.sqrt(bounds.shape[0])
+
+
 @torch.no_grad()
 def ode_nll(
     objective: ContinuousObjective,
@@ -257,6 +264,5 @@ def ode_nll(
     }
     logs = {k: v.float() for k, v in terms.items()}
     if probes >= 2:
-        per_probe = (decoder - log_p_probes + log_q).sum(-1) / all_tokens  # [R] each probe's bound, nats/token
-        logs["nll_se"] = per_probe.std(0) / math.sqrt(probes)  # 0-d float64: the Hutchinson standard error
+        logs["nll_se"] = probe_standard_error(decoder + log_q - log_p_probes, all_tokens)
     return LossOutput(loss=(nll.sum() / all_tokens).float(), nll=nll.float(), mask=padding, logs=logs)
